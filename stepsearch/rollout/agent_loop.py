@@ -1,0 +1,301 @@
+"""The multi-turn search agent: generate, search, insert the results, repeat; one `RolloutBatch` out.
+
+Per turn, every active trajectory is continued by the engine until `</search>` or `</answer>` (or a budget). Token
+ids are kept from sampling to loss: the prompt plus the response so far is fed back as ids, and the inserted text
+is tokenized on its own, never the trajectory. Outcomes of a turn, decided here and pinned by tests:
+
+- `</answer>` closes the turn: the trajectory is done ("answer").
+- `</search>` closes the turn: the query is the text after the last `<search>` of the turn (stripped, cut to
+  `max_query_chars`). A non-empty query is searched (all queries of a turn in one `retriever.search` call) and
+  "\\n<information>Doc 1(Title: t) text\\nDoc 2(Title: …) …</information>\\n" is appended with loss mask 0. An
+  empty query gets an information block holding a short notice instead of documents. After `max_turns`
+  information blocks, a further search is refused with a notice block, and the turn after the refusal is the
+  last one. Every `</search>` that received an information block (notices included) is a step: its closing token
+  is a `step_ends` entry, `queries`/`retrieved` have one entry per step (a notice step retrieved nothing, which
+  gives step reward 0), and `num_searches` counts only the steps that searched.
+- The end-of-sequence token: done ("eos"). The per-turn token budget without a closing tag (a model that never
+  closes a tag): done ("turn_budget"); the round is dropped and the format reward applies.
+- Budgets: `max_new_tokens_per_turn`, `max_information_tokens` per block (the document text is truncated so that
+  the block still closes), `max_response_tokens` in total. A block that cannot fit while leaving room for one more
+  generated token is not inserted and the trajectory ends ("budget"), as it does when generation fills the budget.
+- A retriever failure raises `RetrieverError` naming the turn and the queries (the HTTP client has already retried
+  with backoff). Training on notices in place of a broken retriever would teach the policy the wrong environment,
+  so the rollout stops and the trainer's last checkpoint stays the resume point.
+"""
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from stepsearch.retrieval.base import Document, RetrieverError
+from stepsearch.rollout.prompts import build_prompt_ids
+from stepsearch.rollout.types import RolloutBatch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from stepsearch.config import RolloutConfig
+    from stepsearch.data.records import QARecord
+    from stepsearch.retrieval.base import Retriever
+    from stepsearch.rollout.engine import Engine
+
+SEARCH_CLOSE = "</search>"
+SEARCH_OPEN = "<search>"
+ANSWER_CLOSE = "</answer>"
+STOP_STRINGS = [SEARCH_CLOSE, ANSWER_CLOSE]
+INFORMATION_PREFIX = "\n<information>"
+INFORMATION_SUFFIX = "</information>\n"
+EMPTY_QUERY_NOTICE = "The search query was empty: write the query text between the search tags."
+SEARCH_REFUSED_NOTICE = "Search limit reached: no more searches are allowed. Give the final answer now."
+NO_RESULTS_NOTICE = "No documents were found for this query."
+
+
+def format_documents(docs: Sequence[Document]) -> str:
+    """Search-R1's rendering of the retrieved documents inside an information block."""
+    if not docs:
+        return NO_RESULTS_NOTICE
+    return "\n".join(f"Doc {rank}(Title: {doc.title}) {doc.text}" for rank, doc in enumerate(docs, start=1))
+
+
+@dataclass
+class _Trajectory:
+    record_index: int
+    prompt_ids: list[int]
+    ids: list[int] = field(default_factory=list)
+    loss_mask: list[float] = field(default_factory=list)
+    logp: list[float] = field(default_factory=list)
+    step_ends: list[int] = field(default_factory=list)
+    queries: list[str] = field(default_factory=list)
+    retrieved: list[list[Document]] = field(default_factory=list)
+    num_searches: int = 0
+    refused: bool = False
+    finish_reason: str | None = None
+
+    def extend(self, token_ids: list[int], logprobs: list[float] | None) -> None:
+        """Generated tokens (logprobs given, loss mask 1) or inserted tokens (None: loss mask 0, logp 0)."""
+        self.ids.extend(token_ids)
+        if logprobs is None:
+            self.loss_mask.extend([0.0] * len(token_ids))
+            self.logp.extend([0.0] * len(token_ids))
+        else:
+            self.loss_mask.extend([1.0] * len(token_ids))
+            self.logp.extend(logprobs)
+
+
+@dataclass
+class _PendingBlock:
+    """An information block owed to a trajectory whose turn ended with `</search>`."""
+
+    trajectory: _Trajectory
+    query: str
+    step_end: int
+    notice: str | None  # set for empty-query and refused searches; None = search `query`
+    docs: list[Document] = field(default_factory=list)
+
+
+def _closing_tag(turn_text: str) -> str | None:
+    """Which stop string ended the turn: the one whose first occurrence ends first (the engine stops there)."""
+    ends = {tag: turn_text.find(tag) + len(tag) for tag in STOP_STRINGS if tag in turn_text}
+    return min(ends, key=ends.get) if ends else None
+
+
+def extract_query(turn_text: str) -> str:
+    """Text between the last `<search>` before the first `</search>` and that `</search>`, stripped ("" if none)."""
+    before_close = turn_text[: turn_text.find(SEARCH_CLOSE)] if SEARCH_CLOSE in turn_text else turn_text
+    opening = before_close.rfind(SEARCH_OPEN)
+    return before_close[opening + len(SEARCH_OPEN):].strip() if opening >= 0 else ""
+
+
+class _InformationTokenizer:
+    """Tokenizes information blocks as prefix + body + suffix, each on its own, so the body can be truncated to a
+    token budget while the block still closes."""
+
+    def __init__(self, tokenizer: "PreTrainedTokenizerBase") -> None:
+        self.tokenizer = tokenizer
+        self.prefix = tokenizer.encode(INFORMATION_PREFIX, add_special_tokens=False)
+        self.suffix = tokenizer.encode(INFORMATION_SUFFIX, add_special_tokens=False)
+
+    @property
+    def overhead(self) -> int:
+        return len(self.prefix) + len(self.suffix)
+
+    def blocks(self, bodies: list[str], body_budgets: list[int]) -> list[list[int]]:
+        encoded = self.tokenizer(bodies, add_special_tokens=False)["input_ids"] if bodies else []
+        return [self.prefix + body[:budget] + self.suffix for body, budget in zip(encoded, body_budgets)]
+
+
+def run_agent_loop(engine: "Engine", retriever: "Retriever", tokenizer: "PreTrainedTokenizerBase",
+                   records: Sequence["QARecord"], rollout_cfg: "RolloutConfig", *, topk: int, greedy: bool = False,
+                   seed: int | None = None, samples_per_prompt: int | None = None, max_query_chars: int = 512,
+                   progress: bool = False) -> RolloutBatch:
+    """Roll out `samples_per_prompt` (default `rollout_cfg.samples_per_prompt`) trajectories per record.
+
+    Trajectories are record-major (`record_indices` = 0,0,…,1,1,…). `greedy` decodes with temperature 0; otherwise
+    `rollout_cfg.temperature`/`top_p`. `seed` makes sampling reproducible for a given engine.
+    """
+    start = time.perf_counter()
+    timings = {"generate_s": 0.0, "retrieve_s": 0.0}
+    samples = rollout_cfg.samples_per_prompt if samples_per_prompt is None else samples_per_prompt
+    if samples < 1:
+        raise ValueError(f"samples_per_prompt must be >= 1, got {samples}")
+    temperature = 0.0 if greedy else rollout_cfg.temperature
+    budget = rollout_cfg.max_response_tokens
+    info_tokenizer = _InformationTokenizer(tokenizer)
+
+    trajectories: list[_Trajectory] = []
+    for record_index, record in enumerate(records):
+        prompt_ids = build_prompt_ids(tokenizer, record.question, rollout_cfg.template)
+        trajectories.extend(_Trajectory(record_index, list(prompt_ids)) for _ in range(samples))
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(trajectories), desc="rollout", unit="traj", leave=False)
+    call_index = 0
+    turn = 0
+    active = list(trajectories)
+    while active:
+        # 1. generate: one engine call per distinct token allowance (all equal except near the total budget)
+        by_allowance: dict[int, list[_Trajectory]] = defaultdict(list)
+        for trajectory in active:
+            by_allowance[min(rollout_cfg.max_new_tokens_per_turn, budget - len(trajectory.ids))].append(trajectory)
+        pending: list[_PendingBlock] = []
+        for allowance, group in by_allowance.items():
+            tick = time.perf_counter()
+            generations = engine.generate(
+                [t.prompt_ids + t.ids for t in group], max_new_tokens=allowance, stop_strings=STOP_STRINGS,
+                temperature=temperature, top_p=rollout_cfg.top_p,
+                seed=None if seed is None else seed * 1_000_003 + call_index,
+            )
+            timings["generate_s"] += time.perf_counter() - tick
+            call_index += 1
+            for trajectory, generation in zip(group, generations):
+                trajectory.extend(generation.token_ids, generation.logprobs)
+                block = _end_of_turn(trajectory, generation.token_ids, generation.finish_reason, tokenizer,
+                                     rollout_cfg, budget, max_query_chars)
+                if block is not None:
+                    pending.append(block)
+
+        # 2. retrieve: every query of this turn in one call
+        to_search = [block for block in pending if block.notice is None]
+        if to_search:
+            tick = time.perf_counter()
+            queries = [block.query for block in to_search]
+            try:
+                results = retriever.search(queries, topk)
+            except Exception as exc:
+                shown = ", ".join(repr(q[:60]) for q in queries[:3]) + (" …" if len(queries) > 3 else "")
+                raise RetrieverError(f"retrieval failed in rollout turn {turn} for {len(queries)} queries "
+                                     f"({shown}): {exc}") from exc
+            if len(results) != len(queries):
+                raise RetrieverError(f"the retriever returned {len(results)} result lists for {len(queries)} queries")
+            timings["retrieve_s"] += time.perf_counter() - tick
+            for block, docs in zip(to_search, results):
+                block.docs = list(docs)
+
+        # 3. insert the information blocks (or end trajectories that have no room for one)
+        _insert_blocks(pending, info_tokenizer, rollout_cfg, budget)
+
+        still_active = [t for t in active if t.finish_reason is None]
+        if bar is not None:
+            bar.update(len(active) - len(still_active))
+        active = still_active
+        turn += 1
+    if bar is not None:
+        bar.close()
+
+    tick = time.perf_counter()
+    batch = _to_batch(trajectories, tokenizer, timings)
+    batch.timings["bookkeeping_s"] = max(time.perf_counter() - start - timings["generate_s"] - timings["retrieve_s"], 0.0)
+    batch.timings["total_s"] = time.perf_counter() - start
+    batch.timings["collate_s"] = time.perf_counter() - tick
+    batch.timings["turns"] = float(turn)
+    return batch
+
+
+def _end_of_turn(trajectory: _Trajectory, turn_ids: list[int], finish_reason: str,
+                 tokenizer: "PreTrainedTokenizerBase", rollout_cfg: "RolloutConfig", budget: int,
+                 max_query_chars: int) -> _PendingBlock | None:
+    """Decide what follows a turn: done (sets finish_reason) or an information block owed (returned)."""
+    turn_text = tokenizer.decode(turn_ids, skip_special_tokens=False) if finish_reason == "stop" else ""
+    closing = _closing_tag(turn_text)
+    if closing == ANSWER_CLOSE:
+        trajectory.finish_reason = "answer"
+        return None
+    if closing is None:
+        if finish_reason == "eos":
+            trajectory.finish_reason = "eos"
+        else:
+            trajectory.finish_reason = "budget" if len(trajectory.ids) >= budget else "turn_budget"
+        return None
+    if trajectory.refused:
+        trajectory.finish_reason = "search_limit"
+        return None
+    query = extract_query(turn_text)[:max_query_chars].strip()
+    step_end = len(trajectory.ids) - 1  # the engine stops at the token completing "</search>"
+    if len(trajectory.step_ends) >= rollout_cfg.max_turns:
+        trajectory.refused = True
+        return _PendingBlock(trajectory, query, step_end, notice=SEARCH_REFUSED_NOTICE)
+    if not query:
+        return _PendingBlock(trajectory, query, step_end, notice=EMPTY_QUERY_NOTICE)
+    return _PendingBlock(trajectory, query, step_end, notice=None)
+
+
+def _insert_blocks(pending: list[_PendingBlock], info_tokenizer: _InformationTokenizer,
+                   rollout_cfg: "RolloutConfig", budget: int) -> None:
+    fitting, body_budgets = [], []
+    for block in pending:
+        room = min(rollout_cfg.max_information_tokens, budget - len(block.trajectory.ids) - 1)
+        if room < info_tokenizer.overhead:
+            block.trajectory.finish_reason = "budget"
+            continue
+        fitting.append(block)
+        body_budgets.append(room - info_tokenizer.overhead)
+    bodies = [block.notice if block.notice is not None else format_documents(block.docs) for block in fitting]
+    for block, tokens in zip(fitting, info_tokenizer.blocks(bodies, body_budgets)):
+        trajectory = block.trajectory
+        trajectory.extend(tokens, None)
+        trajectory.step_ends.append(block.step_end)
+        trajectory.queries.append(block.query)
+        trajectory.retrieved.append(block.docs)
+        trajectory.num_searches += block.notice is None
+
+
+def _to_batch(trajectories: list[_Trajectory], tokenizer: "PreTrainedTokenizerBase",
+              timings: dict[str, float]) -> RolloutBatch:
+    batch_size = len(trajectories)
+    width = max((len(t.ids) for t in trajectories), default=0)
+    steps = max((len(t.step_ends) for t in trajectories), default=0)
+    response_ids = torch.full((batch_size, width), tokenizer.pad_token_id, dtype=torch.long)  # (B, T)
+    response_mask = torch.zeros((batch_size, width), dtype=torch.long)  # (B, T)
+    loss_mask = torch.zeros((batch_size, width), dtype=torch.float32)  # (B, T)
+    rollout_logp = torch.zeros((batch_size, width), dtype=torch.float32)  # (B, T)
+    step_ends = torch.full((batch_size, steps), -1, dtype=torch.long)  # (B, S)
+    for row, trajectory in enumerate(trajectories):
+        length = len(trajectory.ids)
+        response_ids[row, :length] = torch.tensor(trajectory.ids, dtype=torch.long)
+        response_mask[row, :length] = 1
+        loss_mask[row, :length] = torch.tensor(trajectory.loss_mask)
+        rollout_logp[row, :length] = torch.tensor(trajectory.logp)
+        step_ends[row, :len(trajectory.step_ends)] = torch.tensor(trajectory.step_ends, dtype=torch.long)
+    return RolloutBatch(
+        prompt_ids=[t.prompt_ids for t in trajectories],
+        response_ids=response_ids,
+        response_mask=response_mask,
+        loss_mask=loss_mask,
+        step_ends=step_ends,
+        queries=[t.queries for t in trajectories],
+        retrieved=[t.retrieved for t in trajectories],
+        response_texts=tokenizer.batch_decode([t.ids for t in trajectories], skip_special_tokens=True),
+        num_searches=[t.num_searches for t in trajectories],
+        record_indices=[t.record_index for t in trajectories],
+        rollout_logp=rollout_logp,
+        timings=dict(timings),
+        finish_reasons=[t.finish_reason or "budget" for t in trajectories],
+    )

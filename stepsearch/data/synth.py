@@ -181,6 +181,7 @@ class SynthQuestion:
             "sub_answers": [h.answer for h in self.hops],
             "sub_searchs": [h.queries for h in self.hops],
             "sub_support_docs": [{"title": h.support.title, "paragraph_text": h.support.text} for h in self.hops],
+            "data_source": "synth",
         }
 
 

@@ -196,13 +196,20 @@ class _Names:
         parts = [self.rng.choice(_ONSETS) + self.rng.choice(_VOWELS) for _ in range(syllables)]
         return ("".join(parts) + self.rng.choice(_CODAS)).capitalize()
 
-    def unique(self, make: Callable[[], str]) -> str:
-        for _ in range(1000):
+    def unique(self, make: Callable[[], str], attempts: int = 1000) -> str | None:
+        """A name from `make` not used before; None after `attempts` collisions."""
+        for _ in range(attempts):
             name = make()
             if name not in self.taken:
                 self.taken.add(name)
                 return name
-        raise RuntimeError("synthetic world: name space exhausted; lower the world size")
+        return None
+
+    def must_unique(self, make: Callable[[], str]) -> str:
+        name = self.unique(make)
+        if name is None:
+            raise RuntimeError("synthetic world: name space exhausted; lower the world size")
+        return name
 
 
 class World:
@@ -226,11 +233,11 @@ class World:
             entities.append(e)
             return e
 
-        countries = [new("country", names.unique(lambda: names.word(2).rstrip("aeiou") + "ia"))
+        countries = [new("country", names.must_unique(lambda: names.word(2).rstrip("aeiou") + "ia"))
                      for _ in range(max(4, num_people // 60))]
         for country in countries:
             country.facts["language"] = country.name[:-2] + "ish"
-        cities = [new("city", names.unique(lambda: names.word(rng.choice((2, 2, 3)))))
+        cities = [new("city", names.must_unique(lambda: names.word(rng.choice((2, 2, 3)))))
                   for _ in range(max(8, num_people // 8))]
         for city in cities:
             city.facts["country"] = rng.choice(countries)
@@ -249,8 +256,11 @@ class World:
             lo, hi = bisect_left(years, year - 45), bisect_right(years, year - 20)
             father = people[rng.randrange(lo, hi)] if hi > lo and rng.random() < 0.7 else None
             surname = father.name.split()[-1] if father else rng.choice(surnames)
-            person = new("person", names.unique(lambda: f"{rng.choice(first_names)} {surname}"),
-                         kind=rng.choice(_PROFESSIONS))
+            name = names.unique(lambda: f"{rng.choice(first_names)} {surname}", attempts=50)
+            if name is None:  # a large family used up the first names: this person starts a new one
+                father = None
+                name = names.must_unique(lambda: f"{rng.choice(first_names)} {rng.choice(surnames)}")
+            person = new("person", name, kind=rng.choice(_PROFESSIONS))
             person.facts.update(born_year=str(year), birthplace=rng.choice(cities), profession=person.kind)
             if father is not None:
                 person.facts["father"] = father
@@ -267,7 +277,7 @@ class World:
                 stem = rng.choice(cities).name
             else:
                 stem = names.word(2)
-            org = new("org", names.unique(lambda: f"{stem} {kind.capitalize()}" if rng.random() < 0.9
+            org = new("org", names.must_unique(lambda: f"{stem} {kind.capitalize()}" if rng.random() < 0.9
                                           else f"{names.word(2)} {kind.capitalize()}"), kind=kind)
             founder = rng.choice(people)
             org.facts.update(founder=founder, founded_year=str(int(founder.facts["born_year"]) + rng.randint(25, 60)),
@@ -289,7 +299,7 @@ class World:
                     continue
             else:
                 noun = rng.choice(_WORK_NOUNS)
-                title = names.unique(lambda: f"The {noun} of {names.word(2)}" if rng.random() < 0.5
+                title = names.must_unique(lambda: f"The {noun} of {names.word(2)}" if rng.random() < 0.5
                                      else f"{names.word(2)} {noun}")
                 titles.append(title)
             work = new("work", title, kind=kind)

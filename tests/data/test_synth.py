@@ -1,0 +1,163 @@
+"""The synthetic world: determinism, format, consistent facts, BM25-findable support docs, gold trajectories."""
+from __future__ import annotations
+
+import json
+import random
+import time
+
+import pytest
+
+from stepsearch.data.cli import main as data_main
+from stepsearch.data.loaders import load_records
+from stepsearch.data.records import QARecord, SupportDoc
+from stepsearch.data.synth import (
+    build_world,
+    gold_trajectory,
+    load_or_create_world,
+    write_world,
+)
+from stepsearch.retrieval.base import Document
+
+
+def _rows(seed: int, num_train: int = 300, num_test: int = 40):
+    world, train, test = build_world(seed, num_train, num_test)
+    return world, [q.to_row(f"t{i}") for i, q in enumerate(train)], [q.to_row(f"e{i}") for i, q in enumerate(test)]
+
+
+def test_same_seed_same_world_and_questions_other_seed_differs():
+    world_a, train_a, test_a = _rows(7)
+    world_b, train_b, test_b = _rows(7)
+    assert world_a.corpus_rows() == world_b.corpus_rows()
+    assert (train_a, test_a) == (train_b, test_b)
+    world_c, train_c, _ = _rows(8)
+    assert world_c.corpus_rows() != world_a.corpus_rows()
+    assert [r["question"] for r in train_c] != [r["question"] for r in train_a]
+
+
+def test_rows_have_stepsearch_fields_and_docs_equal_corpus_passages():
+    world, train, test = _rows(0)
+    passages = {(e.title, e.text) for e in world.entities}
+    assert len({e.title for e in world.entities}) == len(world.entities)  # titles identify passages
+    for row in train + test:
+        assert {"id", "question", "final_answer", "answer_aliases", "sub_searchs", "sub_support_docs", "hops",
+                "type"} <= set(row)
+        assert row["hops"] == len(row["sub_searchs"]) == len(row["sub_support_docs"]) == len(row["sub_answers"])
+        assert row["hops"] in (2, 3, 4)
+        for doc, answer, queries in zip(row["sub_support_docs"], row["sub_answers"], row["sub_searchs"]):
+            assert (doc["title"], doc["paragraph_text"]) in passages
+            assert answer in doc["paragraph_text"]  # the passage states the hop's answer
+            assert len(queries) >= 2 and all(q.strip() for q in queries)
+
+
+def test_question_kinds_hops_and_chain_consistency():
+    _, train, test = _rows(1, num_train=600)
+    rows = train + test
+    assert {r["type"] for r in rows} == {"compositional", "inference", "comparison", "bridge_comparison"}
+    assert {r["hops"] for r in rows} == {2, 3, 4}
+    for row in rows:
+        if row["type"] in ("compositional", "inference"):
+            assert row["sub_answers"][-1] == row["final_answer"]
+            for answer, next_question in zip(row["sub_answers"], row["sub_questions"][1:]):
+                assert answer in next_question  # each hop asks about the previous hop's answer
+        else:
+            assert row["final_answer"] in row["question"]  # comparisons answer with one of the two named items
+    questions = [r["question"] for r in rows]
+    assert len(set(questions)) == len(questions)
+    assert not {r["question"] for r in train} & {r["question"] for r in test}
+
+
+def test_comparison_answer_follows_the_years():
+    _, train, _ = _rows(2, num_train=400)
+    for row in (r for r in train if r["type"] == "comparison"):
+        year_a, year_b = (int(a) for a in row["sub_answers"])
+        earlier = "earlier" in row["question"] or "first" in row["question"]
+        a_wins = (year_a < year_b) == earlier
+        winner_doc = row["sub_support_docs"][0 if a_wins else 1]["paragraph_text"]
+        assert winner_doc.startswith(row["final_answer"])
+
+
+def _docs(world) -> list[Document]:
+    return [Document(str(e.doc_id), e.title, e.text) for e in world.entities]
+
+
+def test_every_reference_query_finds_its_support_doc_in_bm25_top3(tiny_bm25):
+    world, train, test = _rows(3, num_train=200, num_test=20)
+    retriever = tiny_bm25(_docs(world))
+    queries, gold = [], []
+    for row in train + test:
+        for keys, doc in zip(row["sub_searchs"], row["sub_support_docs"]):
+            queries += keys
+            gold += [doc["title"]] * len(keys)
+    results = retriever.search(queries, 3)
+    misses = [(q, g) for q, g, docs in zip(queries, gold, results) if g not in [d.title for d in docs]]
+    assert not misses, misses[:5]
+
+
+def test_reference_queries_find_support_docs_with_the_project_bm25_index(tmp_path):
+    pytest.importorskip("bm25s")
+    from stepsearch.retrieval.index import build_index
+
+    files = write_world(tmp_path / "world", seed=4, num_train=300, num_test=30)
+    index = build_index(files.corpus, tmp_path / "index", method="bm25")
+    records = load_records(files.train).records + load_records(files.test).records
+    queries = [q for r in records for keys in r.search_keys for q in keys]
+    gold = [d.title for r in records for keys, d in zip(r.search_keys, r.support_docs) for _ in keys]
+    results = index.search(queries, 3)
+    hits = sum(g in [d.title for d in docs] for g, docs in zip(gold, results))
+    assert hits == len(queries)
+
+
+def test_load_or_create_world_reuses_matching_files_and_regenerates_on_change(tmp_path):
+    files = load_or_create_world(tmp_path, seed=5, num_train=50, num_test=10)
+    meta = json.loads(files.meta.read_text())
+    assert meta["seed"] == 5 and meta["num_train"] == 50 and meta["num_docs"] > 0
+    files.train.write_text(files.train.read_text())  # same content, new mtime: reuse must not rewrite
+    stamp = files.train.stat().st_mtime_ns
+    assert load_or_create_world(tmp_path, seed=5, num_train=50, num_test=10).train.stat().st_mtime_ns == stamp
+    again = load_or_create_world(tmp_path, seed=5, num_train=60, num_test=10)
+    assert sum(1 for _ in open(again.train)) == 60
+    assert sum(1 for _ in open(again.test)) == 10
+    files.test.unlink()
+    assert load_or_create_world(tmp_path, seed=5, num_train=60, num_test=10).test.exists()
+
+
+def test_written_files_load_as_records_with_gold_trajectories(tmp_path):
+    files = write_world(tmp_path, seed=6, num_train=80, num_test=10)
+    corpus = [json.loads(line) for line in open(files.corpus)]
+    assert all(set(row) == {"id", "contents"} and row["contents"].startswith('"') for row in corpus)
+    records = load_records(files.train).records
+    assert len(records) == 80 and all(r.source == "synth" for r in records)
+    record = records[0]
+    trajectory = gold_trajectory(record)
+    assert len(trajectory.steps) == record.hops
+    assert trajectory.final_answer == record.answers[0]
+    for step, keys, doc, answer in zip(trajectory.steps, record.search_keys, record.support_docs,
+                                       record.metadata["sub_answers"]):
+        assert step.query == keys[0] and step.doc == doc and step.answer == answer and step.sub_question
+    picked = {gold_trajectory(record, random.Random(s)).steps[0].query for s in range(20)}
+    assert picked == set(record.search_keys[0])
+
+
+def test_gold_trajectory_needs_one_support_doc_per_sub_question():
+    record = QARecord(id="q", question="Who?", answers=["A"], search_keys=[["a"], ["b"]],
+                      support_docs=[SupportDoc("T", "text")])
+    with pytest.raises(ValueError, match="'q'.*2 search-key lists, 1 docs"):
+        gold_trajectory(record)
+    with pytest.raises(ValueError, match="no reference query"):
+        gold_trajectory(QARecord(id="q", question="Who?", answers=["A"], search_keys=[[]],
+                                 support_docs=[SupportDoc("T", "text")]))
+
+
+def test_scales_to_tens_of_thousands_of_questions_quickly():
+    start = time.perf_counter()
+    world, train, test = build_world(0, 20000, 100)
+    assert len(train) == 20000 and len(test) == 100
+    assert time.perf_counter() - start < 20  # ~1.5 s alone; generous for a shared 2-core machine
+
+
+def test_cli_synth_writes_the_world(tmp_path, capsys):
+    assert data_main(["synth", "--out", str(tmp_path), "--seed", "2", "--num-train", "30", "--num-test", "5"]) == 0
+    assert "30 train / 5 test" in capsys.readouterr().out
+    assert sum(1 for _ in open(tmp_path / "train.jsonl")) == 30
+    assert data_main(["synth", "--out", str(tmp_path), "--num-train", "0"]) == 1
+    assert "must be positive" in capsys.readouterr().err

@@ -203,12 +203,18 @@ def _forward(hidden, weight, targets, chunk_size, inv_temp):
     return logp, entropy, lse, lse - entropy
 
 
+# torch >= 2.8 can return a bf16 x bf16 GEMM in fp32 on CUDA (aten::mm.dtype).
+_MM_HAS_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
+
+
 def _matmul_into_fp32(accumulator: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """accumulator (fp32) += a @ b with fp32 output, without rounding the partial product to bf16 first."""
+    """accumulator (fp32) += a @ b, without rounding the partial product to bf16 first where torch allows."""
     if a.dtype == torch.float32:
         accumulator.addmm_(a, b)
-    elif a.is_cuda:
+    elif a.is_cuda and _MM_HAS_OUT_DTYPE:
         accumulator.add_(torch.mm(a, b, out_dtype=torch.float32))
+    elif a.is_cuda:
+        accumulator.add_(a @ b)  # older torch: each chunk's partial product is rounded to bf16 once
     else:
         accumulator.addmm_(a.float(), b.float())
 
@@ -284,6 +290,10 @@ def logprob_entropy(
 
     Returns:
         (logp, entropy), both (N,) fp32, differentiable w.r.t. hidden and weight.
+
+    Select the response tokens first, so prompt and retrieved tokens cost nothing:
+        hidden = last_hidden[:, :-1][loss_mask]   # (N, H) from (B, T, H); loss_mask (B, T) bool
+        logp, entropy = logprob_entropy(hidden, lm_head.weight, input_ids[:, 1:][loss_mask], temperature=T)
     """
     check_logprob_inputs(hidden, weight, targets, chunk_size, temperature)
     if hidden.dtype == torch.float64:

@@ -77,6 +77,8 @@ def parse_retrieve_request(body: bytes, limits: ServerLimits) -> tuple[list[str]
         payload = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise BadRequest(400, f"request body is not valid JSON: {err}") from None
+    except RecursionError:
+        raise BadRequest(400, "request body nests JSON too deeply") from None
     if not isinstance(payload, dict):
         raise BadRequest(400, "request body must be a JSON object with a 'queries' list")
     queries = payload.get("queries")
@@ -116,6 +118,7 @@ class RetrievalServer:
         self._pending: list[_Pending] = []
         self._arrived: asyncio.Event | None = None
         self._reading = 0  # requests whose body is still being read: worth waiting for
+        self._batch_task: asyncio.Task | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="retrieval-index")
         self.batches = 0
         self.queries = 0
@@ -132,10 +135,11 @@ class RetrievalServer:
 
     async def _start_batching(self, app: Any) -> None:
         self._arrived = asyncio.Event()
-        app["batch_loop"] = asyncio.create_task(self._batch_loop())
+        self._batch_task = asyncio.create_task(self._batch_loop())
 
     async def _stop_batching(self, app: Any) -> None:
-        app["batch_loop"].cancel()
+        if self._batch_task is not None:
+            self._batch_task.cancel()
         for pending in self._pending:
             if not pending.future.done():
                 pending.future.set_exception(RetrieverError("server shutting down"))

@@ -47,3 +47,37 @@ def build_tiny_model(model_cfg: "ModelConfig", tokenizer: "PreTrainedTokenizerBa
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     return model
+
+
+def fit_tiny_model(model: "Qwen2ForCausalLM", tokenizer: "PreTrainedTokenizerBase", texts: list[str], steps: int,
+                   lr: float = 3e-3, seed: int = 0, loss_masks: list[list[int]] | None = None) -> list[float]:
+    """A few full-batch AdamW steps of next-token loss on `texts` (tiny-model warm starts, tests, benchmarks).
+
+    `loss_masks[i][j]` = 0 excludes token j of text i from the loss (e.g. inserted retrieval results). Returns the
+    loss per step; leaves the model in eval mode.
+    """
+    import torch
+
+    encoded = [tokenizer.encode(text, add_special_tokens=False) for text in texts]
+    width = max(len(ids) for ids in encoded)
+    input_ids = torch.full((len(encoded), width), tokenizer.pad_token_id, dtype=torch.long)  # (B, T)
+    labels = torch.full((len(encoded), width), -100, dtype=torch.long)  # (B, T)
+    attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)  # (B, T)
+    for row, ids in enumerate(encoded):
+        input_ids[row, :len(ids)] = torch.tensor(ids)
+        attention_mask[row, :len(ids)] = 1
+        keep = torch.tensor(loss_masks[row][:len(ids)], dtype=torch.bool) if loss_masks else torch.ones(len(ids), dtype=torch.bool)
+        labels[row, :len(ids)] = torch.where(keep, torch.tensor(ids), torch.tensor(-100))
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    losses = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for _ in range(steps):
+            loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.detach().item())
+    model.eval()
+    return losses

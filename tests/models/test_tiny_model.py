@@ -1,0 +1,76 @@
+"""The offline tokenizer (tags as single non-special ids, reload) and the seeded tiny Qwen2 model."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from stepsearch.config import ModelConfig
+from stepsearch.models.tiny import build_tiny_model, fit_tiny_model
+from stepsearch.models.tokenizer import TAGS, train_tokenizer
+
+TEXTS = [f"Doc {i}: The river Alder{i} flows through Brennick. <search>river {i}</search>" for i in range(60)]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return train_tokenizer(TEXTS, vocab_size=512, out_dir=tmp_path_factory.mktemp("tok"))
+
+
+def test_tags_are_single_non_special_tokens_that_decode_as_text(tokenizer):
+    text = "<think>plan</think>\n<search>river 3</search>\n<information>x</information>\n<answer>Brennick</answer>"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    for tag in TAGS:
+        tag_ids = tokenizer.encode(tag, add_special_tokens=False)
+        assert len(tag_ids) == 1 and tag_ids[0] in ids
+    assert tokenizer.decode(ids, skip_special_tokens=True) == text
+    assert tokenizer.pad_token_id is not None and tokenizer.eos_token_id is not None and tokenizer.bos_token_id is not None
+    assert len({tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id}) == 3
+    assert tokenizer.decode([tokenizer.eos_token_id], skip_special_tokens=True) == ""
+
+
+def test_tokenizer_reloads_identically_with_autotokenizer(tokenizer, tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer.save_pretrained(tmp_path)
+    reloaded = AutoTokenizer.from_pretrained(tmp_path)
+    text = "Ünïcode résumé <search>river 7</search> and bytes \x01"
+    assert reloaded.encode(text, add_special_tokens=False) == tokenizer.encode(text, add_special_tokens=False)
+    assert len(reloaded) == len(tokenizer) <= 512
+    assert reloaded.pad_token == tokenizer.pad_token
+
+
+def test_tokenizer_rejects_a_vocabulary_too_small_for_bytes_and_tags():
+    with pytest.raises(ValueError, match="vocab_size"):
+        train_tokenizer(TEXTS, vocab_size=100)
+
+
+def test_tiny_model_is_seeded_tied_and_sized_by_config(tokenizer):
+    cfg = ModelConfig(tiny_hidden_size=64, tiny_num_layers=1, tiny_num_heads=4, tiny_num_kv_heads=2,
+                      tiny_intermediate_size=96)
+    first, second = build_tiny_model(cfg, tokenizer, seed=1), build_tiny_model(cfg, tokenizer, seed=1)
+    other = build_tiny_model(cfg, tokenizer, seed=2)
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
+    assert not torch.equal(first.model.embed_tokens.weight, other.model.embed_tokens.weight)
+    assert first.lm_head.weight is first.model.embed_tokens.weight
+    assert first.config.vocab_size == len(tokenizer) and first.config.hidden_size == 64
+    assert first.config.num_key_value_heads == 2 and first.config.num_hidden_layers == 1
+    state = torch.random.get_rng_state()
+    build_tiny_model(cfg, tokenizer, seed=3)
+    assert torch.equal(state, torch.random.get_rng_state()), "building must not disturb the caller's RNG"
+    logits = first(torch.tensor([[1, 2, 3]])).logits
+    assert logits.shape == (1, 3, len(tokenizer))
+
+
+def test_fit_tiny_model_lowers_the_loss_and_respects_the_loss_mask(tokenizer):
+    cfg = ModelConfig(tiny_hidden_size=64, tiny_num_layers=1, tiny_num_heads=4, tiny_num_kv_heads=2,
+                      tiny_intermediate_size=96)
+    model = build_tiny_model(cfg, tokenizer)
+    losses = fit_tiny_model(model, tokenizer, TEXTS[:4], steps=15, lr=1e-2)
+    assert losses[-1] < 0.7 * losses[0] and not model.training
+    # Fully masking the second text must train exactly as the first text alone (right padding, causal attention).
+    alone, masked = build_tiny_model(cfg, tokenizer), build_tiny_model(cfg, tokenizer)
+    fit_tiny_model(alone, tokenizer, TEXTS[:1], steps=2)
+    lengths = [len(tokenizer.encode(t, add_special_tokens=False)) for t in (TEXTS[0], TEXTS[10] * 2)]
+    fit_tiny_model(masked, tokenizer, [TEXTS[0], TEXTS[10] * 2], steps=2, loss_masks=[[1] * lengths[0], [0] * lengths[1]])
+    for a, b in zip(alone.parameters(), masked.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

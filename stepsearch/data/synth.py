@@ -351,6 +351,11 @@ def _hop(relation: Relation, subject: Entity) -> Hop:
                subject)
 
 
+def _ref_alias(answer: Entity) -> list[str]:
+    """A work named as the question names it ("the novel X") is a correct answer too."""
+    return [answer.ref] if answer.etype == "work" else []
+
+
 class QuestionGenerator:
     """Draws questions of the four kinds from a World; `draw()` returns None when a draw hits a dead end."""
 
@@ -445,7 +450,7 @@ class QuestionGenerator:
             "city": ("Which city was founded earlier" if earlier else "Which city was founded later"),
             "work": ("Which came out earlier" if earlier else "Which came out later"),
         }[etype]
-        return SynthQuestion(f"{wording}, {a.ref} or {b.ref}?", first.name, [], "comparison",
+        return SynthQuestion(f"{wording}, {a.ref} or {b.ref}?", first.name, _ref_alias(first), "comparison",
                              [_hop(relation, a), _hop(relation, b)])
 
     def _bridge_comparison(self) -> SynthQuestion | None:
@@ -470,7 +475,7 @@ class QuestionGenerator:
             "work": f"Which work has the creator who was born {when}, {a.ref} or {b.ref}?",
         }[etype]
         hops = [_hop(link, a), _hop(born, link.value(a)), _hop(link, b), _hop(born, link.value(b))]
-        return SynthQuestion(question, first.name, [], "bridge_comparison", hops)
+        return SynthQuestion(question, first.name, _ref_alias(first), "bridge_comparison", hops)
 
 
 def generate_questions(world: World, rng: random.Random, count: int,
@@ -514,8 +519,13 @@ def _files(out_dir: str | os.PathLike) -> WorldFiles:
     return WorldFiles(root, root / "corpus.jsonl", root / "train.jsonl", root / "test.jsonl", root / "world.json")
 
 
+def _tmp_path(path: Path) -> Path:
+    # Per-process temporary names: several ranks may create the same (deterministic) world at once.
+    return path.with_name(f"{path.name}.{os.getpid()}.tmp")
+
+
 def _write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = _tmp_path(path)
     with open(tmp, "w", encoding="utf-8") as fh:
         for row in rows:
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -544,14 +554,18 @@ def write_world(out_dir: str | os.PathLike, seed: int, num_train: int, num_test:
             "num_docs": len(world.entities),
             "hops": {h: sum(len(q.hops) == h for q in train + test) for h in (2, 3, 4)},
             "types": {t: sum(q.qtype == t for q in train + test) for t in QUESTION_TYPE_WEIGHTS}}
-    tmp = files.meta.with_name(files.meta.name + ".tmp")
+    tmp = _tmp_path(files.meta)
     tmp.write_text(json.dumps(meta, indent=2), encoding="utf-8")
     os.replace(tmp, files.meta)
     return files
 
 
 def load_or_create_world(out_dir: str | os.PathLike, seed: int, num_train: int, num_test: int) -> WorldFiles:
-    """The world's files under `out_dir`: reused when world.json records the same parameters, else (re)written."""
+    """The world's files under `out_dir`: reused when world.json records the same parameters, else (re)written.
+
+    Safe to call from several processes at once (each writes its own temporary files, then renames them; the
+    content is the same for the same parameters).
+    """
     files = _files(out_dir)
     if files.meta.exists():
         try:

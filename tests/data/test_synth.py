@@ -1,8 +1,12 @@
 """The synthetic world: determinism, format, consistent facts, BM25-findable support docs, gold trajectories."""
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import random
+import subprocess
+import sys
 import time
 
 import pytest
@@ -34,6 +38,21 @@ def test_same_seed_same_world_and_questions_other_seed_differs():
     assert [r["question"] for r in train_c] != [r["question"] for r in train_a]
 
 
+def test_output_does_not_depend_on_the_process_hash_seed(tmp_path):
+    script = ("import hashlib, sys; from stepsearch.data.synth import write_world; f = write_world(sys.argv[1], 9, 40, 5);"
+              "print(hashlib.sha256(f.corpus.read_bytes() + f.train.read_bytes() + f.test.read_bytes()).hexdigest())")
+    digests = set()
+    for hash_seed in ("1", "2"):
+        env = dict(os.environ, PYTHONHASHSEED=hash_seed)
+        run = subprocess.run([sys.executable, "-c", script, str(tmp_path / hash_seed)], env=env, check=True,
+                             capture_output=True, text=True)
+        digests.add(run.stdout.strip())
+    files = write_world(tmp_path / "here", 9, 40, 5)
+    digests.add(hashlib.sha256(files.corpus.read_bytes() + files.train.read_bytes() + files.test.read_bytes())
+                .hexdigest())
+    assert len(digests) == 1
+
+
 def test_rows_have_stepsearch_fields_and_docs_equal_corpus_passages():
     world, train, test = _rows(0)
     passages = {(e.title, e.text) for e in world.entities}
@@ -61,6 +80,7 @@ def test_question_kinds_hops_and_chain_consistency():
                 assert answer in next_question  # each hop asks about the previous hop's answer
         else:
             assert row["final_answer"] in row["question"]  # comparisons answer with one of the two named items
+            assert all(alias in row["question"] for alias in row["answer_aliases"])
     questions = [r["question"] for r in rows]
     assert len(set(questions)) == len(questions)
     assert not {r["question"] for r in train} & {r["question"] for r in test}

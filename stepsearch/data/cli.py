@@ -38,7 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     pipe.add_argument("--retriever", required=True, help="retriever server URL, or a local index directory")
     pipe.add_argument("--llm-url", help="OpenAI-compatible endpoint; rule-based queries when omitted")
     pipe.add_argument("--llm-model", help="model name sent to the endpoint (required with --llm-url)")
-    pipe.add_argument("--prompt", help="query-writing prompt file (default: stepsearch/data/prompts/search_queries.txt)")
+    pipe.add_argument("--prompt", help="query-writing prompt (default: stepsearch/data/prompts/search_queries.txt)")
     pipe.add_argument("--temperature", type=float, default=0.7)
     pipe.add_argument("--n-queries", type=int, default=3, help="queries proposed per sub-question")
     pipe.add_argument("--topk", type=int, default=3, help="a query is valid if its support doc is in this top-k")

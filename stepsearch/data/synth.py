@@ -45,13 +45,13 @@ _PROFESSIONS = ["painter", "poet", "engineer", "doctor", "farmer", "singer", "te
 _ORG_KINDS = ["company", "bank", "academy", "museum", "guild", "society", "school", "library"]
 _WORK_NOUNS = ["Tower", "River", "Garden", "Winter", "Mirror", "Letter", "Voyage", "Harbor", "Crown", "Lantern",
                "Forest", "Bridge", "Storm", "Island", "Feather", "Valley"]
-# kind -> (role noun, active verb, passive verb, release verb)
+# kind -> (creator's role, creating verb, release verb)
 _WORK_KINDS = {
-    "novel": ("author", "wrote", "written", "published"),
-    "poem": ("author", "wrote", "written", "published"),
-    "play": ("author", "wrote", "written", "published"),
-    "film": ("director", "directed", "directed", "released"),
-    "song": ("composer", "composed", "composed", "released"),
+    "novel": ("author", "wrote", "published"),
+    "poem": ("author", "wrote", "published"),
+    "play": ("author", "wrote", "published"),
+    "film": ("director", "directed", "released"),
+    "song": ("composer", "composed", "released"),
 }
 
 QUESTION_TYPE_WEIGHTS = {"compositional": 0.5, "inference": 0.15, "comparison": 0.2, "bridge_comparison": 0.15}
@@ -91,7 +91,7 @@ class Relation:
         return subject.facts[self.name]
 
 
-def _work(e: Entity) -> tuple[str, str, str, str]:
+def _work(e: Entity) -> tuple[str, str, str]:
     return _WORK_KINDS[e.kind]
 
 
@@ -139,8 +139,8 @@ RELATIONS: dict[str, list[Relation]] = {
                  lambda e: [f"official language of {e.name}", f"{e.name} language"]),
     ],
     "work": [
-        Relation("year", lambda x, e: f"When was {x} {_work(e)[3]}?",
-                 lambda e: [f"when was the {e.kind} {e.name} {_work(e)[3]}", f"{e.name} {e.kind} {_work(e)[3]} year"]),
+        Relation("year", lambda x, e: f"When was {x} {_work(e)[2]}?",
+                 lambda e: [f"when was the {e.kind} {e.name} {_work(e)[2]}", f"{e.name} {e.kind} {_work(e)[2]} year"]),
         Relation("creator", lambda x, e: f"Who {_work(e)[1]} {x}?",
                  lambda e: [f"who {_work(e)[1]} the {e.kind} {e.name}", f"{e.name} {e.kind} {_work(e)[0]}"],
                  lambda x, e: f"the {_work(e)[0]} of {x}"),
@@ -162,6 +162,8 @@ class Hop:
 
 @dataclass(frozen=True)
 class SynthQuestion:
+    """A generated question: its text, answer (plus aliases), kind, and hops in search order."""
+
     question: str
     answer: str
     aliases: list[str]
@@ -337,7 +339,7 @@ def _paragraph(e: Entity) -> str:
     if e.etype == "country":
         return (f"{n} is a country whose capital city is {f['capital'].name}. The official language of {n} is "
                 f"{f['language']}.")
-    role, active, _, release = _WORK_KINDS[e.kind]
+    role, active, release = _WORK_KINDS[e.kind]
     return (f"{n} is a {e.kind} {release} in the year {f['year']}. The {role} of {n} was {f['creator'].name}, who "
             f"{active} the {e.kind}.")
 
@@ -385,11 +387,9 @@ class QuestionGenerator:
         visited = {subject.doc_id}
         for step in range(num_hops):
             last = step == num_hops - 1
-            options = [r for r in RELATIONS[subject.etype] if r.name in subject.facts
-                       and (r.np is None and last or r.np is not None
-                            and subject.facts[r.name].doc_id not in visited)]
-            if not last:
-                options = [r for r in options if r.np is not None]
+            # Inner hops must lead to a new entity; the last hop may also ask for a literal (year, profession).
+            options = [r for r in RELATIONS[subject.etype] if r.name in subject.facts and (
+                (r.np is None and last) or (r.np is not None and subject.facts[r.name].doc_id not in visited))]
             if not options:
                 return None
             relation = self.rng.choice(options)

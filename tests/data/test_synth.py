@@ -39,7 +39,8 @@ def test_same_seed_same_world_and_questions_other_seed_differs():
 
 
 def test_output_does_not_depend_on_the_process_hash_seed(tmp_path):
-    script = ("import hashlib, sys; from stepsearch.data.synth import write_world; f = write_world(sys.argv[1], 9, 40, 5);"
+    script = ("import hashlib, sys; from stepsearch.data.synth import write_world; "
+              "f = write_world(sys.argv[1], 9, 40, 5); "
               "print(hashlib.sha256(f.corpus.read_bytes() + f.train.read_bytes() + f.test.read_bytes()).hexdigest())")
     digests = set()
     for hash_seed in ("1", "2"):

@@ -1,7 +1,7 @@
 """A seeded synthetic multi-hop world: fictional entities, a Wikipedia-like corpus, and 2-4 hop questions.
 
-Why fictional: a model cannot answer "Who founded the organisation where the author of the novel The Tower of
-Velmar worked?" from memory, so it must search, and the answer is checkable. The world has people, cities,
+Why fictional: a model cannot answer "Who founded the employer of the author of the novel The Tower of
+Velmar?" from memory, so it must search, and the answer is checkable. The world has people, cities,
 countries, organisations and works with made-up names from a small syllable inventory (so a tokenizer of ~2k
 tokens covers it), one paragraph per entity stating its facts, and natural distractors: families share surnames,
 organisations are named after people and cities, some works share a title (their passages are titled
@@ -34,7 +34,7 @@ from typing import Callable, Union
 
 from stepsearch.data.records import QARecord, SupportDoc
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 """Bumped whenever the same seed would produce different files, so `load_or_create_world` regenerates."""
 
 _ONSETS = "b d f g k l m n p r s t v z".split()
@@ -104,7 +104,7 @@ RELATIONS: dict[str, list[Relation]] = {
                  lambda x, e: f"the birthplace of {x}"),
         Relation("employer", lambda x, e: f"Where did {x} work?",
                  lambda e: [f"where did {e.name} work", f"{e.name} worked at"],
-                 lambda x, e: f"the organisation where {x} worked"),
+                 lambda x, e: f"the employer of {x}"),
         Relation("father", lambda x, e: f"Who was the father of {x}?",
                  lambda e: [f"father of {e.name}", f"who was the father of {e.name}"],
                  lambda x, e: f"the father of {x}"),
@@ -119,14 +119,14 @@ RELATIONS: dict[str, list[Relation]] = {
                  lambda x, e: f"the founder of {x}"),
         Relation("headquarters", lambda x, e: f"Where are the headquarters of {x}?",
                  lambda e: [f"where are the headquarters of {e.name}", f"{e.name} headquarters city"],
-                 lambda x, e: f"the city where {x} has its headquarters"),
+                 lambda x, e: f"the headquarters city of {x}"),
     ],
     "city": [
         Relation("founded_year", lambda x, e: f"When was {x} founded?",
                  lambda e: [f"when was {e.name} founded", f"{e.name} city founded year"]),
         Relation("country", lambda x, e: f"In which country is {x}?",
                  lambda e: [f"which country is {e.name} in", f"{e.name} city country"],
-                 lambda x, e: f"the country where {x} is located"),
+                 lambda x, e: f"the country of {x}"),
         Relation("mayor", lambda x, e: f"Who is the mayor of {x}?",
                  lambda e: [f"mayor of {e.name}", f"who is the mayor of {e.name}"],
                  lambda x, e: f"the mayor of {x}"),

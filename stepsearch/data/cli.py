@@ -49,15 +49,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _open_retriever(spec: str):
-    """An HTTP client for a URL, else the index stored in the directory `spec`."""
-    if spec.startswith(("http://", "https://")):
-        from stepsearch.retrieval.client import HTTPRetriever
+    """An HTTP client for a URL, else the index stored in the directory `spec` (via the retrieval factory)."""
+    from stepsearch.config import RetrieverConfig
+    from stepsearch.retrieval.factory import make_retriever
 
-        return HTTPRetriever(spec)
-    from stepsearch.retrieval.index import load_index
-    from stepsearch.retrieval.local import LocalRetriever
-
-    return LocalRetriever(load_index(spec))
+    is_url = spec.startswith(("http://", "https://"))
+    return make_retriever(RetrieverConfig(url=spec if is_url else None, index_dir=None if is_url else spec))
 
 
 def _synth(args: argparse.Namespace) -> int:

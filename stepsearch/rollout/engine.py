@@ -377,7 +377,10 @@ class SGLangEngine:
             result = self._engine.update_weights_from_disk(model_path=path)
             success, message = result[0], result[1]
         else:
-            answer = self._post("/update_weights_from_disk", {"model_path": path, "flush_cache": True})
+            try:  # SGLang answers a failed load with HTTP 400 and {"success": false, "message": ...}
+                answer = self._post("/update_weights_from_disk", {"model_path": path, "flush_cache": True})
+            except EngineError as exc:
+                raise EngineError(f"SGLang could not load weights from {path}: {exc}") from exc
             success, message = answer.get("success", False), answer.get("message", "")
         if not success:
             raise EngineError(f"SGLang could not load weights from {path}: {message}")
@@ -395,7 +398,14 @@ class SGLangEngine:
         for config_file in served.iterdir():
             if config_file.is_file() and not config_file.name.endswith((".safetensors", ".bin", ".pt", ".index.json")):
                 shutil.copy2(config_file, staging / config_file.name)
-        tensors = {name: tensor.detach().to("cpu").contiguous() for name, tensor in named}
+        # Tied parameters (lm_head = embed_tokens) share storage, which safetensors refuses; the loader re-ties
+        # them from the first name, as HF checkpoints of tied models store it.
+        tensors, storages = {}, set()
+        for name, tensor in named:
+            storage = (tensor.device, tensor.untyped_storage().data_ptr())
+            if storage not in storages:
+                storages.add(storage)
+                tensors[name] = tensor.detach().to("cpu").contiguous()
         save_file(tensors, str(staging / "model.safetensors"))
         return str(staging)
 

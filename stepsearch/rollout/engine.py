@@ -279,7 +279,7 @@ class SGLangEngine:
         if (model_path is None) == (url is None):
             raise EngineError("SGLangEngine needs exactly one of model_path (in-process) or url (HTTP server)")
         self.tokenizer = tokenizer
-        self.scanner_texts = TokenTexts(tokenizer)
+        self.token_texts = TokenTexts(tokenizer)
         self.url = url.rstrip("/") if url else None
         self.timeout_s = timeout_s
         self.staging_dir = staging_dir
@@ -331,7 +331,7 @@ class SGLangEngine:
             outputs = [outputs]
         if len(outputs) != len(prompts):
             raise EngineError(f"SGLang returned {len(outputs)} outputs for {len(prompts)} prompts")
-        scanner = StopScanner(stop_strings, self.scanner_texts)
+        scanner = StopScanner(stop_strings, self.token_texts)
         return [self._to_generation(output, scanner) for output in outputs]
 
     @staticmethod

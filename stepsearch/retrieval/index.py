@@ -58,13 +58,28 @@ class SearchIndex:
 
 
 class BM25Index(SearchIndex):
-    """Lucene-flavoured BM25 from bm25s with English stop words. Documents with no query term are not returned."""
+    """Lucene-flavoured BM25 (bm25s builds the index, English stop words). Documents with no query term are not
+    returned; ties are broken by corpus position.
+
+    Search does not loop over queries: the batch becomes a sparse query-term count matrix Q (nq, V) multiplied by
+    bm25s's precomputed term-document score matrix (V, N), so a merged server batch costs one sparse product and
+    each query touches only the postings of its own terms (never an O(N) dense pass). Scores equal bm25s's own.
+    """
 
     method = "bm25"
+    queries_per_product = 256
+    """Queries per sparse product: bounds the (nq, N) intermediate for corpora with very common terms."""
 
     def __init__(self, docs: list[Document], meta: dict[str, Any], model: Any) -> None:
         super().__init__(docs, meta)
+        import scipy.sparse
+
         self.model = model
+        scores = model.scores  # bm25s's CSC: column t holds the documents containing term t and their scores
+        self.term_doc_scores = scipy.sparse.csr_matrix(
+            (scores["data"], scores["indices"], scores["indptr"]),
+            shape=(len(scores["indptr"]) - 1, scores["num_docs"]),
+        )  # (V, N)
 
     @classmethod
     def build(cls, docs: list[Document], meta: dict[str, Any], k1: float = 0.9, b: float = 0.4) -> BM25Index:
@@ -86,18 +101,44 @@ class BM25Index(SearchIndex):
         return cls(docs, meta, bm25s.BM25.load(str(index_dir / BM25_DIR), show_progress=False))
 
     def search_positions(self, queries: list[str], topk: int) -> Hits:
+        positions: list[list[int]] = []
+        scores: list[list[float]] = []
+        for start in range(0, len(queries), self.queries_per_product):
+            chunk_positions, chunk_scores = self._search_chunk(queries[start : start + self.queries_per_product], topk)
+            positions += chunk_positions
+            scores += chunk_scores
+        return positions, scores
+
+    def _search_chunk(self, queries: list[str], topk: int) -> Hits:
         import bm25s
+        import scipy.sparse
 
         if not queries:
             return [], []
+        vocab = self.model.vocab_dict
         tokens = bm25s.tokenize(queries, stopwords="en", return_ids=False, show_progress=False)
-        k = min(topk, len(self.docs))
-        positions, scores = self.model.retrieve(tokens, k=k, show_progress=False, n_threads=1)
-        keep = scores > 0  # bm25s pads a query with no matching term with arbitrary zero-score documents
-        return (
-            [row[m].tolist() for row, m in zip(positions, keep)],
-            [row[m].tolist() for row, m in zip(scores, keep)],
-        )
+        rows, cols = [], []
+        for row, query_tokens in enumerate(tokens):
+            ids = [vocab[t] for t in query_tokens if t in vocab]  # a repeated term counts again, as in bm25s
+            rows += [row] * len(ids)
+            cols += ids
+        query_terms = scipy.sparse.csr_matrix(
+            (np.ones(len(cols), dtype=np.float32), (rows, cols)), shape=(len(queries), self.term_doc_scores.shape[0])
+        )  # (nq, V); duplicate (row, term) entries are summed
+        doc_scores = (query_terms @ self.term_doc_scores).tocsr()  # (nq, N), only documents sharing a term
+        positions, scores = [], []
+        for row in range(len(queries)):
+            lo, hi = doc_scores.indptr[row], doc_scores.indptr[row + 1]
+            row_docs, row_scores = doc_scores.indices[lo:hi], doc_scores.data[lo:hi]
+            keep = row_scores > 0
+            row_docs, row_scores = row_docs[keep], row_scores[keep]
+            if len(row_scores) > topk:
+                best = np.argpartition(-row_scores, topk - 1)[:topk]
+                row_docs, row_scores = row_docs[best], row_scores[best]
+            order = np.lexsort((row_docs, -row_scores))
+            positions.append(row_docs[order].tolist())
+            scores.append(row_scores[order].tolist())
+        return positions, scores
 
 
 class DenseIndex(SearchIndex):

@@ -21,6 +21,25 @@ def test_bm25_finds_the_passage_with_the_unique_word(bm25_index):
     assert [d.score for d in results[1]] == sorted((d.score for d in results[1]), reverse=True)
 
 
+def test_batched_sparse_bm25_scores_equal_bm25s_own_retrieve(bm25_index):
+    import bm25s
+    import numpy as np
+
+    queries = ["river king castle", "marker5 marker5 film", "entity alpha", "war", "zzz the"]
+    tokens = bm25s.tokenize(queries, stopwords="en", return_ids=False, show_progress=False)
+    _, reference = bm25_index.model.retrieve(tokens, k=10, show_progress=False)  # bm25s is the referee
+    _, ours = bm25_index.search_positions(queries, 10)
+    for ref_row, our_row in zip(reference, ours):
+        np.testing.assert_allclose(our_row, ref_row[ref_row > 0], rtol=1e-5)
+
+
+def test_bm25_batches_larger_than_one_product_match_single_queries(bm25_index, monkeypatch):
+    queries = [f"marker{i} river" for i in range(7)]
+    singles = [bm25_index.search([q], 4)[0] for q in queries]
+    monkeypatch.setattr(bm25_index, "queries_per_product", 3)
+    assert bm25_index.search(queries, 4) == singles
+
+
 def test_bm25_returns_nothing_for_queries_without_known_terms(bm25_index):
     assert bm25_index.search(["zzzunknownword", "the of and"], topk=5) == [[], []]
 

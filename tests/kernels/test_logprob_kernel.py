@@ -3,6 +3,7 @@
 CPU: the kernel runs under the Triton interpreter in one child process (TRITON_INTERPRET=1 must be set before
 triton is imported, and must not leak into the rest of the suite). The parent builds the inputs, the child runs
 the kernel forward and backward on them, and the parent checks the results against a float64 referee.
+A second child compiles both kernels for sm_90 with Triton's bundled ptxas, so GPU compile errors surface on CPU.
 GPU (`gpu` marker): Qwen2.5-3B-like shapes against the float64 referee and the twin, in this process.
 """
 
@@ -170,6 +171,57 @@ def test_interpreter_out_of_range_target_gives_nan_not_a_wrong_number(interprete
     assert "grad_weight" not in result and "grad_hidden" in result
 
 
+def _compile_for_hopper_main() -> None:
+    """Child-process entry point: compile both kernels for sm_90 (no GPU needed: Triton's bundled ptxas)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from stepsearch.kernels import logprob as kernels
+
+    pointer_types = {
+        "targets_ptr": "*i64", "hidden_ptr": "*{dtype}", "weight_ptr": "*{dtype}", "dlogits_ptr": "*{dtype}",
+    }
+    config = kernels._GPU_CONFIGS[0]
+    for dtype, precision in (("bf16", "tf32"), ("fp32", "ieee")):
+        for autotuned in (kernels._fwd_kernel, kernels._dlogits_kernel):
+            kernel = autotuned.fn
+            constants = dict(config.kwargs, DOT_PRECISION=precision, UPCAST_DOT_OPERANDS=False)
+            signature = {}
+            for name in kernel.arg_names:
+                if name in constants:
+                    signature[name] = "constexpr"
+                elif name.endswith("_ptr"):
+                    signature[name] = pointer_types.get(name, "*fp32").format(dtype=dtype)
+                else:
+                    signature[name] = "fp32" if name == "inv_temp" else "i32"
+            compiled = triton.compile(
+                ASTSource(kernel, signature, constants), target=GPUTarget("cuda", 90, 32),
+                options={"num_warps": config.num_warps, "num_stages": config.num_stages},
+            )
+            print(f"{kernel.__name__} {dtype} shared={compiled.metadata.shared} "
+                  f"mma={'wgmma' if 'wgmma' in compiled.asm['ptx'] else 'mma.sync'}", flush=True)
+
+
+def test_kernels_compile_for_hopper():
+    """Compile (not run) both kernels for sm_90, bf16 and fp32, with this machine's Triton."""
+    spec = importlib.util.find_spec("triton")
+    if spec is None:
+        pytest.skip("triton is not installed")
+    if not (Path(spec.origin).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
+        pytest.skip("this triton build ships no ptxas")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(OMP_NUM_THREADS="1", TRITON_DEFAULT_FP_FUSION="1")
+    completed = subprocess.run(
+        [sys.executable, __file__, "--compile-for-hopper"],
+        cwd=_REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert completed.returncode == 0, f"sm_90 compile failed:\n{completed.stdout}\n{completed.stderr}"
+    lines = completed.stdout.splitlines()
+    assert len(lines) == 4
+    assert all("wgmma" in line for line in lines if " bf16 " in line), lines
+
+
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
@@ -211,4 +263,7 @@ def test_gpu_fp32_matches_float64_and_twin():
 
 
 if __name__ == "__main__":
-    _interpreter_main(sys.argv[1], sys.argv[2])
+    if sys.argv[1:] == ["--compile-for-hopper"]:
+        _compile_for_hopper_main()
+    else:
+        _interpreter_main(sys.argv[1], sys.argv[2])

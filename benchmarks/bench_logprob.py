@@ -213,7 +213,9 @@ def main(argv: list[str] | None = None) -> int:
             metrics["grad_mib"] = grad_mib
         if ceiling:
             metrics["fraction_of_gemm_ceiling"] = tflops / ceiling
-        rows.extend({**common, "method": method, "pass": pass_name, "metric": k, "value": v} for k, v in metrics.items())
+        rows.extend(
+            {**common, "method": method, "pass": pass_name, "metric": k, "value": v} for k, v in metrics.items()
+        )
         peak_text = "n/a" if peak_mib is None else f"{peak_mib:.0f}"
         print(f"{method:<14}{pass_name:<9}{ms:>11.3f}{tflops:>10.2f}{peak_text:>11}"
               f"{metrics['speedup_vs_torch_twin']:>8.2f}x{metrics['speedup_vs_materialized']:>9.2f}x")

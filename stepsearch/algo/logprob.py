@@ -46,7 +46,8 @@ def check_logprob_inputs(
         raise ValueError(f"logprob_entropy: weight must be (V, H), got shape {tuple(weight.shape)}")
     if hidden.shape[1] != weight.shape[1]:
         raise ValueError(
-            f"logprob_entropy: hidden size mismatch, hidden is {tuple(hidden.shape)} but weight is {tuple(weight.shape)}"
+            f"logprob_entropy: hidden size mismatch, hidden is {tuple(hidden.shape)} "
+            f"but weight is {tuple(weight.shape)}"
         )
     if targets.shape != (hidden.shape[0],):
         raise ValueError(

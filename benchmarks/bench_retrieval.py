@@ -133,29 +133,59 @@ def start(kind: str, index_dir: Path, args: argparse.Namespace) -> tuple[subproc
     raise RuntimeError(f"{kind} server did not start: {' '.join(cmd)}")
 
 
+class RawHTTPClient:
+    """A minimal keep-alive HTTP/1.1 client on asyncio streams, so the load generator costs far less CPU than the
+    servers it measures (the benchmark shares the machine with them). Reconnects when the server closes."""
+
+    def __init__(self, url: str) -> None:
+        match = re.fullmatch(r"http://([^:/]+):(\d+)(/.*)", url)
+        assert match, url
+        self.host, self.port, self.path = match.group(1), int(match.group(2)), match.group(3)
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def post(self, body: bytes) -> tuple[int, bytes]:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        assert self.reader is not None
+        head = (f"POST {self.path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")
+        self.writer.write(head.encode() + body)
+        header_block = (await self.reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+        status_line, *header_lines = header_block.split("\r\n")
+        headers = {k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in header_lines if h)}
+        payload = await self.reader.readexactly(int(headers["content-length"]))
+        if status_line.startswith("HTTP/1.0") or headers.get("connection", "").lower() == "close":
+            await self.close()
+        return int(status_line.split()[1]), payload
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.reader = self.writer = None
+
+
 async def load(url: str, queries: list[str], concurrency: int) -> tuple[float, np.ndarray]:
     """Send every query as its own request from `concurrency` clients; (wall seconds, latencies in ms)."""
-    import aiohttp
-
     latencies: list[float] = []
     cursor = iter(range(len(queries)))
-    connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=600)) as session:
-        async def client() -> None:
-            for i in cursor:
-                sent = time.perf_counter()
-                payload = {"queries": [queries[i]], "topk": 3, "return_scores": True}
-                async with session.post(url, json=payload) as response:
-                    body = await response.json()
-                    assert response.status == 200 and len(body["result"]) == 1, body
-                latencies.append((time.perf_counter() - sent) * 1000)
+    clients = [RawHTTPClient(url) for _ in range(concurrency)]
 
-        for warmup in queries[:4]:  # first-request costs (connection, lazy imports) are not throughput
-            async with session.post(url, json={"queries": [warmup + " warm"], "topk": 3}) as response:
-                await response.read()
-        started = time.perf_counter()
-        await asyncio.gather(*(client() for _ in range(concurrency)))
-        wall = time.perf_counter() - started
+    async def run_client(client: RawHTTPClient) -> None:
+        for i in cursor:
+            body = json.dumps({"queries": [queries[i]], "topk": 3, "return_scores": True}).encode()
+            sent = time.perf_counter()
+            status, answer = await client.post(body)
+            latencies.append((time.perf_counter() - sent) * 1000)
+            assert status == 200 and len(json.loads(answer)["result"]) == 1, answer[:200]
+
+    for client in clients[:4]:  # first-request costs (connection, lazy imports) are not throughput
+        await client.post(json.dumps({"queries": ["warm up"], "topk": 3}).encode())
+    started = time.perf_counter()
+    await asyncio.gather(*(run_client(client) for client in clients))
+    wall = time.perf_counter() - started
+    for client in clients:
+        await client.close()
     return wall, np.asarray(latencies)
 
 
@@ -165,14 +195,16 @@ def run(args: argparse.Namespace) -> list[dict]:
     vocabulary = english_vocabulary()
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_retrieval_") as tmp:
-        root = Path(tmp)
+        root = Path(args.work_dir or tmp)
         for method in args.methods:
             num_docs = args.dense_docs if method == "dense" else args.docs
-            write_corpus(root / f"{method}.jsonl", vocabulary, num_docs, seed=0)
-            print(f"building {method} index of {num_docs} passages ...", flush=True)
-            build_index(root / f"{method}.jsonl", root / f"{method}-index", method=method)
+            index_dir = root / f"{method}-{num_docs}-index"
+            if not (index_dir / "meta.json").is_file():
+                write_corpus(root / f"{method}-{num_docs}.jsonl", vocabulary, num_docs, seed=0)
+                print(f"building {method} index of {num_docs} passages ...", flush=True)
+                build_index(root / f"{method}-{num_docs}.jsonl", index_dir, method=method)
             for server in args.servers:
-                process, url = start(server, root / f"{method}-index", args)
+                process, url = start(server, index_dir, args)
                 try:
                     for concurrency in args.concurrency:
                         requests = args.requests if concurrency > 1 else max(16, args.requests // 4)
@@ -217,7 +249,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small corpus and few requests (seconds)")
     parser.add_argument("--docs", type=int, default=20000, help="BM25 corpus size")
-    parser.add_argument("--dense-docs", type=int, default=3000, help="dense corpus size (encoded on CPU)")
+    parser.add_argument("--dense-docs", type=int, default=2000, help="dense corpus size (encoded on CPU)")
     parser.add_argument("--requests", type=int, default=512, help="requests per concurrency level")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64])
     parser.add_argument("--methods", nargs="+", choices=["bm25", "dense"], default=["bm25", "dense"])
@@ -226,6 +258,8 @@ def main() -> None:
     parser.add_argument("--baseline-search", choices=["stock", "ours"], default="stock",
                         help="BM25 search in the baseline servers: bm25s's per-query retrieve (stock, what a "
                              "per-request server calls) or our batched sparse scorer (isolates the server design)")
+    parser.add_argument("--work-dir", type=Path, default=None,
+                        help="keep corpora and indexes here and reuse them across runs (default: a temp dir)")
     parser.add_argument("--server-threads", type=int, default=1, help="OMP/torch threads of every server process")
     parser.add_argument("--serve-baseline", choices=["blocking", "threaded"], help=argparse.SUPPRESS)
     parser.add_argument("--index", help=argparse.SUPPRESS)

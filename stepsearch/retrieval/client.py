@@ -48,6 +48,8 @@ def parse_retrieve_response(payload: Any, expected: int, where: str) -> list[lis
                 title, text = str(doc.get("title", "")), doc["text"]
             else:
                 raise RetrieverError(f"{where}: result[{qi}][{di}] has neither 'contents' nor 'text'")
+            if score is not None and (isinstance(score, bool) or not isinstance(score, (int, float))):
+                raise RetrieverError(f"{where}: result[{qi}][{di}] has a non-numeric score {score!r}")
             docs.append(Document(str(doc.get("id", "")), title, text, None if score is None else float(score)))
         parsed.append(docs)
     return parsed

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,7 +116,7 @@ class RetrievalServer:
     def __init__(self, retriever: LocalRetriever, limits: ServerLimits | None = None) -> None:
         self.retriever = retriever
         self.limits = limits or ServerLimits()
-        self._pending: list[_Pending] = []
+        self._pending: deque[_Pending] = deque()
         self._arrived: asyncio.Event | None = None
         self._reading = 0  # requests whose body is still being read: worth waiting for
         self._batch_task: asyncio.Task | None = None
@@ -157,10 +158,16 @@ class RetrievalServer:
             batch, budget = [], self.limits.max_batch_queries
             while self._pending and (not batch or len(self._pending[0].queries) <= budget):
                 budget -= len(self._pending[0].queries)
-                batch.append(self._pending.pop(0))
+                batch.append(self._pending.popleft())
             if not self._pending:
                 self._arrived.clear()
-            await self._search_batch(batch)
+            try:
+                await self._search_batch(batch)
+            except Exception as err:  # the loop must outlive any one batch: its requests get a 500
+                log.exception("retrieval batch failed")
+                for pending in batch:
+                    if not pending.future.done():
+                        pending.future.set_exception(err)
 
     async def _search_batch(self, batch: list[_Pending]) -> None:
         loop = asyncio.get_running_loop()

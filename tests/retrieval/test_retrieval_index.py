@@ -144,3 +144,17 @@ def test_dense_ivf_and_hnsw_options_build_and_search(dense_index_dir, tmp_path, 
     index = DenseIndex.build(flat.docs, {"method": "dense", "num_docs": 60}, index_type=index_type, nlist=4,
                              nprobe=4, max_length=64)
     assert index.search([flat.docs[7].contents], 1)[0][0].id == "doc-7"
+
+
+def test_dense_index_served_over_http_matches_direct_search(dense_index_dir):
+    from stepsearch.retrieval.client import HTTPRetriever
+    from stepsearch.retrieval.server import start_server_in_thread
+
+    index = load_index(dense_index_dir)
+    queries = ["river castle king", "marker7 film", "science novel"]
+    with start_server_in_thread(index) as handle, HTTPRetriever(handle.url, timeout_s=30, max_retries=1) as client:
+        served = client.search(queries, topk=4)
+    direct = index.search(queries, 4)
+    assert [[d.id for d in docs] for docs in served] == [[d.id for d in docs] for docs in direct]
+    for served_docs, direct_docs in zip(served, direct):
+        assert [d.score for d in served_docs] == pytest.approx([d.score for d in direct_docs], abs=1e-5)

@@ -192,6 +192,11 @@ def test_unreachable_server_fails_fast_with_a_clear_error():
     assert time.monotonic() - started < 5
 
 
+def test_starting_on_a_taken_port_is_a_clear_error(server, bm25_index):
+    with pytest.raises(RetrieverError, match=rf"cannot start the retrieval server on 127.0.0.1:{server.port}"):
+        start_server_in_thread(bm25_index, port=server.port)
+
+
 def test_client_parses_search_r1_responses():
     bare = {"result": [[{"id": "1", "contents": '"T"\nbody'}], []]}
     scored = {"result": [[{"document": {"id": "1", "contents": '"T"\nbody', "title": "ignored"}, "score": 0.5}]]}
@@ -201,6 +206,8 @@ def test_client_parses_search_r1_responses():
         parse_retrieve_response(scored, 2, "u")
     with pytest.raises(RetrieverError, match="neither 'contents' nor 'text'"):
         parse_retrieve_response({"result": [[{"document": {"id": 1}}]]}, 1, "u")
+    with pytest.raises(RetrieverError, match="non-numeric score 'high'"):
+        parse_retrieve_response({"result": [[{"document": {"text": "x"}, "score": "high"}]]}, 1, "u")
 
 
 def test_cli_serve_subprocess_answers(bm25_index_dir):

@@ -61,7 +61,9 @@ def test_duplicate_ids_are_rejected(tmp_path):
 
 def test_non_utf8_bytes_get_a_clear_message(tmp_path):
     path = tmp_path / "latin1.jsonl"
-    path.write_bytes(json.dumps({"id": 1, "contents": '"T"\nok'}).encode() + b"\n" + '{"id": 2, "contents": "caf\xe9"}'.encode("latin-1") + b"\n")
+    good_row = json.dumps({"id": 1, "contents": '"T"\nok'}).encode()
+    latin1_row = '{"id": 2, "contents": "caf\xe9"}'.encode("latin-1")
+    path.write_bytes(good_row + b"\n" + latin1_row + b"\n")
     with pytest.raises(CorpusError, match=r"latin1\.jsonl:2: not valid UTF-8 .*0xe9"):
         load_corpus(path)
 

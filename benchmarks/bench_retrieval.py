@@ -3,7 +3,8 @@
 Workload: a generated corpus of `--docs` passages (`--dense-docs` for the dense index, whose build encodes every
 passage on CPU), 60-100 English words each (Zipf over MiniLM's whole-word vocabulary); `--requests` distinct
 queries of 4-8 words, each sent as its own one-query request (as rollout workers do), `topk` 3 with scores,
-from `c` concurrent keep-alive clients for c in `--concurrency`. The query cache is off in every server, so every request costs real index work.
+from `c` concurrent keep-alive clients for c in `--concurrency`. The query cache is off in every server, so
+every request costs real index work.
 
 Servers (same index files, each in its own process with OMP_NUM_THREADS=`--server-threads`, default 1):
 - ours: `stepsearch retriever serve` (aiohttp; concurrent requests merged into one encoder/index call; BM25 by

@@ -1,0 +1,321 @@
+// Step segmenter core: the tag automaton, the token -> byte mapping and the block rules (see segmenter.h).
+#include "segmenter.h"
+
+#include <algorithm>
+#include <array>
+#include <cstring>
+#include <stdexcept>
+
+namespace stepsearch {
+
+const char* const kTagNames[kNumTagKinds] = {
+    "<think>", "</think>", "<search>", "</search>", "<information>", "</information>", "<answer>", "</answer>",
+};
+
+namespace {
+
+// Aho-Corasick automaton over the eight tags, as a dense table. Every tag starts with '<' and holds no other
+// '<', so a mismatch falls back to the root, or to the '<' state when the mismatching byte is itself a '<'.
+class TagAutomaton {
+ public:
+  static constexpr uint8_t kRoot = 0;
+  static constexpr uint8_t kNoTag = 0xff;
+
+  TagAutomaton() {
+    // Trie nodes first; the dense transitions are completed afterwards.
+    std::vector<std::array<int, 256>> children(1);
+    children[0].fill(-1);
+    accept_.assign(1, kNoTag);
+    for (int kind = 0; kind < kNumTagKinds; ++kind) {
+      int node = 0;
+      for (const char* c = kTagNames[kind]; *c != '\0'; ++c) {
+        const auto byte = static_cast<uint8_t>(*c);
+        if (children[node][byte] < 0) {
+          children[node][byte] = static_cast<int>(children.size());
+          children.emplace_back();
+          children.back().fill(-1);
+          accept_.push_back(kNoTag);
+        }
+        node = children[node][byte];
+      }
+      accept_[node] = static_cast<uint8_t>(kind);
+    }
+    const int bracket = children[0][static_cast<uint8_t>('<')];
+    open_bracket_state_ = static_cast<uint8_t>(bracket);
+    next_.resize(children.size());
+    for (size_t node = 0; node < children.size(); ++node) {
+      for (int byte = 0; byte < 256; ++byte) {
+        const int child = children[node][byte];
+        next_[node][byte] = static_cast<uint8_t>(child >= 0 ? child : (byte == '<' ? bracket : kRoot));
+      }
+    }
+  }
+
+  uint8_t next(uint8_t state, uint8_t byte) const { return next_[state][byte]; }
+  uint8_t accepted(uint8_t state) const { return accept_[state]; }
+  uint8_t open_bracket_state() const { return open_bracket_state_; }
+
+ private:
+  std::vector<std::array<uint8_t, 256>> next_;
+  std::vector<uint8_t> accept_;
+  uint8_t open_bracket_state_ = 0;
+};
+
+const TagAutomaton& automaton() {
+  static const TagAutomaton instance;
+  return instance;
+}
+
+bool is_ascii_whitespace(uint8_t byte) {
+  return byte == ' ' || byte == '\t' || byte == '\n' || byte == '\r' || byte == '\v' || byte == '\f';
+}
+
+// Bytes [begin, end) of a sequence's stream, read token by token (the stream itself is never materialised).
+class StreamReader {
+ public:
+  StreamReader(const TokenTable& table, const int32_t* ids, const std::vector<int64_t>& token_starts,
+               int64_t length)
+      : table_(table), ids_(ids), starts_(token_starts), length_(length) {}
+
+  // Calls `visit(std::string_view piece)` on consecutive pieces of [begin, end) until it returns false.
+  template <typename Visit>
+  void for_each_piece(int64_t begin, int64_t end, Visit visit) const {
+    if (begin >= end) return;
+    // The last token starting at or before `begin` holds it (empty tokens at the same offset come earlier).
+    int64_t token = std::upper_bound(starts_.begin(), starts_.begin() + length_ + 1, begin) - starts_.begin() - 1;
+    int64_t position = begin;
+    while (position < end && token < length_) {
+      const std::string_view bytes = table_.bytes(ids_[token], token);
+      const int64_t offset = position - starts_[token];
+      const int64_t take = std::min<int64_t>(static_cast<int64_t>(bytes.size()) - offset, end - position);
+      if (take > 0) {
+        if (!visit(bytes.substr(static_cast<size_t>(offset), static_cast<size_t>(take)))) return;
+        position += take;
+      }
+      ++token;
+    }
+  }
+
+  std::string copy(int64_t begin, int64_t end) const {
+    std::string out;
+    for_each_piece(begin, end, [&out](std::string_view piece) {
+      out.append(piece.data(), piece.size());
+      return true;
+    });
+    return out;
+  }
+
+  bool all_ascii_whitespace(int64_t begin, int64_t end) const {
+    bool all = true;
+    for_each_piece(begin, end, [&all](std::string_view piece) {
+      for (const char c : piece) {
+        if (!is_ascii_whitespace(static_cast<uint8_t>(c))) {
+          all = false;
+          return false;
+        }
+      }
+      return true;
+    });
+    return all;
+  }
+
+ private:
+  const TokenTable& table_;
+  const int32_t* ids_;
+  const std::vector<int64_t>& starts_;
+  int64_t length_;
+};
+
+// Streams the token bytes through the automaton: fills `token_starts` (length + 1 entries) and the tag list.
+void scan_tags(const TokenTable& table, const int32_t* ids, int64_t length, std::vector<int64_t>& token_starts,
+               std::vector<Tag>& tags) {
+  const TagAutomaton& dfa = automaton();
+  token_starts.resize(static_cast<size_t>(length) + 1);
+  int64_t position = 0;
+  uint8_t state = TagAutomaton::kRoot;
+  int64_t candidate_token = 0;  // token and byte of the '<' that started the partial tag
+  int64_t candidate_byte = 0;
+  for (int64_t token = 0; token < length; ++token) {
+    const int32_t id = ids[token];
+    const std::string_view bytes = table.bytes(id, token);
+    token_starts[token] = position;
+    if (state == TagAutomaton::kRoot && !table.has_open_bracket(id)) {
+      position += static_cast<int64_t>(bytes.size());
+      continue;
+    }
+    for (size_t k = 0; k < bytes.size(); ++k) {
+      state = dfa.next(state, static_cast<uint8_t>(bytes[k]));
+      if (state == dfa.open_bracket_state()) {
+        candidate_token = token;
+        candidate_byte = position + static_cast<int64_t>(k);
+      } else if (dfa.accepted(state) != TagAutomaton::kNoTag) {
+        tags.push_back(Tag{dfa.accepted(state), candidate_token, token, candidate_byte,
+                           position + static_cast<int64_t>(k) + 1});
+        state = TagAutomaton::kRoot;
+      }
+    }
+    position += static_cast<int64_t>(bytes.size());
+  }
+  token_starts[length] = position;
+}
+
+}  // namespace
+
+TokenTable::TokenTable(const std::vector<std::string>& token_bytes, const std::vector<uint8_t>& strip_leading_space)
+    : strips_(strip_leading_space) {
+  if (token_bytes.size() != strip_leading_space.size()) {
+    throw std::invalid_argument("TokenTable: " + std::to_string(token_bytes.size()) + " tokens but " +
+                                std::to_string(strip_leading_space.size()) + " strip flags");
+  }
+  size_t total = 0;
+  for (const auto& bytes : token_bytes) total += bytes.size();
+  blob_.reserve(total);
+  begins_.reserve(token_bytes.size());
+  lengths_.reserve(token_bytes.size());
+  open_bracket_.reserve(token_bytes.size());
+  for (size_t id = 0; id < token_bytes.size(); ++id) {
+    const std::string& bytes = token_bytes[id];
+    if (strips_[id] && (bytes.empty() || bytes[0] != ' ')) {
+      throw std::invalid_argument("TokenTable: token " + std::to_string(id) +
+                                  " is flagged to drop a leading space but does not start with one");
+    }
+    if (bytes.size() > UINT32_MAX) throw std::invalid_argument("TokenTable: token " + std::to_string(id) + " too long");
+    begins_.push_back(blob_.size());
+    lengths_.push_back(static_cast<uint32_t>(bytes.size()));
+    open_bracket_.push_back(bytes.find('<') != std::string::npos ? 1 : 0);
+    blob_.append(bytes);
+  }
+}
+
+void SequenceResult::clear() {
+  tags.clear();
+  step_ends.clear();
+  step_query.clear();
+  queries.clear();
+  has_answer = false;
+  answer.clear();
+  valid_format = false;
+  num_bytes = 0;
+}
+
+int64_t first_out_of_range(const int32_t* ids, int64_t length, int64_t table_size) {
+  for (int64_t i = 0; i < length; ++i) {
+    if (ids[i] < 0 || ids[i] >= table_size) return i;
+  }
+  return -1;
+}
+
+bool is_python_whitespace(std::string_view bytes) {
+  // The UTF-8 encodings of the non-ASCII characters for which Python's str.isspace is true. UTF-8 encodings are
+  // unique, so matching these byte strings is the same as decoding; anything else (including invalid bytes, which
+  // decode to U+FFFD) is not whitespace.
+  static const char* const kMultiByteSpaces[] = {
+      "\xc2\x85", "\xc2\xa0", "\xe1\x9a\x80", "\xe2\x80\x80", "\xe2\x80\x81", "\xe2\x80\x82",
+      "\xe2\x80\x83", "\xe2\x80\x84", "\xe2\x80\x85", "\xe2\x80\x86", "\xe2\x80\x87", "\xe2\x80\x88",
+      "\xe2\x80\x89", "\xe2\x80\x8a", "\xe2\x80\xa8", "\xe2\x80\xa9", "\xe2\x80\xaf", "\xe2\x81\x9f",
+      "\xe3\x80\x80",
+  };
+  size_t i = 0;
+  while (i < bytes.size()) {
+    const auto byte = static_cast<uint8_t>(bytes[i]);
+    if (is_ascii_whitespace(byte) || (byte >= 0x1c && byte <= 0x1f)) {
+      ++i;
+      continue;
+    }
+    bool matched = false;
+    for (const char* space : kMultiByteSpaces) {
+      const size_t n = std::strlen(space);
+      if (bytes.compare(i, n, space) == 0) {
+        i += n;
+        matched = true;
+        break;
+      }
+    }
+    if (!matched) return false;
+  }
+  return true;
+}
+
+void segment_sequence(const TokenTable& table, const int32_t* ids, int64_t length, uint8_t* loss_mask,
+                      SequenceResult& result, Scratch& scratch) {
+  result.clear();
+  std::vector<int64_t>& starts = scratch.token_starts;
+  scan_tags(table, ids, length, starts, result.tags);
+  result.num_bytes = starts[length];
+  const StreamReader reader(table, ids, starts, length);
+  const std::vector<Tag>& tags = result.tags;
+  if (length > 0) std::memset(loss_mask, 1, static_cast<size_t>(length));
+
+  // Information blocks, search blocks and steps. Inside an information block only `</information>` counts: the
+  // retrieved text is data, so a tag quoted by a document neither closes a search nor makes a step.
+  bool in_information = false;
+  int64_t information_first_token = 0;
+  int64_t open_search = -1;  // index of the unclosed `<search>` tag, if any
+  for (size_t index = 0; index < tags.size(); ++index) {
+    const Tag& tag = tags[index];
+    if (in_information) {
+      if (tag.kind == kInformationClose) {
+        std::memset(loss_mask + information_first_token, 0,
+                    static_cast<size_t>(tag.end_token - information_first_token + 1));
+        in_information = false;
+      }
+      continue;
+    }
+    switch (tag.kind) {
+      case kInformationOpen:
+        in_information = true;
+        information_first_token = tag.start_token;
+        open_search = -1;
+        break;
+      case kSearchOpen:
+        open_search = static_cast<int64_t>(index);
+        break;
+      case kSearchClose: {
+        int64_t query_index = -1;
+        if (open_search >= 0) {
+          query_index = static_cast<int64_t>(result.queries.size());
+          result.queries.push_back(reader.copy(tags[open_search].end_byte, tag.start_byte));
+          open_search = -1;
+        }
+        const bool followed_by_information = index + 1 < tags.size() &&
+                                             tags[index + 1].kind == kInformationOpen &&
+                                             reader.all_ascii_whitespace(tag.end_byte, tags[index + 1].start_byte);
+        if (followed_by_information) {
+          result.step_ends.push_back(tag.end_token);
+          result.step_query.push_back(query_index);
+        }
+        break;
+      }
+      default:
+        break;
+    }
+  }
+  if (in_information) {
+    std::memset(loss_mask + information_first_token, 0, static_cast<size_t>(length - information_first_token));
+  }
+
+  // The answer follows the rewards module's rule on the whole text: a block is an `<answer>` whose next answer tag
+  // (of either kind) is an `</answer>`; the last block holds the answer; the format is valid when only whitespace
+  // follows that block.
+  const Tag* last_open = nullptr;
+  const Tag* block_open = nullptr;
+  const Tag* block_close = nullptr;
+  for (const Tag& tag : tags) {
+    if (tag.kind == kAnswerOpen) {
+      last_open = &tag;
+    } else if (tag.kind == kAnswerClose) {
+      if (last_open != nullptr) {
+        block_open = last_open;
+        block_close = &tag;
+      }
+      last_open = nullptr;
+    }
+  }
+  if (block_close != nullptr) {
+    result.has_answer = true;
+    result.answer = reader.copy(block_open->end_byte, block_close->start_byte);
+    result.valid_format = is_python_whitespace(reader.copy(block_close->end_byte, result.num_bytes));
+  }
+}
+
+}  // namespace stepsearch

@@ -45,6 +45,7 @@ Semantics of one sequence (`Segmentation`), on that stream:
 """
 from __future__ import annotations
 
+import importlib
 import json
 import re
 from bisect import bisect_right
@@ -257,11 +258,11 @@ class TagTable:
 
 def _extension():
     try:
-        from stepsearch import _segmenter
+        extension = importlib.import_module("stepsearch._segmenter")
     except ImportError as error:
         raise ImportError("The C++ segmenter `stepsearch._segmenter` is not built: run `pip install -e .` in the "
                           "repository root (needs a C++17 compiler and pybind11), or pass impl='python'.") from error
-    return _segmenter
+    return extension
 
 
 def _out_of_range(token_id: int, index: int, sequence: int, flat_index: int, size: int) -> ValueError:

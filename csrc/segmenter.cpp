@@ -70,6 +70,11 @@ bool is_ascii_whitespace(uint8_t byte) {
   return byte == ' ' || byte == '\t' || byte == '\n' || byte == '\r' || byte == '\v' || byte == '\f';
 }
 
+// True for the bytes that occur in UTF-8 encodings of Python whitespace (see is_python_whitespace).
+bool may_be_in_whitespace(uint8_t byte) {
+  return is_ascii_whitespace(byte) || (byte >= 0x1c && byte <= 0x1f) || byte >= 0x80;
+}
+
 // Bytes [begin, end) of a sequence's stream, read token by token (the stream itself is never materialised).
 class StreamReader {
  public:
@@ -105,6 +110,24 @@ class StreamReader {
     return out;
   }
 
+  // `stepsearch::is_python_whitespace` of bytes [begin, end), stopping at the first byte that cannot be part of a
+  // whitespace character (a whitespace character may straddle two tokens, so candidates are collected first).
+  bool is_python_whitespace(int64_t begin, int64_t end) const {
+    std::string candidate;
+    bool possible = true;
+    for_each_piece(begin, end, [&](std::string_view piece) {
+      for (const char c : piece) {
+        if (!may_be_in_whitespace(static_cast<uint8_t>(c))) {
+          possible = false;
+          return false;
+        }
+      }
+      candidate.append(piece.data(), piece.size());
+      return true;
+    });
+    return possible && stepsearch::is_python_whitespace(candidate);
+  }
+
   bool all_ascii_whitespace(int64_t begin, int64_t end) const {
     bool all = true;
     for_each_piece(begin, end, [&all](std::string_view piece) {
@@ -131,18 +154,20 @@ void scan_tags(const TokenTable& table, const int32_t* ids, int64_t length, std:
                std::vector<Tag>& tags) {
   const TagAutomaton& dfa = automaton();
   token_starts.resize(static_cast<size_t>(length) + 1);
+  int64_t* starts = token_starts.data();
   int64_t position = 0;
   uint8_t state = TagAutomaton::kRoot;
   int64_t candidate_token = 0;  // token and byte of the '<' that started the partial tag
   int64_t candidate_byte = 0;
   for (int64_t token = 0; token < length; ++token) {
-    const int32_t id = ids[token];
-    const std::string_view bytes = table.bytes(id, token);
-    token_starts[token] = position;
-    if (state == TagAutomaton::kRoot && !table.has_open_bracket(id)) {
-      position += static_cast<int64_t>(bytes.size());
+    const TokenTable::Entry& entry = table.entry(ids[token]);
+    starts[token] = position;
+    if (state == TagAutomaton::kRoot && !entry.has_open_bracket) {
+      // The hot path: most tokens hold no '<', and only a token's length matters to the stream.
+      position += entry.length - ((token == 0 && entry.strip_leading_space) ? 1 : 0);
       continue;
     }
+    const std::string_view bytes = table.bytes(ids[token], token);
     for (size_t k = 0; k < bytes.size(); ++k) {
       state = dfa.next(state, static_cast<uint8_t>(bytes[k]));
       if (state == dfa.open_bracket_state()) {
@@ -156,13 +181,12 @@ void scan_tags(const TokenTable& table, const int32_t* ids, int64_t length, std:
     }
     position += static_cast<int64_t>(bytes.size());
   }
-  token_starts[length] = position;
+  starts[length] = position;
 }
 
 }  // namespace
 
-TokenTable::TokenTable(const std::vector<std::string>& token_bytes, const std::vector<uint8_t>& strip_leading_space)
-    : strips_(strip_leading_space) {
+TokenTable::TokenTable(const std::vector<std::string>& token_bytes, const std::vector<uint8_t>& strip_leading_space) {
   if (token_bytes.size() != strip_leading_space.size()) {
     throw std::invalid_argument("TokenTable: " + std::to_string(token_bytes.size()) + " tokens but " +
                                 std::to_string(strip_leading_space.size()) + " strip flags");
@@ -170,19 +194,17 @@ TokenTable::TokenTable(const std::vector<std::string>& token_bytes, const std::v
   size_t total = 0;
   for (const auto& bytes : token_bytes) total += bytes.size();
   blob_.reserve(total);
-  begins_.reserve(token_bytes.size());
-  lengths_.reserve(token_bytes.size());
-  open_bracket_.reserve(token_bytes.size());
+  entries_.reserve(token_bytes.size());
   for (size_t id = 0; id < token_bytes.size(); ++id) {
     const std::string& bytes = token_bytes[id];
-    if (strips_[id] && (bytes.empty() || bytes[0] != ' ')) {
+    const bool strip = strip_leading_space[id] != 0;
+    if (strip && (bytes.empty() || bytes[0] != ' ')) {
       throw std::invalid_argument("TokenTable: token " + std::to_string(id) +
                                   " is flagged to drop a leading space but does not start with one");
     }
     if (bytes.size() > UINT32_MAX) throw std::invalid_argument("TokenTable: token " + std::to_string(id) + " too long");
-    begins_.push_back(blob_.size());
-    lengths_.push_back(static_cast<uint32_t>(bytes.size()));
-    open_bracket_.push_back(bytes.find('<') != std::string::npos ? 1 : 0);
+    entries_.push_back(Entry{blob_.size(), static_cast<uint32_t>(bytes.size()), static_cast<uint8_t>(strip),
+                             static_cast<uint8_t>(bytes.find('<') != std::string::npos)});
     blob_.append(bytes);
   }
 }
@@ -314,7 +336,7 @@ void segment_sequence(const TokenTable& table, const int32_t* ids, int64_t lengt
   if (block_close != nullptr) {
     result.has_answer = true;
     result.answer = reader.copy(block_open->end_byte, block_close->start_byte);
-    result.valid_format = is_python_whitespace(reader.copy(block_close->end_byte, result.num_bytes));
+    result.valid_format = reader.is_python_whitespace(block_close->end_byte, result.num_bytes);
   }
 }
 

@@ -40,22 +40,26 @@ class TokenTable {
   // a space.
   TokenTable(const std::vector<std::string>& token_bytes, const std::vector<uint8_t>& strip_leading_space);
 
-  int64_t size() const { return static_cast<int64_t>(lengths_.size()); }
+  int64_t size() const { return static_cast<int64_t>(entries_.size()); }
   // The bytes of `token_id` at position `position` of a sequence. `token_id` must be in [0, size()).
   std::string_view bytes(int32_t token_id, int64_t position) const {
-    const uint64_t begin = begins_[token_id];
-    const uint32_t skip = (position == 0 && strips_[token_id]) ? 1u : 0u;
-    return std::string_view(blob_.data() + begin + skip, lengths_[token_id] - skip);
+    const Entry& entry = entries_[token_id];
+    const uint32_t skip = (position == 0 && entry.strip_leading_space) ? 1u : 0u;
+    return std::string_view(blob_.data() + entry.begin + skip, entry.length - skip);
   }
-  // False when the token holds no '<' byte: then, outside a partial tag, the token cannot start or continue one.
-  bool has_open_bracket(int32_t token_id) const { return open_bracket_[token_id] != 0; }
+
+  // Everything the scan needs about one token, packed so the common case is a single load.
+  struct Entry {
+    uint64_t begin;               // offset of the token's bytes in blob_
+    uint32_t length;
+    uint8_t strip_leading_space;
+    uint8_t has_open_bracket;     // 0: no '<' byte, so outside a partial tag the token cannot start or continue one
+  };
+  const Entry& entry(int32_t token_id) const { return entries_[token_id]; }
 
  private:
   std::string blob_;
-  std::vector<uint64_t> begins_;
-  std::vector<uint32_t> lengths_;
-  std::vector<uint8_t> strips_;
-  std::vector<uint8_t> open_bracket_;
+  std::vector<Entry> entries_;
 };
 
 // One tag occurrence: its kind, the tokens holding its first and last byte, its bytes [start_byte, end_byte).

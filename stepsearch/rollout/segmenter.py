@@ -45,6 +45,9 @@ Semantics of one sequence (`Segmentation`), on that stream:
 """
 from __future__ import annotations
 
+import contextlib
+import functools
+import gc
 import importlib
 import json
 import re
@@ -350,6 +353,19 @@ def segment_reference(token_ids: Sequence[int], table: TagTable, *, sequence_ind
 # Batches
 
 
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector while building many acyclic objects: its generation scans, triggered by
+    the allocations, otherwise cost several times the building itself."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 @dataclass(eq=False)
 class BatchSegmentation(Sequence[Segmentation]):
     """Segmentations of B ragged sequences (N tokens in all), stored flat; indexing gives a `Segmentation`.
@@ -384,22 +400,36 @@ class BatchSegmentation(Sequence[Segmentation]):
         if not -len(self) <= index < len(self):
             raise IndexError(f"sequence {index} out of range for a batch of {len(self)}")
         b = index % len(self)
-        tag_range = slice(self.tag_offsets[b], self.tag_offsets[b + 1])
-        tags = [TagSpan(TAG_NAMES[kind], start_token, end_token, start_byte, end_byte)
-                for kind, start_token, end_token, start_byte, end_byte in zip(
-                    self.tag_kind[tag_range].tolist(), self.tag_start_token[tag_range].tolist(),
-                    self.tag_end_token[tag_range].tolist(), self.tag_start_byte[tag_range].tolist(),
-                    self.tag_end_byte[tag_range].tolist())]
-        queries = self.queries[self.query_offsets[b]: self.query_offsets[b + 1]]
-        step_range = slice(self.step_offsets[b], self.step_offsets[b + 1])
-        return Segmentation(tags=tags, step_ends=self.step_ends[step_range].tolist(),
-                            step_query_index=self.step_query[step_range].tolist(),
-                            queries=list(queries), answer=self.answers[b], valid_format=bool(self.valid_format[b]),
+        # Python lists are built once per batch, so materialising every sequence costs list slices only.
+        tags, step_ends, step_query = self._lists
+        tag_offsets, step_offsets, query_offsets = self._offset_lists
+        queries = self.queries[query_offsets[b]: query_offsets[b + 1]]
+        return Segmentation(tags=tags[tag_offsets[b]: tag_offsets[b + 1]],
+                            step_ends=step_ends[step_offsets[b]: step_offsets[b + 1]],
+                            step_query_index=step_query[step_offsets[b]: step_offsets[b + 1]],
+                            queries=queries, answer=self.answers[b], valid_format=bool(self.valid_format[b]),
                             loss_mask=self.loss_mask[self.offsets[b]: self.offsets[b + 1]],
                             num_bytes=int(self.num_bytes[b]))
 
+    @functools.cached_property
+    def _lists(self) -> tuple[list[TagSpan], list[int], list[int]]:
+        with _gc_paused():
+            names = [TAG_NAMES[kind] for kind in self.tag_kind.tolist()]
+            tags = list(map(TagSpan._make, zip(names, self.tag_start_token.tolist(), self.tag_end_token.tolist(),
+                                               self.tag_start_byte.tolist(), self.tag_end_byte.tolist())))
+            return tags, self.step_ends.tolist(), self.step_query.tolist()
+
+    @functools.cached_property
+    def _offset_lists(self) -> tuple[list[int], list[int], list[int]]:
+        return self.tag_offsets.tolist(), self.step_offsets.tolist(), self.query_offsets.tolist()
+
     def __iter__(self) -> Iterator[Segmentation]:
-        return (self[b] for b in range(len(self)))
+        return iter(self.to_list())
+
+    def to_list(self) -> list[Segmentation]:
+        """Every sequence's `Segmentation`."""
+        with _gc_paused():
+            return [self[b] for b in range(len(self))]
 
     def padded_loss_mask(self, length: int | None = None) -> np.ndarray:
         """(B, T) uint8 loss mask, right-padded with 0 to T = `length` (default: the longest sequence)."""

@@ -343,3 +343,14 @@ def test_tag_table_validation():
     with pytest.raises(ValueError, match="leading space"):
         TagTable([b"a"], [True])
     assert segment_reference([0], TagTable([b" a"], [True])).num_bytes == 1
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_accepts_tensors_and_any_integer_arrays(impl):
+    import torch
+    ids, table = _pieces("<answer>", "x", "</answer>")
+    expected = segment(ids, table, impl="python")
+    assert segment(torch.tensor(ids), table, impl=impl) == expected
+    assert segment(np.array(ids, dtype=np.uint8), table, impl=impl) == expected
+    batch = segment_batch([torch.tensor(ids), np.array(ids, dtype=np.int64), ids, []], table, impl=impl)
+    assert batch[:3] == [expected] * 3 and batch[3].num_bytes == 0

@@ -1,11 +1,12 @@
 """Benchmark: the step segmenter, C++ (`impl="cpp"`) versus the Python reference versus the peers' method.
 
 Workload: `--sequences` agent trajectories of exactly `--tokens` token ids each: rounds of
-"<think>…</think>\\n<search>…</search>" + "\\n<information>Doc 1(Title: …) …</information>\\n" tokenized piece by
-piece (as the agent loop does: sampled text and inserted blocks are never re-tokenized together; half of the
+"<think>…</think>\\n<search>…</search>" + "\\n<information>Doc 1(Title: …) …</information>\\n" tokenized
+piece by piece (as the agent loop does: sampled text and inserted blocks are never re-tokenized together; half of the
 generated rounds are tokenized in chunks cut at random characters, standing for sampled ids that are not the
-tokenizer's canonical split), cut to length, ending in an `<answer>` block. Two byte-level BPE tokenizers trained offline (vocab 2048): `tag_tokens` (ours: each
-tag is one added token) and `plain` (no tag tokens, as Qwen2.5's: tags are split across tokens and fused with text).
+tokenizer's canonical split), cut to length, ending in an `<answer>` block. Two byte-level BPE tokenizers trained
+offline (vocab 2048): `tag_tokens` (ours: each tag is one added token) and `plain` (no tag tokens, as Qwen2.5's:
+tags are split across tokens and fused with text).
 
 Methods (one core; the C++ path is single-threaded):
 - cpp: `segment_batch((flat int32 ids, int64 offsets), table)` -> BatchSegmentation (flat arrays + strings).
@@ -13,9 +14,9 @@ Methods (one core; the C++ path is single-threaded):
 - python: the Python reference `impl="python"` (same results, checked).
 - peers: decode the sequence, find tags with a regex, re-tokenize the text prefix before every `</search>` and
   information boundary to find token indices (Search-R1 / verl-style bookkeeping); run on `--peer-sequences`
-  sequences. The fraction of sequences where its step_ends / loss_mask equal ours is reported: re-tokenizing a
-  prefix can give other ids than the ones sampled (a non-canonical split, or a token fused across the prefix
-  boundary such as "\\n<"), and then its token indices are off.
+  sequences. The fraction of sequences where its step_ends / loss_mask equal ours is reported: on canonical ids
+  it agrees with ours, but re-tokenizing a prefix of sampled non-canonical ids gives other ids than the ones
+  sampled, and every token index after that point is off.
 
 Prints a table and writes long-format CSV to benchmarks/results/segmenter.csv. `--quick` runs in seconds.
 """
@@ -51,7 +52,8 @@ def _words(rng: np.random.Generator, count: int) -> str:
 
 def _round_texts(rng: np.random.Generator) -> tuple[str, str]:
     generated = f"<think>{_words(rng, int(rng.integers(8, 40)))}</think>\n<search>{_words(rng, 5)}</search>"
-    docs = "\n".join(f"Doc {k + 1}(Title: {_words(rng, 2)}) {_words(rng, int(rng.integers(40, 90)))}." for k in range(3))
+    docs = "\n".join(f"Doc {k + 1}(Title: {_words(rng, 2)}) {_words(rng, int(rng.integers(40, 90)))}."
+                     for k in range(3))
     return generated, f"{INFORMATION_PREFIX}{docs}{INFORMATION_SUFFIX}"
 
 
@@ -151,7 +153,8 @@ def run(name: str, tokenizer, num_sequences: int, num_tokens: int, repeats: int,
         peers_segment(flat[offsets[b]: offsets[b + 1]].tolist(), tokenizer)
         for b in tqdm(range(peer_count), desc=f"peers ({name})", leave=False)])
     steps_agree = sum(step_ends == objects[b].step_ends for b, (step_ends, *_) in enumerate(peer_results))
-    masks_agree = sum(np.array_equal(loss_mask, objects[b].loss_mask) for b, (_, loss_mask, *_) in enumerate(peer_results))
+    masks_agree = sum(np.array_equal(loss_mask, objects[b].loss_mask)
+                      for b, (_, loss_mask, *_) in enumerate(peer_results))
 
     tokens_per_s = {"cpp": num_sequences * num_tokens / cpp_seconds,
                     "cpp_objects": num_sequences * num_tokens / objects_seconds,

@@ -118,7 +118,8 @@ py::dict segment_batch(const TokenTable& table, py::array_t<int32_t, py::array::
     }
   }
   if (bad_index >= 0) {
-    const int64_t sequence = std::upper_bound(offset_data, offset_data + num_sequences + 1, bad_index) - offset_data - 1;
+    const int64_t sequence =
+        std::upper_bound(offset_data, offset_data + num_sequences + 1, bad_index) - offset_data - 1;
     throw py::value_error("token id " + std::to_string(id_data[bad_index]) + " at index " +
                           std::to_string(bad_index - offset_data[sequence]) + " of sequence " +
                           std::to_string(sequence) + " (flat index " + std::to_string(bad_index) +
@@ -153,7 +154,8 @@ py::dict segment_batch(const TokenTable& table, py::array_t<int32_t, py::array::
 }  // namespace
 
 PYBIND11_MODULE(_segmenter, m) {
-  m.doc() = "C++ step segmenter: agent tags, step ends and loss masks from token ids (see stepsearch.rollout.segmenter)";
+  m.doc() = "C++ step segmenter: agent tags, step ends and loss masks from token ids "
+            "(see stepsearch.rollout.segmenter)";
 
   py::list names;
   for (const char* name : stepsearch::kTagNames) names.append(name);

@@ -106,7 +106,7 @@ class Segmentation:
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable character table used by byte-level BPE."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)]
     characters = printable[:]
     extra = 0
     for byte in range(256):
@@ -345,8 +345,8 @@ def segment_reference(token_ids: Sequence[int], table: TagTable, *, sequence_ind
         opening, closing = blocks[-1]
         answer = _text(stream[opening.end_byte: closing.start_byte])
         valid_format = stream[closing.end_byte:].decode("utf-8", errors="replace").strip() == ""
-    return Segmentation(tags=tags, step_ends=step_ends, step_query_index=step_query_index, queries=queries, answer=answer,
-                        valid_format=valid_format, loss_mask=loss_mask, num_bytes=len(stream))
+    return Segmentation(tags=tags, step_ends=step_ends, step_query_index=step_query_index, queries=queries,
+                        answer=answer, valid_format=valid_format, loss_mask=loss_mask, num_bytes=len(stream))
 
 
 # ---------------------------------------------------------------------------------------------------------------

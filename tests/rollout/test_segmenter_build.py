@@ -17,7 +17,8 @@ needs_toolchain = pytest.mark.skipif(shutil.which("cmake") is None or shutil.whi
 
 def _run(command: list[str], cwd: Path = ROOT) -> subprocess.CompletedProcess:
     completed = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600)
-    assert completed.returncode == 0, f"{' '.join(command)} failed:\n{completed.stdout[-4000:]}\n{completed.stderr[-4000:]}"
+    assert completed.returncode == 0, (f"{' '.join(command)} failed:\n"
+                                       f"{completed.stdout[-4000:]}\n{completed.stderr[-4000:]}")
     return completed
 
 

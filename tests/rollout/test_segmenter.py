@@ -354,3 +354,34 @@ def test_accepts_tensors_and_any_integer_arrays(impl):
     assert segment(np.array(ids, dtype=np.uint8), table, impl=impl) == expected
     batch = segment_batch([torch.tensor(ids), np.array(ids, dtype=np.int64), ids, []], table, impl=impl)
     assert batch[:3] == [expected] * 3 and batch[3].num_bytes == 0
+
+
+def test_cpp_batch_releases_the_gil():
+    import threading
+    import time
+
+    from stepsearch import _segmenter
+    ids, table = _pieces("<search>q</search>", "\n<information>", "doc text ", "</information>", "word ")
+    sequence = np.array(ids + [4] * 2043, dtype=np.int32)
+    flat = np.tile(sequence, 16_000)  # 33M tokens: tens of milliseconds of C++
+    offsets = np.arange(0, flat.size + 1, sequence.size, dtype=np.int64)
+    native = table.native()
+    ticks: list[float] = []
+    stop = threading.Event()
+
+    def ticker():
+        while not stop.is_set():
+            ticks.append(time.perf_counter())
+            time.sleep(0.001)
+
+    thread = threading.Thread(target=ticker)
+    thread.start()
+    start = time.perf_counter()
+    _segmenter.segment_batch(native, flat, offsets)
+    end = time.perf_counter()
+    stop.set()
+    thread.join()
+    # Holding the GIL, the call would leave no Python bytecode of the ticker running between its first and last
+    # quarter; released, the ticker keeps ticking throughout.
+    middle = [tick for tick in ticks if start + (end - start) / 4 < tick < end - (end - start) / 4]
+    assert middle, f"no ticks during the {end - start:.3f} s call"

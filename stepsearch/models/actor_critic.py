@@ -1,0 +1,203 @@
+"""Actor, critic and reference around one HF causal-LM backbone, and the forward passes the trainer needs.
+
+- actor: the HF causal LM being trained; `PolicyModel` wraps it and returns, for the response tokens only, the
+  log-prob of each token and the policy entropy (B, T), computed by `stepsearch.ops.logprob_entropy` from the final
+  hidden states and the LM-head weight: the (B, T, V) logits are never built.
+- reference: a frozen `PolicyModel` over a copy of the initial actor (KL penalty).
+- critic: `Critic` = the same kind of backbone (no LM head) + a scalar value head initialised fresh.
+
+Sequence layout (`SequenceBatch`): prompts are left-padded to a common width P, responses right-padded to T, so
+response token t of every row sits at column P + t and is predicted by the hidden state at column P + t - 1. The
+value V_t of token t is read from the same column (the state before token t is generated), as in verl.
+
+ZeRO-3: the LM-head weight is partitioned and is used here outside its own module's forward (we never call
+`lm_head`, we hand its weight to the fused log-prob). `PolicyModel` therefore registers it as an external
+parameter of itself (`deepspeed.zero.register_external_parameter`): DeepSpeed gathers it when `PolicyModel`'s
+forward starts and again for its backward, and the gradient flows into the partitioned weight as usual. (Gathering
+with `GatheredParameters` inside forward would free the weight before backward needs it.)
+"""
+from __future__ import annotations
+
+import copy
+import importlib.util
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from stepsearch import ops
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from stepsearch.config import ModelConfig
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """`auto` = bf16 on GPU, fp32 on CPU."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
+
+
+def resolve_attn_implementation(requested: str, device: torch.device, dtype: torch.dtype) -> str:
+    """`auto` = flash-attention 2 when installed, on a GPU, in a 16-bit dtype; SDPA otherwise."""
+    if requested != "auto":
+        return requested
+    flash_ok = (device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
+                and importlib.util.find_spec("flash_attn") is not None)
+    return "flash_attention_2" if flash_ok else "sdpa"
+
+
+def load_tokenizer(path: str) -> "PreTrainedTokenizerBase":
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token_id is None:  # Qwen2.5 base ships no pad token; padding positions are masked anyway
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(path: str, dtype: torch.dtype, attn_implementation: str) -> "PreTrainedModel":
+    """An HF causal LM from a local directory (never a hub download: `local_files_only`)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation,
+                                                local_files_only=True)
+
+
+def backbone_of(lm: nn.Module) -> nn.Module:
+    """The transformer body of an HF causal LM (`model` for Qwen2/Llama), without the LM head."""
+    return getattr(lm, lm.base_model_prefix)
+
+
+@dataclass
+class SequenceBatch:
+    """Prompt + response token ids laid out for one forward pass (see the module docstring).
+
+    input_ids, attention_mask, position_ids: (B, P + T); prompt_width: P; response_width: T.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    prompt_width: int
+    response_width: int
+
+    def to(self, device: torch.device | str) -> "SequenceBatch":
+        return SequenceBatch(self.input_ids.to(device), self.attention_mask.to(device), self.position_ids.to(device),
+                             self.prompt_width, self.response_width)
+
+    def rows(self, index: slice | torch.Tensor) -> "SequenceBatch":
+        return SequenceBatch(self.input_ids[index], self.attention_mask[index], self.position_ids[index],
+                             self.prompt_width, self.response_width)
+
+
+def build_sequences(prompt_ids: list[list[int]], response_ids: torch.Tensor, response_mask: torch.Tensor,
+                    pad_token_id: int) -> SequenceBatch:
+    """Left-pad the prompts, append the (right-padded) responses (B, T), and derive positions from the mask."""
+    batch_size, response_width = response_ids.shape
+    prompt_width = max(len(p) for p in prompt_ids)
+    prompts = torch.full((batch_size, prompt_width), pad_token_id, dtype=torch.long)  # (B, P)
+    prompt_mask = torch.zeros((batch_size, prompt_width), dtype=torch.long)  # (B, P)
+    for row, ids in enumerate(prompt_ids):
+        prompts[row, prompt_width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+        prompt_mask[row, prompt_width - len(ids):] = 1
+    input_ids = torch.cat([prompts, response_ids.long().cpu()], dim=1)  # (B, P + T)
+    attention_mask = torch.cat([prompt_mask, response_mask.long().cpu()], dim=1)  # (B, P + T)
+    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)  # (B, P + T)
+    return SequenceBatch(input_ids, attention_mask, position_ids, prompt_width, response_width)
+
+
+def _response_hidden(backbone: nn.Module, sequences: SequenceBatch) -> torch.Tensor:
+    """(B, T, H) hidden states that predict response tokens 0..T-1 (columns P-1 .. P+T-2)."""
+    hidden = backbone(input_ids=sequences.input_ids, attention_mask=sequences.attention_mask,
+                      position_ids=sequences.position_ids, use_cache=False).last_hidden_state  # (B, P + T, H)
+    start = sequences.prompt_width - 1
+    return hidden[:, start:start + sequences.response_width]
+
+
+class PolicyModel(nn.Module):
+    """Actor or reference: an HF causal LM whose forward returns response log-probs and entropies (B, T)."""
+
+    def __init__(self, lm: "PreTrainedModel", chunk_size: int = 4096) -> None:
+        super().__init__()
+        self.lm = lm
+        self.chunk_size = chunk_size
+
+    def register_lm_head_for_zero3(self) -> None:
+        """Let ZeRO-3 gather the LM-head weight for this module's forward and backward (module docstring)."""
+        import deepspeed
+
+        deepspeed.zero.register_external_parameter(self, self.lm.get_output_embeddings().weight)
+
+    def forward(self, sequences: SequenceBatch, score_mask: torch.Tensor, temperature: float = 1.0,
+                with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logp, entropy), both (B, T) fp32, nonzero only where `score_mask` (B, T) is set.
+
+        Only the scored tokens go through the LM head (prompt, retrieved and padding tokens cost nothing there).
+        """
+        hidden = _response_hidden(backbone_of(self.lm), sequences)  # (B, T, H)
+        selected = score_mask.bool()  # (B, T)
+        targets = sequences.input_ids[:, sequences.prompt_width:][selected]  # (N,)
+        weight = self.lm.get_output_embeddings().weight  # (V, H)
+        logp_selected, entropy_selected = ops.logprob_entropy(
+            hidden[selected].to(weight.dtype), weight, targets, chunk_size=self.chunk_size, temperature=temperature)
+        logp = torch.zeros(selected.shape, dtype=torch.float32, device=hidden.device)  # (B, T)
+        logp = logp.masked_scatter(selected, logp_selected.float())
+        entropy = torch.zeros_like(logp)
+        if with_entropy:
+            entropy = entropy.masked_scatter(selected, entropy_selected.float())
+        return logp, entropy
+
+
+class Critic(nn.Module):
+    """Backbone + scalar value head; forward returns values (B, T) fp32 for the response tokens."""
+
+    def __init__(self, backbone: nn.Module, hidden_size: int, seed: int = 0) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.value_head = nn.Linear(hidden_size, 1, dtype=next(backbone.parameters()).dtype)
+        # A small fresh head (std 1/(H+1), as OpenRLHF) so initial values are near 0 whatever the backbone.
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            weight = torch.randn(self.value_head.weight.shape, generator=generator) / (hidden_size + 1)
+            self.value_head.weight.copy_(weight.to(self.value_head.weight.dtype))
+            self.value_head.bias.zero_()
+
+    def forward(self, sequences: SequenceBatch) -> torch.Tensor:
+        hidden = _response_hidden(self.backbone, sequences)  # (B, T, H)
+        return self.value_head(hidden).squeeze(-1).float()  # (B, T)
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Non-reentrant activation checkpointing on every HF sub-model of `model`."""
+    from transformers import PreTrainedModel
+
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel) and module.supports_gradient_checkpointing:
+            module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            return
+
+
+def build_critic(model_cfg: "ModelConfig", actor_lm: "PreTrainedModel", dtype: torch.dtype, attn_implementation: str,
+                 seed: int) -> Critic:
+    """The critic: `model.critic_path` (or `actor_path`) as backbone, or a copy of the in-code actor's backbone."""
+    path = model_cfg.critic_path or model_cfg.actor_path
+    if path is None:
+        backbone = copy.deepcopy(backbone_of(actor_lm))
+    else:
+        from transformers import AutoModel
+
+        backbone = AutoModel.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation,
+                                             local_files_only=True)
+    backbone.to(dtype)
+    return Critic(backbone, backbone.config.hidden_size, seed=seed)
+
+
+def build_reference(actor_lm: "PreTrainedModel", chunk_size: int) -> PolicyModel:
+    """A frozen copy of the actor as it is now (before any RL update)."""
+    reference = PolicyModel(copy.deepcopy(actor_lm), chunk_size)
+    reference.requires_grad_(False)
+    return reference.eval()

@@ -1,0 +1,320 @@
+"""The run report: `run_dir/report/metrics.png` (learning curves) and `run_dir/report/index.html` (self-contained).
+
+Inputs, all optional and read leniently (a missing or malformed part becomes a note in the page, never an error):
+- `metrics.jsonl`: one row per step (`stepsearch.trainer.metrics`); a metric is plotted when its name, or the last
+  `/`-separated part of it (`rollout/outcome_reward`), is one of `KEY_METRICS`, plus the `eval/avg/*` columns.
+- `eval_before.json`, `eval_after.json`: `{"datasets": {name: {"em", "f1", …, "per_hop": {hop: {…}}}},
+  "average": {…}, "per_hop": {…}}` (`stepsearch.eval.EvalResult.to_dict()`); every numeric field becomes a row of
+  the before/after table.
+- `trajectories/step_<N>.jsonl`: rows `{"step", "question", "answers", "response_text", "outcome_reward", "f1",
+  "em", "key_reward", "rounds": [{"query", "docs": [{"id", "title", "text"}], "gain", "redundancy",
+  "step_reward"}]}`; the last few steps are shown, each search round colour-coded by its gain, redundancy and reward.
+
+`stepsearch report RUN_DIR` is not a CLI command; call `write_report(run_dir)` (the trainer does at the end).
+"""
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from stepsearch.trainer.metrics import METRICS_FILE
+
+REPORT_DIR = "report"
+TRAJECTORIES_DIR = "trajectories"
+KEY_METRICS = ("outcome_reward", "f1", "em", "key_reward", "info_gain", "redundancy", "step_reward", "kl",
+               "policy_loss", "value_loss", "entropy", "clip_frac", "approx_kl", "explained_variance",
+               "response_length", "turns", "tokens_per_s")
+_STEP_FILE = re.compile(r"^step_(\d+)\.jsonl$")
+
+
+def write_report(run_dir: str | os.PathLike, *, last_steps: int = 3, trajectories_per_step: int = 8) -> Path:
+    """Write `report/metrics.png` and `report/index.html` for a run directory; returns the HTML page's path.
+
+    Shows the trajectories of the `last_steps` most recent logged steps, at most `trajectories_per_step` of each.
+    """
+    run_dir = Path(run_dir)
+    out = run_dir / REPORT_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    notes: list[str] = []
+    rows = _read_jsonl(run_dir / METRICS_FILE, notes)
+    columns = _plotted_columns(rows)
+    png = out / "metrics.png"
+    _plot_metrics(rows, columns, png)
+    evals = {label: _read_json(run_dir / f"eval_{label}.json", notes) for label in ("before", "after")}
+    steps = _trajectory_files(run_dir / TRAJECTORIES_DIR)[-last_steps:] if last_steps > 0 else []
+    trajectories = [(step, _read_jsonl(path, notes)[:trajectories_per_step]) for step, path in steps]
+
+    image = base64.b64encode(png.read_bytes()).decode("ascii")
+    body = [
+        f"<h1>StepSearch run: {_e(run_dir.name)}</h1>",
+        _summary_html(rows, columns),
+        "<h2>Learning curves</h2>",
+        f'<p><a href="metrics.png"><img alt="metrics" src="data:image/png;base64,{image}"></a></p>',
+        "<h2>Evaluation before and after training</h2>",
+        _eval_html(evals["before"], evals["after"]),
+        "<h2>Trajectories</h2>",
+        _legend_html(),
+        *(_step_html(step, rows_of_step) for step, rows_of_step in trajectories),
+    ]
+    if not trajectories:
+        body.append(f"<p class=note>No trajectories logged ({_e(TRAJECTORIES_DIR)}/step_*.jsonl).</p>")
+    if notes:
+        body.append("<h2>Notes</h2><ul>" + "".join(f"<li>{_e(note)}</li>" for note in notes) + "</ul>")
+    page = out / "index.html"
+    page.write_text(_PAGE.format(title=_e(run_dir.name), body="\n".join(body)), encoding="utf-8")
+    return page
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading
+
+
+def _read_jsonl(path: Path, notes: list[str]) -> list[dict[str, Any]]:
+    if not path.is_file():
+        notes.append(f"{path.name}: not found")
+        return []
+    rows, bad = [], []
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                bad.append(number)
+                continue
+            if isinstance(row, dict):
+                rows.append(row)
+            else:
+                bad.append(number)
+    if bad:
+        notes.append(f"{path}: skipped {len(bad)} malformed line(s) (first: line {bad[0]})")
+    return rows
+
+
+def _read_json(path: Path, notes: list[str]) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        notes.append(f"{path}: not valid JSON ({exc})")
+        return None
+    if not isinstance(data, dict):
+        notes.append(f"{path}: expected a JSON object")
+        return None
+    return data
+
+
+def _trajectory_files(directory: Path) -> list[tuple[int, Path]]:
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _STEP_FILE.match(p.name))]
+    return sorted(found)
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Plots
+
+
+def _plotted_columns(rows: list[dict[str, Any]]) -> list[str]:
+    """Metric columns to plot: the KEY_METRICS order, each key's exact or `…/key` columns, then eval/avg/*."""
+    names = sorted({key for row in rows for key, value in row.items() if key != "step" and _number(value) is not None})
+    columns = []
+    for key in KEY_METRICS:
+        columns += [name for name in names if (name == key or name.rsplit("/", 1)[-1] == key) and name not in columns
+                    and not name.startswith("eval/")]
+    return columns + [name for name in names if name.startswith("eval/avg/")]
+
+
+def _plot_metrics(rows: list[dict[str, Any]], columns: list[str], png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ncols = min(3, max(1, len(columns)))
+    nrows = max(1, math.ceil(len(columns) / ncols))
+    figure, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 2.8 * nrows), squeeze=False)
+    for index, axis in enumerate(axes.flat):
+        if index >= len(columns):
+            axis.axis("off")
+            continue
+        name = columns[index]
+        points = [(row["step"], _number(row.get(name))) for row in rows if isinstance(row.get("step"), int)]
+        points = [(step, value) for step, value in points if value is not None]
+        steps = [step for step, _ in points]
+        values = [value for _, value in points]
+        axis.plot(steps, values, color="#4c78a8", alpha=0.45 if len(values) > 10 else 1.0, marker="." if
+                  len(values) <= 30 else None, linewidth=1)
+        if len(values) > 10:
+            axis.plot(steps, _moving_average(values, max(2, len(values) // 10)), color="#1f3b73", linewidth=1.8)
+        axis.set_title(name, fontsize=9)
+        axis.tick_params(labelsize=7)
+        axis.grid(alpha=0.3)
+    if not columns:
+        axes.flat[0].text(0.5, 0.5, "no metrics logged yet", ha="center", va="center")
+    figure.tight_layout()
+    figure.savefig(png, dpi=90)
+    plt.close(figure)
+
+
+def _moving_average(values: list[float], window: int) -> list[float]:
+    """Trailing mean over up to `window` points (shorter at the start, so the curve starts at the first step)."""
+    averaged, total = [], 0.0
+    for index, value in enumerate(values):
+        total += value
+        if index >= window:
+            total -= values[index - window]
+        averaged.append(total / min(index + 1, window))
+    return averaged
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# HTML
+
+
+def _e(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _fmt(value: Any) -> str:
+    number = _number(value)
+    if number is None:
+        return "-" if value is None else _e(value)
+    if isinstance(value, int) or number.is_integer() and abs(number) >= 1:
+        return f"{number:.0f}"
+    return f"{number:.4g}"
+
+
+def _summary_html(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    if not rows:
+        return "<p class=note>No metrics logged.</p>"
+    lines = ["<table><tr><th>metric</th><th>first</th><th>last</th></tr>"]
+    for name in columns:
+        values = [v for row in rows if (v := _number(row.get(name))) is not None]
+        if values:
+            lines.append(f"<tr><td>{_e(name)}</td><td>{_fmt(values[0])}</td><td>{_fmt(values[-1])}</td></tr>")
+    lines.append("</table>")
+    steps = [row["step"] for row in rows if isinstance(row.get("step"), int)]
+    head = f"<p>{len(rows)} metric rows, steps {min(steps)}–{max(steps)}.</p>" if steps else ""
+    return head + "".join(lines)
+
+
+def _eval_rows(result: dict[str, Any] | None) -> dict[tuple[str, str], float]:
+    """(section, metric) -> number for every numeric field of an evaluation result, per-hop rows included."""
+    flat: dict[tuple[str, str], float] = {}
+    if result is None:
+        return flat
+
+    def add(section: str, fields: Any) -> None:
+        if not isinstance(fields, dict):
+            return
+        for key, value in fields.items():
+            if isinstance(value, dict) and key == "per_hop":
+                for hop, hop_fields in value.items():
+                    add(f"{section} / {hop}-hop", hop_fields)
+            elif _number(value) is not None:
+                flat[(section, str(key))] = float(value)
+
+    datasets = result.get("datasets")
+    if isinstance(datasets, dict):
+        for name, fields in datasets.items():
+            add(str(name), fields)
+    add("average", result.get("average"))
+    add("all", {"per_hop": result["per_hop"]} if isinstance(result.get("per_hop"), dict) else None)
+    return flat
+
+
+def _eval_html(before: dict[str, Any] | None, after: dict[str, Any] | None) -> str:
+    before_rows, after_rows = _eval_rows(before), _eval_rows(after)
+    keys = list(dict.fromkeys([*before_rows, *after_rows]))
+    if not keys:
+        return "<p class=note>No evaluation results (eval_before.json / eval_after.json).</p>"
+    lines = ["<table><tr><th>dataset</th><th>metric</th><th>before</th><th>after</th><th>change</th></tr>"]
+    for section, metric in keys:
+        old, new = before_rows.get((section, metric)), after_rows.get((section, metric))
+        change = "" if old is None or new is None else f"{new - old:+.4g}"
+        colour = "" if not change or new == old else (' class="up"' if new > old else ' class="down"')
+        lines.append(f"<tr><td>{_e(section)}</td><td>{_e(metric)}</td><td>{_fmt(old)}</td><td>{_fmt(new)}</td>"
+                     f"<td{colour}>{change}</td></tr>")
+    return "".join(lines) + "</table>"
+
+
+def _legend_html() -> str:
+    return ("<p class=legend>Search rounds: <span style=\"background:" + _shade(0.8, positive=True) +
+            "\">gain / positive step reward</span> <span style=\"background:" + _shade(0.8, positive=False) +
+            "\">redundancy / negative step reward</span>; stronger colour = larger magnitude.</p>")
+
+
+def _shade(magnitude: float, *, positive: bool) -> str:
+    alpha = min(1.0, max(0.0, abs(magnitude))) * 0.75
+    return f"rgba(46,160,67,{alpha:.2f})" if positive else f"rgba(218,54,51,{alpha:.2f})"
+
+
+def _cell(value: Any, kind: str) -> str:
+    number = _number(value)
+    if number is None:
+        return f"<td>{_fmt(value)}</td>"
+    positive = number >= 0 if kind == "reward" else kind == "gain"
+    return f'<td style="background:{_shade(number, positive=positive)}">{_fmt(number)}</td>'
+
+
+def _step_html(step: int, rows: list[dict[str, Any]]) -> str:
+    parts = [f"<h3>Step {step}</h3>"]
+    if not rows:
+        parts.append("<p class=note>No rows.</p>")
+    for row in rows:
+        answers = row.get("answers")
+        answers = ", ".join(map(str, answers)) if isinstance(answers, list) else answers
+        scores = " ".join(f"<span class=score>{name} {_fmt(row.get(name))}</span>"
+                          for name in ("outcome_reward", "f1", "em", "key_reward") if name in row)
+        parts.append(f"<div class=traj><p><b>Q:</b> {_e(row.get('question', ''))}<br><b>Gold:</b> "
+                     f"{_e(answers if answers is not None else '')}<br>{scores}</p>")
+        rounds = row.get("rounds") if isinstance(row.get("rounds"), list) else []
+        if rounds:
+            parts.append("<table><tr><th>#</th><th>query</th><th>retrieved</th><th>gain</th><th>redundancy</th>"
+                         "<th>step reward</th></tr>")
+            for index, search in enumerate(rounds, start=1):
+                search = search if isinstance(search, dict) else {}
+                docs = search.get("docs") if isinstance(search.get("docs"), list) else []
+                titles = "<br>".join(_e(doc.get("title") or doc.get("id", "")) if isinstance(doc, dict) else _e(doc)
+                                     for doc in docs)
+                parts.append(f"<tr><td>{index}</td><td>{_e(search.get('query', ''))}</td><td>{titles}</td>"
+                             f"{_cell(search.get('gain'), 'gain')}{_cell(search.get('redundancy'), 'penalty')}"
+                             f"{_cell(search.get('step_reward'), 'reward')}</tr>")
+            parts.append("</table>")
+        else:
+            parts.append("<p class=note>No search rounds.</p>")
+        parts.append(f"<details><summary>response</summary><pre>{_e(row.get('response_text', ''))}</pre></details>"
+                     "</div>")
+    return "\n".join(parts)
+
+
+_PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>StepSearch report: {title}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em; max-width: 1300px; color: #222; }}
+table {{ border-collapse: collapse; margin: 0.5em 0; font-size: 0.9em; }}
+td, th {{ border: 1px solid #ccc; padding: 3px 8px; vertical-align: top; text-align: left; }}
+img {{ max-width: 100%; }}
+pre {{ white-space: pre-wrap; background: #f6f8fa; padding: 0.6em; font-size: 0.85em; }}
+.traj {{ border-left: 3px solid #4c78a8; padding-left: 0.8em; margin: 1em 0; }}
+.score {{ background: #eef; padding: 1px 6px; margin-right: 6px; border-radius: 3px; }}
+.note {{ color: #777; }} .up {{ color: #1a7f37; }} .down {{ color: #cf222e; }}
+</style></head><body>
+{body}
+</body></html>
+"""

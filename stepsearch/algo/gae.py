@@ -72,14 +72,12 @@ def reverse_linear_scan(coef: torch.Tensor, offset: torch.Tensor) -> torch.Tenso
     Doubling (Hillis-Steele) scan on affine maps: after the step of span d, (c_t, a_t) is the composite map of
     positions t .. t+2d-1, so a_t = x_t once the span covers the row. log2(T) steps, each a few whole-tensor ops.
     """
-    coef = coef.clone()
-    offset = offset.clone()
     length = offset.shape[-1]
     span = 1
     while span < length:
-        # Right-hand sides are evaluated before the in-place updates, so every step reads the previous level.
-        offset[..., :-span] += coef[..., :-span] * offset[..., span:]
-        coef[..., :-span] *= coef[..., span:]
+        # Positions within `span` of the end already hold their complete maps (x_T = 0 beyond them).
+        offset = torch.cat((offset[..., :-span] + coef[..., :-span] * offset[..., span:], offset[..., -span:]), -1)
+        coef = torch.cat((coef[..., :-span] * coef[..., span:], coef[..., -span:]), -1)
         span *= 2
     return offset
 

@@ -629,6 +629,15 @@ def export_final(ctx: Context, models: Models, tokenizer) -> None:
         save_hf_model(models.rollout_lm, tokenizer, ctx.run_dir / "final")
 
 
+def _truncate_trajectories(ctx: Context, step: int) -> None:
+    """Drop the sampled trajectories of steps after `step` (written by an interrupted run before it crashed)."""
+    path = ctx.run_dir / "trajectories.jsonl"
+    if ctx.is_main and path.exists():
+        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+        path.write_text("".join(line for line in lines if line.strip() and json.loads(line)["step"] <= step),
+                        encoding="utf-8")
+
+
 def _write_trajectories(ctx: Context, step: int, details: list[dict], keep: int = 8) -> None:
     if not ctx.is_main:
         return
@@ -650,9 +659,8 @@ def train(cfg: Config) -> Path:
     state = resume(ctx, models)
     logger = MetricsLogger(ctx.run_dir, is_main=ctx.is_main, tensorboard=cfg.trainer.tensorboard,
                            wandb_project=cfg.trainer.wandb_project, resume_step=state.step if state.step else None)
+    _truncate_trajectories(ctx, state.step)
     if state.step == 0:
-        if ctx.is_main and (ctx.run_dir / "trajectories.jsonl").exists():
-            (ctx.run_dir / "trajectories.jsonl").unlink()
         evaluate_stage(ctx, models, retriever, tokenizer, data, "before")
     tag_table = TagTable.from_tokenizer(tokenizer)
     cursor = DataCursor(data.train, cfg.data.shuffle_seed, ctx.rank, ctx.world_size)

@@ -1,0 +1,249 @@
+"""Tests for the fused reward scatter + KL + GAE Triton kernel (`stepsearch.kernels.gae`).
+
+CPU: the kernels run under the Triton interpreter in one child process (TRITON_INTERPRET=1 must be set before
+triton is imported and must not leak into the rest of the suite). The parent builds the cases, the child runs the
+kernels, the parent compares with the float64 twin (relative error < 1e-5, masked-out outputs exactly 0). Small
+BLOCK / chunk overrides make the tiny shapes cross several tiles and chunks, so the carried state and the
+chunk-summary path are both exercised. A second child compiles every kernel variant for sm_90 with Triton's bundled
+ptxas, so GPU compile errors surface without a GPU. GPU (`gpu` marker): full shapes against the twin.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from stepsearch.algo.gae import compute_gae as twin_compute_gae
+from stepsearch.algo.gae import scatter_rewards_and_gae as twin_scatter_rewards_and_gae
+
+_REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _make_case(name, batch, length, *, fused, seed, density=0.6, gamma=0.99, lam=0.95, num_steps=3, kl_coef=0.1,
+               kl_estimator="k1", block=None, chunk_len=None, mask_dtype=torch.bool, values_dtype=torch.float32,
+               strided=False, out_of_range_end=False):
+    generator = torch.Generator().manual_seed(seed)
+    mask = torch.rand(batch, length, generator=generator) < density  # (B, T) holes everywhere
+    if batch > 2:
+        mask[1] = False  # an empty row
+    width = length + 5 if strided else length
+
+    def randn():
+        wide = torch.randn(batch, width, generator=generator)
+        return wide[:, :length]  # a row stride != T when strided
+
+    step_ends = torch.randint(-1, max(length, 1), (batch, num_steps), generator=generator)  # (B, S)
+    if batch and num_steps >= 2 and length:
+        step_ends[0, 1] = step_ends[0, 0]  # two steps on one token
+    if out_of_range_end:
+        step_ends[-1, -1] = length + 3
+    case = {
+        "name": name, "fused": fused, "gamma": gamma, "lam": lam, "block": block, "chunk_len": chunk_len,
+        "loss_mask": mask.to(mask_dtype), "values": randn().to(values_dtype),
+        "token_rewards": randn(),
+        "outcome": torch.randn(batch, generator=generator),
+        "step_scores": torch.randn(batch, num_steps, generator=generator),
+        "step_ends": step_ends, "kl_coef": kl_coef, "kl_estimator": kl_estimator,
+        "old_logp": -torch.rand(batch, width, generator=generator)[:, :length] * 3 if kl_coef else None,
+        "ref_logp": -torch.rand(batch, width, generator=generator)[:, :length] * 3 if kl_coef else None,
+    }
+    return case
+
+
+CASES = [
+    _make_case("gae_one_chunk", 5, 37, fused=False, seed=0),
+    _make_case("gae_tiles_and_chunks", 5, 37, fused=False, seed=1, block=8, chunk_len=16),
+    _make_case("gae_chunk_per_tile_gamma_lam_one", 4, 41, fused=False, seed=2, gamma=1.0, lam=1.0, block=8,
+               chunk_len=8),
+    _make_case("gae_strided_bf16_values_float_mask", 3, 30, fused=False, seed=3, block=16, chunk_len=16,
+               strided=True, values_dtype=torch.bfloat16, mask_dtype=torch.float32),
+    _make_case("gae_dense_lam_zero", 2, 19, fused=False, seed=4, density=1.0, lam=0.0, block=8, chunk_len=16),
+    _make_case("fused_k1_chunks", 5, 37, fused=True, seed=5, block=8, chunk_len=24),
+    _make_case("fused_k3_one_chunk", 4, 45, fused=True, seed=6, kl_estimator="k3", gamma=0.9, lam=0.7),
+    _make_case("fused_k2_strided_int_mask", 3, 33, fused=True, seed=7, kl_estimator="k2", block=8, chunk_len=8,
+               strided=True, mask_dtype=torch.int32),
+    _make_case("fused_no_kl_sparse", 4, 29, fused=True, seed=8, kl_coef=0.0, density=0.15, block=8, chunk_len=16),
+    _make_case("fused_out_of_range_end_ignored", 3, 21, fused=True, seed=9, out_of_range_end=True, block=8,
+               chunk_len=8),
+    _make_case("fused_single_token", 1, 1, fused=True, seed=10, density=1.0, num_steps=1),
+    _make_case("fused_int32_ends_no_steps", 3, 17, fused=True, seed=11, num_steps=0),
+    _make_case("gae_empty_length", 2, 0, fused=False, seed=12),
+]
+for _case in CASES:
+    if _case["name"] == "fused_int32_ends_no_steps":
+        _case["step_ends"] = _case["step_ends"].int()
+
+
+def _run_kernel(kernels, case):
+    plan = {"block": case["block"], "chunk_len": case["chunk_len"]}
+    if case["fused"]:
+        advantages, returns, rewards = kernels._launch(
+            case["values"], case["loss_mask"], case["gamma"], case["lam"], outcome=case["outcome"],
+            step_scores=case["step_scores"], step_ends=case["step_ends"], old_logp=case["old_logp"],
+            ref_logp=case["ref_logp"], kl_coef=case["kl_coef"], kl_estimator=case["kl_estimator"],
+            return_rewards=True, **plan)
+        public = kernels.scatter_rewards_and_gae(
+            case["outcome"], case["step_scores"], case["step_ends"], case["old_logp"], case["ref_logp"],
+            case["values"], case["loss_mask"], case["kl_coef"], case["gamma"], case["lam"], case["kl_estimator"])
+        return {"advantages": advantages, "returns": returns, "token_rewards": rewards,
+                "public_advantages": public.advantages, "public_rewards": public.token_rewards}
+    advantages, returns, _ = kernels._launch(case["values"], case["loss_mask"], case["gamma"], case["lam"],
+                                             token_rewards=case["token_rewards"], **plan)
+    public_advantages, _ = kernels.compute_gae(case["token_rewards"], case["values"], case["loss_mask"],
+                                               case["gamma"], case["lam"])
+    return {"advantages": advantages, "returns": returns, "public_advantages": public_advantages}
+
+
+def _reference(case):
+    """Float64 twin; out-of-range step ends (ignored by the kernel) become 'no step' for the twin."""
+    double = {k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+              for k, v in case.items()}
+    if case["fused"]:
+        length = case["loss_mask"].shape[1]
+        step_ends = torch.where(case["step_ends"] < length, case["step_ends"], -1)
+        result = twin_scatter_rewards_and_gae(
+            double["outcome"], double["step_scores"], step_ends, double["old_logp"], double["ref_logp"],
+            double["values"], case["loss_mask"], case["kl_coef"], case["gamma"], case["lam"], case["kl_estimator"],
+            return_rewards=True)
+        return {"advantages": result.advantages, "returns": result.returns, "token_rewards": result.token_rewards}
+    advantages, returns = twin_compute_gae(double["token_rewards"], double["values"], case["loss_mask"],
+                                           case["gamma"], case["lam"])
+    return {"advantages": advantages, "returns": returns}
+
+
+def _max_relative_error(got, want):
+    if want.numel() == 0:
+        return 0.0
+    return ((got.double() - want).abs().max() / want.abs().max().clamp(min=1e-30)).item()
+
+
+def _interpreter_main(inputs_path: str, outputs_path: str) -> None:
+    """Child-process entry point: run every case under the Triton interpreter."""
+    assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
+    from stepsearch.kernels import gae as kernels
+
+    cases = torch.load(inputs_path)
+    torch.save({case["name"]: _run_kernel(kernels, case) for case in cases}, outputs_path)
+
+
+@pytest.fixture(scope="module")
+def interpreter_results(tmp_path_factory):
+    if importlib.util.find_spec("triton") is None:  # find, not import: triton stays out of this process
+        pytest.skip("triton is not installed")
+    work_dir = tmp_path_factory.mktemp("gae_interpreter")
+    inputs_path, outputs_path = work_dir / "cases.pt", work_dir / "results.pt"
+    torch.save(CASES, inputs_path)
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    completed = subprocess.run(
+        [sys.executable, __file__, str(inputs_path), str(outputs_path)],
+        cwd=_REPO_ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert completed.returncode == 0, f"interpreter run failed:\n{completed.stdout}\n{completed.stderr}"
+    return torch.load(outputs_path)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c["name"])
+def test_interpreter_matches_float64_twin(interpreter_results, case):
+    result = interpreter_results[case["name"]]
+    reference = _reference(case)
+    masked_out = case["loss_mask"] == 0
+    for name, want in reference.items():
+        got = result[name]
+        assert got.dtype == torch.float32 and got.shape == want.shape, name
+        assert _max_relative_error(got, want) < 1e-5, name
+        assert got[masked_out].eq(0).all(), name
+    # The public functions run the default launch plan; same numbers up to the scan order.
+    assert _max_relative_error(result["public_advantages"], reference["advantages"]) < 1e-5
+    if case["fused"]:
+        assert result["public_rewards"] is None
+
+
+def test_masked_out_garbage_does_not_leak(interpreter_results):
+    """Values and rewards at masked positions never reach the outputs (cases hold random numbers there)."""
+    case = next(c for c in CASES if c["name"] == "gae_tiles_and_chunks")
+    masked_values = case["values"].clone()
+    masked_values[case["loss_mask"] == 0] = 1e6
+    reference = twin_compute_gae(case["token_rewards"].double(), masked_values.double(), case["loss_mask"],
+                                 case["gamma"], case["lam"])
+    assert _max_relative_error(interpreter_results[case["name"]]["advantages"], reference[0]) < 1e-5
+
+
+def _compile_for_hopper_main() -> None:
+    """Child-process entry point: compile every kernel variant for sm_90 (no GPU needed: Triton's bundled ptxas)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from stepsearch.kernels import gae as kernels
+
+    pointer_types = {"mask_ptr": "*u8", "step_ends_ptr": "*i64", "values_ptr": "*bf16"}
+    float_args = {"kl_coef", "gamma", "gamma_lam"}
+    for kernel, extra in ((kernels._gae_summary_kernel, {}), (kernels._gae_chunk_kernel, {"STORE_REWARDS": True})):
+        for fused, has_kl, estimator in ((False, False, 1), (True, True, 1), (True, True, 3), (True, False, 2)):
+            constants = dict(FUSED=fused, HAS_KL=has_kl, KL_ESTIMATOR=estimator, BLOCK=kernels._GPU_BLOCK, **extra)
+            signature = {}
+            for name in kernel.arg_names:
+                if name in constants:
+                    signature[name] = "constexpr"
+                elif name.endswith("_ptr"):
+                    signature[name] = pointer_types.get(name, "*fp32")
+                else:
+                    signature[name] = "fp32" if name in float_args else "i32"
+            compiled = triton.compile(ASTSource(kernel, signature, constants), target=GPUTarget("cuda", 90, 32),
+                                      options={"num_warps": kernels._GPU_NUM_WARPS})
+            print(f"{kernel.__name__} fused={fused} kl={has_kl}/{estimator} shared={compiled.metadata.shared}",
+                  flush=True)
+
+
+def test_kernels_compile_for_hopper():
+    """Compile (not run) both kernels in every flag combination for sm_90 with this machine's Triton."""
+    spec = importlib.util.find_spec("triton")
+    if spec is None:
+        pytest.skip("triton is not installed")
+    if not (Path(spec.origin).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
+        pytest.skip("this triton build ships no ptxas")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(OMP_NUM_THREADS="1", TRITON_DEFAULT_FP_FUSION="1")
+    completed = subprocess.run([sys.executable, __file__, "--compile-for-hopper"], cwd=_REPO_ROOT, env=env,
+                               capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, f"sm_90 compile failed:\n{completed.stdout}\n{completed.stderr}"
+    assert len(completed.stdout.splitlines()) == 8
+
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("batch, length", [(512, 4096), (4, 32768), (3, 1000)])
+def test_gpu_full_shapes_match_float64_twin(batch, length):
+    from stepsearch.kernels import gae as kernels
+
+    case = _make_case("gpu", batch, length, fused=True, seed=13, num_steps=4, kl_estimator="k3")
+    case = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in case.items()}
+    result = kernels.scatter_rewards_and_gae(
+        case["outcome"], case["step_scores"], case["step_ends"], case["old_logp"], case["ref_logp"], case["values"],
+        case["loss_mask"], case["kl_coef"], case["gamma"], case["lam"], case["kl_estimator"], return_rewards=True)
+    reference = _reference(case)
+    for name in ("advantages", "returns", "token_rewards"):
+        assert _max_relative_error(getattr(result, name), reference[name]) < 1e-5, name
+    advantages, returns = kernels.compute_gae(reference["token_rewards"].float(), case["values"], case["loss_mask"],
+                                              case["gamma"], case["lam"])
+    assert _max_relative_error(advantages, reference["advantages"]) < 1e-5
+    again = kernels.scatter_rewards_and_gae(
+        case["outcome"], case["step_scores"], case["step_ends"], case["old_logp"], case["ref_logp"], case["values"],
+        case["loss_mask"], case["kl_coef"], case["gamma"], case["lam"], case["kl_estimator"])
+    assert torch.equal(again.advantages, result.advantages)  # deterministic: no atomics
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--compile-for-hopper"]:
+        _compile_for_hopper_main()
+    else:
+        _interpreter_main(*sys.argv[1:])

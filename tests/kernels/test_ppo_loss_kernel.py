@@ -1,0 +1,252 @@
+"""Tests for the fused PPO loss Triton kernel (`stepsearch.kernels.ppo_loss`), forward and backward.
+
+CPU: the kernels run under the Triton interpreter in one child process (TRITON_INTERPRET=1 set before triton is
+imported, never leaking into this process). The parent builds the cases and the upstream gradients, the child runs
+forward + backward, the parent compares losses, diagnostics and gradients with the float64 twin. Cases cover every
+aggregation mode, actor-only / critic-only calls, dual clip, global normalisers (tensor and number), holes and empty
+rows, clamped log-ratios, strided and bf16 inputs, non-unit upstream gradients on all four losses, several tiles
+and chunks (small BLOCK / chunk overrides), and bitwise-identical reruns. A second child compiles the kernels for
+sm_90. GPU (`gpu` marker): 2M tokens against the twin.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from stepsearch.algo.ppo_loss import PPOLossOutput
+from stepsearch.algo.ppo_loss import ppo_loss as twin_ppo_loss
+
+_REPO_ROOT = Path(__file__).resolve().parents[2]
+_DIFFERENTIABLE = ("logp", "values", "entropy")
+
+
+def _make_case(name, batch, length, *, seed, mode="token-mean", parts=("policy", "value", "entropy"),
+               dual_clip=3.0, block=None, chunk_len=None, global_counts=None, dtype=torch.float32, strided=False,
+               density=0.6, extreme_ratios=False, repeats=1):
+    generator = torch.Generator().manual_seed(seed)
+    width = length + 3 if strided else length
+
+    def randn(scale=1.0):
+        return (torch.randn(batch, width, generator=generator) * scale)[:, :length]
+
+    logp = -randn().abs()
+    old_logp = logp + randn(0.3)
+    if extreme_ratios:
+        old_logp[:, ::4] -= 30.0  # log-ratio beyond the +-20 clamp
+    mask = torch.rand(batch, length, generator=generator) < density
+    if batch > 2:
+        mask[1] = False
+    case = {
+        "name": name, "mode": mode, "dual_clip": dual_clip, "block": block, "chunk_len": chunk_len,
+        "repeats": repeats, "loss_mask": mask,
+        "logp": logp.to(dtype) if "policy" in parts else None,
+        "old_logp": old_logp.to(dtype) if "policy" in parts else None,
+        "advantages": randn().to(dtype) if "policy" in parts else None,
+        "values": randn().to(dtype) if "value" in parts else None,
+        "old_values": randn().to(dtype) if "value" in parts else None,
+        "returns": randn().to(dtype) if "value" in parts else None,
+        "entropy": randn().abs().to(dtype) if "entropy" in parts else None,
+        "upstream": torch.randn(4, generator=generator) * 1.5,  # d(.)/d(loss, policy, value, entropy)
+        "global_token_count": None, "global_seq_count": None,
+    }
+    if global_counts == "tensor":
+        case["global_token_count"] = torch.tensor(float(mask.sum() * 3 + 1))
+        case["global_seq_count"] = torch.tensor(float(mask.any(1).sum() * 2 + 1))
+    elif global_counts == "number":
+        case["global_token_count"], case["global_seq_count"] = 1000.0, 7
+    return case
+
+
+CASES = [
+    _make_case("token_mean_tiles_chunks", 5, 37, seed=0, block=16, chunk_len=16),
+    _make_case("seq_sum_one_chunk", 5, 37, seed=1, mode="seq-mean-token-sum"),
+    _make_case("seq_mean_chunks_no_dual", 6, 45, seed=2, mode="seq-mean-token-mean", dual_clip=None, block=16,
+               chunk_len=32),
+    _make_case("actor_only_global_tensor", 4, 33, seed=3, parts=("policy", "entropy"), global_counts="tensor",
+               block=16, chunk_len=16),
+    _make_case("critic_only_global_number", 4, 33, seed=4, parts=("value",), global_counts="number",
+               mode="seq-mean-token-mean", block=16, chunk_len=16),
+    _make_case("policy_no_entropy_extreme_ratios", 3, 40, seed=5, parts=("policy",), extreme_ratios=True),
+    _make_case("strided_dense", 3, 29, seed=6, strided=True, density=1.0, block=16, chunk_len=16,
+               mode="seq-mean-token-sum"),
+    _make_case("bf16_inputs", 3, 31, seed=7, dtype=torch.bfloat16),
+    _make_case("all_masked", 3, 17, seed=8, density=0.0),
+    _make_case("deterministic_repeat", 4, 50, seed=9, block=16, chunk_len=32, repeats=3),
+]
+
+
+def _settings(case):
+    return dict(clip_ratio=0.2, dual_clip=case["dual_clip"], value_clip=0.4, vf_coef=0.7, entropy_coef=0.03,
+                loss_agg_mode=case["mode"], global_token_count=case["global_token_count"],
+                global_seq_count=case["global_seq_count"])
+
+
+def _forward_backward(loss_fn, case, dtype=None, **extra):
+    """Outputs (7,) and the gradients of the differentiable inputs after backprop of the weighted losses."""
+    inputs = {}
+    for name in ("logp", "old_logp", "advantages", "values", "old_values", "returns", "entropy"):
+        tensor = case[name]
+        if tensor is not None and dtype is not None:
+            tensor = tensor.to(dtype)
+        if tensor is not None and name in _DIFFERENTIABLE:
+            tensor = tensor.detach().clone().requires_grad_()
+        inputs[name] = tensor
+    settings = _settings(case)
+    if dtype is not None and isinstance(settings["global_token_count"], torch.Tensor):
+        settings["global_token_count"] = settings["global_token_count"].to(dtype)
+        settings["global_seq_count"] = settings["global_seq_count"].to(dtype)
+    out = loss_fn(inputs["logp"], inputs["old_logp"], inputs["advantages"], inputs["values"], inputs["old_values"],
+                  inputs["returns"], case["loss_mask"], inputs["entropy"], **settings, **extra)
+    upstream = case["upstream"].to(out.loss.dtype)
+    weighted = sum(g * value for g, value in zip(upstream, out[:4]) if value.requires_grad)
+    result = {"outputs": torch.stack([x.detach() for x in out])}
+    if isinstance(weighted, torch.Tensor):
+        weighted.backward()
+    for name in _DIFFERENTIABLE:
+        if inputs[name] is not None:
+            result[f"grad_{name}"] = inputs[name].grad
+    return result
+
+
+def _run_kernel(kernels, case):
+    return [_forward_backward(kernels.ppo_loss, case, _block=case["block"], _chunk_len=case["chunk_len"])
+            for _ in range(case["repeats"])]
+
+
+def _interpreter_main(inputs_path: str, outputs_path: str) -> None:
+    """Child-process entry point: run every case under the Triton interpreter."""
+    assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
+    from stepsearch.kernels import ppo_loss as kernels
+
+    cases = torch.load(inputs_path)
+    torch.save({case["name"]: _run_kernel(kernels, case) for case in cases}, outputs_path)
+
+
+@pytest.fixture(scope="module")
+def interpreter_results(tmp_path_factory):
+    if importlib.util.find_spec("triton") is None:  # find, not import: triton stays out of this process
+        pytest.skip("triton is not installed")
+    work_dir = tmp_path_factory.mktemp("ppo_interpreter")
+    inputs_path, outputs_path = work_dir / "cases.pt", work_dir / "results.pt"
+    torch.save(CASES, inputs_path)
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    completed = subprocess.run([sys.executable, __file__, str(inputs_path), str(outputs_path)],
+                               cwd=_REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, f"interpreter run failed:\n{completed.stdout}\n{completed.stderr}"
+    return torch.load(outputs_path)
+
+
+def _assert_close(got, want, tolerance, what, floor=1e-6):
+    """Relative error below `tolerance`, measured against max(|want|, floor)."""
+    scale = want.abs().max().clamp(min=floor)
+    error = ((got.double() - want).abs().max() / scale).item()
+    assert error < tolerance, f"{what}: relative error {error:.3g}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c["name"])
+def test_interpreter_matches_float64_twin(interpreter_results, case):
+    (result, *repeats) = interpreter_results[case["name"]]
+    reference = _forward_backward(twin_ppo_loss, case, dtype=torch.float64)
+    low_precision = case["logp"] is not None and case["logp"].dtype == torch.bfloat16
+    tolerance = 1e-2 if low_precision else 1e-5  # bf16 gradients are rounded to bf16 (2^-8) on the way out
+    for index, field in enumerate(PPOLossOutput._fields):
+        # Means of O(1) token terms can cancel to near 0 (fp32 sums then carry ~1e-7 absolute error): floor 1.
+        _assert_close(result["outputs"][index], reference["outputs"][index], 1e-5, field, floor=1.0)
+    assert result["outputs"].dtype == torch.float32
+    for name in _DIFFERENTIABLE:
+        key = f"grad_{name}"
+        assert (key in result) == (key in reference), key
+        if key in reference:
+            assert result[key].dtype == case[name].dtype, key
+            _assert_close(result[key], reference[key], tolerance, key)
+            assert result[key][case["loss_mask"] == 0].eq(0).all(), key
+    for repeat in repeats:  # fixed-order reductions, no atomics: bitwise identical
+        for key, value in result.items():
+            assert torch.equal(value, repeat[key]), key
+
+
+def test_all_masked_batch_is_zero_not_nan(interpreter_results):
+    (result,) = interpreter_results["all_masked"]
+    assert result["outputs"].eq(0).all()
+    assert all(result[f"grad_{name}"].eq(0).all() for name in _DIFFERENTIABLE)
+
+
+def _compile_for_hopper_main() -> None:
+    """Child-process entry point: compile the three kernels for sm_90 (no GPU needed: Triton's bundled ptxas)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from stepsearch.kernels import ppo_loss as kernels
+
+    float_args = {"clip_low", "clip_high", "dual_clip", "value_clip", "global_tokens", "global_seqs", "vf_coef",
+                  "entropy_coef"}
+    variants = [
+        (kernels._ppo_fwd_kernel, dict(HAS_POLICY=True, HAS_VALUE=True, HAS_ENTROPY=True, DUAL_CLIP=True,
+                                       BLOCK=kernels._GPU_BLOCK)),
+        (kernels._ppo_fwd_kernel, dict(HAS_POLICY=False, HAS_VALUE=True, HAS_ENTROPY=False, DUAL_CLIP=False,
+                                       BLOCK=kernels._GPU_BLOCK)),
+        (kernels._ppo_finalize_kernel, dict(MODE=2, GLOBAL_TOKENS=2, GLOBAL_SEQS=1,
+                                            BLOCK_ROWS=kernels._FINALIZE_BLOCK_ROWS)),
+        (kernels._ppo_bwd_kernel, dict(HAS_POLICY=True, HAS_VALUE=True, HAS_ENTROPY=True, BLOCK=kernels._GPU_BLOCK)),
+    ]
+    for kernel, constants in variants:
+        signature = {}
+        for name in kernel.arg_names:
+            if name in constants:
+                signature[name] = "constexpr"
+            elif name.endswith("_ptr"):
+                signature[name] = "*u8" if name == "mask_ptr" else "*fp32"
+            else:
+                signature[name] = "fp32" if name in float_args else "i32"
+        compiled = triton.compile(ASTSource(kernel, signature, constants), target=GPUTarget("cuda", 90, 32),
+                                  options={"num_warps": kernels._GPU_NUM_WARPS})
+        print(f"{kernel.__name__} shared={compiled.metadata.shared}", flush=True)
+
+
+def test_kernels_compile_for_hopper():
+    spec = importlib.util.find_spec("triton")
+    if spec is None:
+        pytest.skip("triton is not installed")
+    if not (Path(spec.origin).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
+        pytest.skip("this triton build ships no ptxas")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(OMP_NUM_THREADS="1", TRITON_DEFAULT_FP_FUSION="1")
+    completed = subprocess.run([sys.executable, __file__, "--compile-for-hopper"], cwd=_REPO_ROOT, env=env,
+                               capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, f"sm_90 compile failed:\n{completed.stdout}\n{completed.stderr}"
+    assert len(completed.stdout.splitlines()) == 4
+
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean"])
+def test_gpu_two_million_tokens_match_float64_twin(mode):
+    from stepsearch.kernels import ppo_loss as kernels
+
+    case = _make_case("gpu", 512, 4096, seed=10, mode=mode)
+    case = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in case.items()}
+    result = _forward_backward(kernels.ppo_loss, case)
+    reference = _forward_backward(twin_ppo_loss, case, dtype=torch.float64)
+    for index, field in enumerate(PPOLossOutput._fields):
+        _assert_close(result["outputs"][index], reference["outputs"][index], 1e-5, field, floor=1.0)
+    for name in _DIFFERENTIABLE:
+        _assert_close(result[f"grad_{name}"], reference[f"grad_{name}"], 1e-5, name)
+    assert torch.equal(_forward_backward(kernels.ppo_loss, case)["outputs"], result["outputs"])
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--compile-for-hopper"]:
+        _compile_for_hopper_main()
+    else:
+        _interpreter_main(*sys.argv[1:])

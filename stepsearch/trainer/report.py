@@ -10,7 +10,7 @@ Inputs, all optional and read leniently (a missing or malformed part becomes a n
   "em", "key_reward", "rounds": [{"query", "docs": [{"id", "title", "text"}], "gain", "redundancy",
   "step_reward"}]}`; the last few steps are shown, each search round colour-coded by its gain, redundancy and reward.
 
-`stepsearch report RUN_DIR` is not a CLI command; call `write_report(run_dir)` (the trainer does at the end).
+The trainer calls `write_report(run_dir)` at the end of a run (`trainer.report`); it can be rerun on any run dir.
 """
 from __future__ import annotations
 

@@ -1,14 +1,18 @@
 """The run report: `run_dir/report/metrics.png` (learning curves) and `run_dir/report/index.html` (self-contained).
 
 Inputs, all optional and read leniently (a missing or malformed part becomes a note in the page, never an error):
-- `metrics.jsonl`: one row per step (`stepsearch.trainer.metrics`); a metric is plotted when its name, or the last
-  `/`-separated part of it (`rollout/outcome_reward`), is one of `KEY_METRICS`, plus the `eval/avg/*` columns.
-- `eval_before.json`, `eval_after.json`: `{"datasets": {name: {"em", "f1", …, "per_hop": {hop: {…}}}},
-  "average": {…}, "per_hop": {…}}` (`stepsearch.eval.EvalResult.to_dict()`); every numeric field becomes a row of
-  the before/after table.
-- `trajectories/step_<N>.jsonl`: rows `{"step", "question", "answers", "response_text", "outcome_reward", "f1",
-  "em", "key_reward", "rounds": [{"query", "docs": [{"id", "title", "text"}], "gain", "redundancy",
-  "step_reward"}]}`; the last few steps are shown, each search round colour-coded by its gain, redundancy and reward.
+- `metrics.jsonl`: one row per step (`stepsearch.trainer.metrics`); a metric is plotted when it names one of
+  `KEY_METRICS` as itself, its last `/`-part (`reward/info_gain`), or its parts joined either way (`loss/policy` ->
+  `policy_loss`, `response/length` -> `response_length`), plus the `eval/avg/*` columns.
+- `eval_before.json` / `eval_after.json`, or `eval_before/results.json` / `eval_after/results.json` (what
+  `stepsearch.eval.write_results` writes): `{"datasets": {name: {"em", "f1", …, "per_hop": {hop: {…}}}},
+  "average": {…}, "per_hop": {…}}`; every numeric field becomes a row of the before/after table.
+- Trajectories, either `trajectories/step_<N>.jsonl` with rows `{"step", "question", "answers", "response_text",
+  "outcome_reward", "f1", "em", "key_reward", "rounds": [{"query", "docs": [{"id", "title", "text"}], "gain",
+  "redundancy", "step_reward"}]}`, or one `trajectories.jsonl` whose rows carry their `step` and the rounds as
+  parallel lists (`"queries"`, `"retrieved"` (doc ids per round), `"gains"`, `"penalties"`, `"step_scores"`, with
+  `"response"` and `"outcome"`). The last few steps are shown, each search round colour-coded by its gain,
+  redundancy and reward.
 
 The trainer calls `write_report(run_dir)` at the end of a run (`trainer.report`); it can be rerun on any run dir.
 """
@@ -46,9 +50,10 @@ def write_report(run_dir: str | os.PathLike, *, last_steps: int = 3, trajectorie
     columns = _plotted_columns(rows)
     png = out / "metrics.png"
     _plot_metrics(rows, columns, png)
-    evals = {label: _read_json(run_dir / f"eval_{label}.json", notes) for label in ("before", "after")}
-    steps = _trajectory_files(run_dir / TRAJECTORIES_DIR)[-last_steps:] if last_steps > 0 else []
-    trajectories = [(step, _read_jsonl(path, notes)[:trajectories_per_step]) for step, path in steps]
+    evals = {label: _read_eval(run_dir, label, notes) for label in ("before", "after")}
+    by_step = _read_trajectories(run_dir, notes)
+    trajectories = [(step, [_normalise_trajectory(row) for row in by_step[step][:trajectories_per_step]])
+                    for step in sorted(by_step)[-last_steps:]] if last_steps > 0 else []
 
     image = base64.b64encode(png.read_bytes()).decode("ascii")
     body = [
@@ -63,7 +68,8 @@ def write_report(run_dir: str | os.PathLike, *, last_steps: int = 3, trajectorie
         *(_step_html(step, rows_of_step) for step, rows_of_step in trajectories),
     ]
     if not trajectories:
-        body.append(f"<p class=note>No trajectories logged ({_e(TRAJECTORIES_DIR)}/step_*.jsonl).</p>")
+        body.append(f"<p class=note>No trajectories logged ({_e(TRAJECTORIES_DIR)}/step_*.jsonl or "
+                    f"{_e(TRAJECTORIES_DIR)}.jsonl).</p>")
     if notes:
         body.append("<h2>Notes</h2><ul>" + "".join(f"<li>{_e(note)}</li>" for note in notes) + "</ul>")
     page = out / "index.html"
@@ -112,11 +118,53 @@ def _read_json(path: Path, notes: list[str]) -> dict[str, Any] | None:
     return data
 
 
-def _trajectory_files(directory: Path) -> list[tuple[int, Path]]:
-    if not directory.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _STEP_FILE.match(p.name))]
-    return sorted(found)
+def _read_eval(run_dir: Path, label: str, notes: list[str]) -> dict[str, Any] | None:
+    for path in (run_dir / f"eval_{label}.json", run_dir / f"eval_{label}" / "results.json"):
+        if path.is_file():
+            return _read_json(path, notes)
+    return None
+
+
+def _read_trajectories(run_dir: Path, notes: list[str]) -> dict[int, list[dict[str, Any]]]:
+    """step -> logged trajectory rows, from `trajectories/step_<N>.jsonl` files and/or `trajectories.jsonl`."""
+    by_step: dict[int, list[dict[str, Any]]] = {}
+    directory = run_dir / TRAJECTORIES_DIR
+    if directory.is_dir():
+        for path in directory.iterdir():
+            if match := _STEP_FILE.match(path.name):
+                by_step.setdefault(int(match.group(1)), []).extend(_read_jsonl(path, notes))
+    single = run_dir / f"{TRAJECTORIES_DIR}.jsonl"
+    if single.is_file():
+        for row in _read_jsonl(single, notes):
+            if isinstance(row.get("step"), int):
+                by_step.setdefault(row["step"], []).append(row)
+    return by_step
+
+
+def _normalise_trajectory(row: dict[str, Any]) -> dict[str, Any]:
+    """A row in the `rounds` schema; rows with parallel per-round lists are converted (doc ids stand for titles)."""
+    if isinstance(row.get("rounds"), list):
+        return row
+
+    def column(name: str) -> list[Any]:
+        value = row.get(name)
+        return value if isinstance(value, list) else []
+
+    queries, retrieved = column("queries"), column("retrieved")
+    gains, penalties, rewards = column("gains"), column("penalties"), column("step_scores")
+    count = max(len(queries), len(retrieved), len(gains), len(penalties), len(rewards))
+
+    def at(values: list[Any], index: int) -> Any:
+        return values[index] if index < len(values) else None
+
+    rounds = [{"query": at(queries, t) or "",
+               "docs": [doc if isinstance(doc, dict) else {"id": doc} for doc in (at(retrieved, t) or [])],
+               "gain": at(gains, t), "redundancy": at(penalties, t), "step_reward": at(rewards, t)}
+              for t in range(count)]
+    converted = {**row, "rounds": rounds}
+    converted.setdefault("response_text", row.get("response", ""))
+    converted.setdefault("outcome_reward", row.get("outcome"))
+    return converted
 
 
 def _number(value: Any) -> float | None:
@@ -130,13 +178,18 @@ def _number(value: Any) -> float | None:
 
 
 def _plotted_columns(rows: list[dict[str, Any]]) -> list[str]:
-    """Metric columns to plot: the KEY_METRICS order, each key's exact or `…/key` columns, then eval/avg/*."""
+    """Metric columns to plot, in KEY_METRICS order (see the module docstring for the matching), then eval/avg/*."""
     names = sorted({key for row in rows for key, value in row.items() if key != "step" and _number(value) is not None})
     columns = []
     for key in KEY_METRICS:
-        columns += [name for name in names if (name == key or name.rsplit("/", 1)[-1] == key) and name not in columns
+        columns += [name for name in names if key in _aliases(name) and name not in columns
                     and not name.startswith("eval/")]
     return columns + [name for name in names if name.startswith("eval/avg/")]
+
+
+def _aliases(name: str) -> set[str]:
+    parts = name.split("/")
+    return {name, parts[-1], "_".join(parts), "_".join(reversed(parts))}
 
 
 def _plot_metrics(rows: list[dict[str, Any]], columns: list[str], png: Path) -> None:

@@ -63,3 +63,27 @@ def test_report_of_an_empty_run_dir_still_writes_both_files(tmp_path):
     assert (tmp_path / "report" / "metrics.png").read_bytes().startswith(b"\x89PNG")
     text = page.read_text()
     assert "No metrics logged" in text and "No evaluation results" in text and "No trajectories logged" in text
+
+
+def test_report_reads_the_trainers_single_trajectory_file_and_eval_directories(tmp_path):
+    with open(tmp_path / "metrics.jsonl", "w") as handle:
+        for step in (1, 2):
+            handle.write(json.dumps({"step": step, "reward/outcome": 0.5, "loss/policy": -0.1, "response/length": 40,
+                                     "response/turns": 2.0, "throughput/tokens_per_s": 900.0}) + "\n")
+    (tmp_path / "eval_after").mkdir()
+    (tmp_path / "eval_after" / "results.json").write_text(json.dumps(
+        {"datasets": {"synthetic_test": {"em": 0.3125, "f1": 0.4375}}, "average": {"em": 0.3125, "f1": 0.4375}}))
+    with open(tmp_path / "trajectories.jsonl", "w") as handle:
+        for step in (1, 2):
+            handle.write(json.dumps({"step": step, "question": f"q{step} <x>", "answers": ["a"],
+                                     "response": "<answer>a</answer>", "queries": ["first query", "second"],
+                                     "retrieved": [["doc-7", "doc-8"], ["doc-7"]], "gains": [0.625, 0.0],
+                                     "penalties": [0.0, 1.0], "step_scores": [0.625, -1.0], "outcome": 0.875,
+                                     "f1": 1.0, "em": 1.0, "key_reward": 0.25}) + "\n")
+    text = write_report(tmp_path, last_steps=1).read_text()
+    assert "q2 &lt;x&gt;" in text and "q1 &lt;x&gt;" not in text
+    assert "first query" in text and "doc-7<br>doc-8" in text and "0.625" in text and "-1" in text
+    assert "outcome_reward 0.875" in text and "&lt;answer&gt;a&lt;/answer&gt;" in text
+    assert "synthetic_test" in text and "0.3125" in text and "0.4375" in text
+    for column in ("reward/outcome", "loss/policy", "response/length", "response/turns", "throughput/tokens_per_s"):
+        assert f"<td>{column}</td>" in text

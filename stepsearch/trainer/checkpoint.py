@@ -85,8 +85,8 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, models: dict[str, 
     """Write checkpoint `step` atomically, then keep only the `keep` most recent complete ones; returns its path.
 
     `models` maps names to nn.Modules or DeepSpeed engines (an engine saves its own optimizer and scheduler, so
-    passing those again in `optimizers`/`schedulers` is harmless: they are skipped). Collective under
-    torch.distributed: every rank calls it with its own `state`.
+    passing those again in `optimizers`/`schedulers` is harmless: they are skipped, as are None values).
+    Collective under torch.distributed: every rank calls it with its own `state`.
     """
     if keep < 1:
         raise ValueError(f"keep must be >= 1, got {keep}")
@@ -112,7 +112,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, models: dict[str, 
     if rank == 0:
         for kind, objects in (("optimizers", optimizers), ("schedulers", schedulers)):
             for name, obj in objects.items():
-                if id(obj) not in engine_owned:
+                if obj is not None and id(obj) not in engine_owned:
                     torch.save(obj.state_dict(), temp / kind / f"{name}.pt")
     torch.save(state, temp / f"state_rank{rank:05d}.pt")
     _barrier()
@@ -154,7 +154,7 @@ def load_checkpoint(path: str | os.PathLike, *, models: dict[str, Any], optimize
             model.load_state_dict(_load_tensors(path / "models" / f"{name}.pt", f"model '{name}'"))
     for kind, objects in (("optimizers", optimizers), ("schedulers", schedulers)):
         for name, obj in objects.items():
-            if id(obj) not in engine_owned:
+            if obj is not None and id(obj) not in engine_owned:
                 obj.load_state_dict(_load_tensors(path / kind / f"{name}.pt", f"{kind[:-1]} '{name}'"))
     own = path / f"state_rank{_rank():05d}.pt"
     # a run resumed on more ranks than it was saved with starts the extra ranks from rank 0's state

@@ -131,3 +131,79 @@ def test_tied_weights_round_trip_and_hf_export(tmp_path):
     with torch.no_grad():
         assert torch.allclose(reloaded(ids).logits, model(ids).logits)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints", "hf"]
+
+
+DEEPSPEED_WORKER = '''
+import os, sys, torch, deepspeed, transformers
+from stepsearch.trainer.checkpoint import (capture_rng_state, find_latest_checkpoint, load_checkpoint,
+                                           restore_rng_state, save_checkpoint, save_hf_model)
+
+deepspeed.init_distributed(dist_backend="gloo")
+run_dir = sys.argv[1]
+
+
+def build(seed):
+    torch.manual_seed(seed)
+    config = transformers.Qwen2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+    model = transformers.Qwen2ForCausalLM(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
+    ds_config = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 3}}
+    engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                           config=ds_config)
+    return engine, optimizer, scheduler
+
+
+def step(engine):
+    ids = torch.randint(0, 64, (2, 5))  # B=2, T=5, different on each rank (per-rank RNG)
+    loss = engine(input_ids=ids, labels=ids).loss
+    engine.backward(loss)
+    engine.step()
+    return loss.item()
+
+
+torch.manual_seed(100 + torch.distributed.get_rank())
+engine, optimizer, scheduler = build(0)
+for _ in range(2):
+    step(engine)
+items = dict(models={"actor": engine}, optimizers={"actor": optimizer}, schedulers={"actor": scheduler})
+save_checkpoint(run_dir, 2, **items, state={"rng": capture_rng_state(), "rank": torch.distributed.get_rank()},
+                keep=1)
+expected = [step(engine) for _ in range(2)]
+
+engine, optimizer, scheduler = build(1)
+items = dict(models={"actor": engine}, optimizers={"actor": optimizer}, schedulers={"actor": scheduler})
+state = load_checkpoint(find_latest_checkpoint(run_dir), **items)
+assert state["rank"] == torch.distributed.get_rank()
+restore_rng_state(state["rng"])
+got = [step(engine) for _ in range(2)]
+assert got == expected, (got, expected)
+save_hf_model(engine, None, os.path.join(run_dir, "hf"))
+open(os.path.join(run_dir, f"ok_rank{torch.distributed.get_rank()}"), "w").close()
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_deepspeed_zero3_two_ranks_round_trip_and_hf_export(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("deepspeed")
+    worker = tmp_path / "worker.py"
+    worker.write_text(DEEPSPEED_WORKER)
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--master_port", str(29900 + os.getpid() % 90), str(worker), str(tmp_path / "run")]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert (tmp_path / "run" / "ok_rank0").is_file() and (tmp_path / "run" / "ok_rank1").is_file()
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_00000002"
+    shards = sorted(p.name for p in (checkpoint / "actor" / "ds").iterdir())
+    assert any("rank_0" in name for name in shards) and any("rank_1" in name for name in shards)
+    assert (checkpoint / "state_rank00001.pt").is_file() and not list((tmp_path / "run" / "checkpoints").glob("*.tmp*"))
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "hf")
+    assert reloaded.lm_head.weight.shape == (64, 16)

@@ -190,6 +190,20 @@ def prepare_tokenizer(ctx: Context, data: Data):
     return load_tokenizer(str(out_dir))
 
 
+def drop_long_prompts(ctx: Context, data: Data, tokenizer) -> None:
+    """Training questions whose prompt exceeds `data.max_prompt_tokens` are dropped, with a count in the log."""
+    from stepsearch.rollout.prompts import build_prompt_ids
+
+    limit, template = ctx.cfg.data.max_prompt_tokens, ctx.cfg.rollout.template
+    kept = [r for r in data.train if len(build_prompt_ids(tokenizer, r.question, template)) <= limit]
+    if len(kept) < len(data.train):
+        log.warning("dropped %d of %d training questions whose prompt exceeds data.max_prompt_tokens=%d",
+                    len(data.train) - len(kept), len(data.train), limit)
+    if not kept:
+        raise ConfigError(f"data.max_prompt_tokens={limit}: every training prompt is longer")
+    data.train = kept
+
+
 def _read_jsonl(path: Path) -> list[dict]:
     with open(path, encoding="utf-8") as handle:
         return [json.loads(line) for line in handle if line.strip()]
@@ -235,8 +249,9 @@ class Models:
     critic: Any  # ... over Critic
     reference: Any  # PolicyModel | DeepSpeedInferenceEngine
     rollout: Any  # stepsearch.rollout.engine.Engine
-    rollout_lm: Any  # the model the rollout engine generates with (the actor itself in one process)
-    separate_rollout_weights: bool
+    rollout_lm: Any  # the full HF model the HF rollout engine generates with (the actor itself in one process);
+    #                  None for SGLang under ZeRO-3 (the engine holds its own copy)
+    separate_rollout_weights: bool  # the rollout engine needs the actor's weights pushed before each rollout
 
     def checkpoint_items(self) -> dict[str, dict[str, Any]]:
         """models / optimizers / schedulers keyword arguments of `save_checkpoint` and `load_checkpoint`."""
@@ -269,7 +284,7 @@ def build_models(ctx: Context, actor_lm, tokenizer) -> Models:
         return Models(
             dist_utils.LocalTrainEngine(actor, ppo.actor_lr, ppo.weight_decay, ppo.warmup_steps, ppo.grad_clip),
             dist_utils.LocalTrainEngine(critic, ppo.critic_lr, ppo.weight_decay, ppo.warmup_steps, ppo.grad_clip),
-            reference.to(ctx.device), rollout, actor_lm, separate_rollout_weights=False)
+            reference.to(ctx.device), rollout, actor_lm, separate_rollout_weights=cfg.rollout.engine != "hf")
     # Under ZeRO-3 the actor's parameters are partitioned: the rollout engine generates with its own full copy,
     # refreshed from the gathered actor before every rollout.
     rollout_lm = copy.deepcopy(actor_lm).eval() if cfg.rollout.engine == "hf" else None
@@ -597,6 +612,10 @@ def train_step(ctx: Context, models: Models, retriever, tokenizer, tag_table, cu
     values.update(timings)
     values["time/step_s"] = sum(timings.values())
     values["throughput/tokens_per_s"] = float(rollout.response_mask.sum()) / max(values["time/step_s"], 1e-9)
+    if ctx.distributed:  # every rank saw its own trajectories: report the mean over ranks (one all-reduce)
+        names = sorted(values)
+        stacked = torch.stack([torch.as_tensor(values[n], dtype=torch.float32, device=ctx.device) for n in names])
+        values = dict(zip(names, dist_utils.all_reduce_sum(stacked) / ctx.world_size))
     return values, experience.details
 
 
@@ -627,6 +646,13 @@ def export_final(ctx: Context, models: Models, tokenizer) -> None:
     sync_rollout_weights(models)
     if models.rollout_lm is not None:
         save_hf_model(models.rollout_lm, tokenizer, ctx.run_dir / "final")
+        return
+    lm = models.actor.module.lm
+    weights = dict(dist_utils.gathered_named_parameters(lm))  # collective: every rank gathers
+    if ctx.is_main:
+        lm.save_pretrained(ctx.run_dir / "final", state_dict=weights)
+        tokenizer.save_pretrained(ctx.run_dir / "final")
+    ctx.barrier()
 
 
 def _truncate_trajectories(ctx: Context, step: int) -> None:
@@ -654,6 +680,7 @@ def train(cfg: Config) -> Path:
     data = prepare_data(ctx)
     retriever = prepare_retriever(ctx, data)
     tokenizer = prepare_tokenizer(ctx, data)
+    drop_long_prompts(ctx, data, tokenizer)
     actor_lm = prepare_policy(ctx, data, retriever, tokenizer)
     models = build_models(ctx, actor_lm, tokenizer)
     state = resume(ctx, models)

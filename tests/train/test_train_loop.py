@@ -15,7 +15,7 @@ from stepsearch.trainer.metrics import read_metrics
 TINY = [
     "model.tiny_hidden_size=32", "model.tiny_num_layers=1", "model.tiny_num_heads=2", "model.tiny_num_kv_heads=1",
     "model.tiny_intermediate_size=48", "model.tiny_vocab_size=400",
-    "data.synth_num_train=24", "data.synth_num_test=4",
+    "data.synth_num_train=24", "data.synth_num_test=4", "data.max_prompt_tokens=1024",
     "rollout.max_turns=2", "rollout.samples_per_prompt=2", "rollout.max_new_tokens_per_turn=12",
     "rollout.max_information_tokens=24", "rollout.max_response_tokens=64",
     "ppo.rollout_batch_size=4", "ppo.mini_batch_size=4", "ppo.micro_batch_size=2",

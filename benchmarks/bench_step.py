@@ -1,0 +1,170 @@
+"""Benchmark: time per stage of one full StePPO step (rollout, segment, score tokens, rewards, advantages, update).
+
+Workloads:
+- `tiny_cpu`: the embedded default preset (configs/tiny_cpu.yaml), one process, no warm start (a random policy
+  writes long responses, which is the expensive case for every stage).
+- `qwen0.5b_gpu` (only with a CUDA device): a randomly initialised model with Qwen2.5-0.5B's body (hidden 896,
+  24 layers, 14 heads, 2 KV heads, MLP 4864), bf16, with the offline tokenizer's vocabulary (the table gives V).
+
+Methods, each timed on the same workload after one warm-up step:
+- `ours`: `stepsearch.ops` as configured (`auto`: Triton kernels on CUDA, the pure-torch twins on CPU): fused
+  vocabulary-chunked log-prob/entropy, scan-based reward scatter + GAE.
+- `torch_twins`: the pure-torch twins everywhere (`kernels.impl=torch`) — the reference. Same as `ours` on CPU.
+- `peers`: the method of verl / OpenRLHF / TRL: full (N, V) logits then log_softmax for log-probs and entropy,
+  and GAE as a Python loop over T.
+
+Prints a table (seconds per stage, and each method's step time as a ratio to ours) and writes long-format CSV
+(workload, method, stage, seconds, ratio_to_ours) to benchmarks/results/step.csv. `--quick` runs one timed step
+of a smaller tiny_cpu workload (seconds); the default times `--steps` steps.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import statistics
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from stepsearch import ops
+from stepsearch.algo import gae as gae_ref
+from stepsearch.algo import logprob as logprob_ref
+from stepsearch.algo import scatter as scatter_ref
+from stepsearch.config import load_config
+
+RESULTS = Path(__file__).parent / "results" / "step.csv"
+STAGES = ("rollout", "segment", "score_tokens", "rewards", "advantages", "update")
+QWEN_05B_BODY = ["model.tiny_hidden_size=896", "model.tiny_num_layers=24", "model.tiny_num_heads=14",
+                 "model.tiny_num_kv_heads=2", "model.tiny_intermediate_size=4864", "model.dtype=bfloat16",
+                 "trainer.device=cuda", "ppo.rollout_batch_size=16", "ppo.mini_batch_size=32",
+                 "ppo.micro_batch_size=16", "rollout.samples_per_prompt=2"]
+
+
+def peers_logprob_entropy(hidden, weight, targets, *, chunk_size=4096, temperature=1.0):
+    """verl/OpenRLHF/TRL: materialise the logits, upcast, log_softmax, gather; entropy from the full softmax."""
+    return logprob_ref.logprob_entropy_materialized(hidden, weight, targets, temperature=temperature)
+
+
+def peers_scatter_rewards_and_gae(outcome, step_scores, step_ends, old_logp, ref_logp, values, loss_mask, kl_coef,
+                                  gamma, lam, kl_estimator="k1", return_rewards=False):
+    """Token rewards as usual, then GAE as a Python loop over T (verl's `compute_gae_advantage_return`)."""
+    rewards = scatter_ref.scatter_rewards(outcome, step_scores, step_ends, old_logp, ref_logp, loss_mask, kl_coef,
+                                          kl_estimator)
+    advantages, returns = gae_ref.gae_python_loop(rewards, values.float(), loss_mask, gamma, lam)
+    return gae_ref.RewardsAndGAE(advantages, returns, rewards if return_rewards else None)
+
+
+@contextmanager
+def method(name: str):
+    """Swap the `stepsearch.ops` entry points the trainer calls for the method's implementations."""
+    saved = (ops.logprob_entropy, ops.scatter_rewards_and_gae, ops.current_impl())
+    try:
+        if name == "torch_twins":
+            ops.configure("torch")
+        elif name == "peers":
+            ops.logprob_entropy = peers_logprob_entropy
+            ops.scatter_rewards_and_gae = peers_scatter_rewards_and_gae
+        yield
+    finally:
+        ops.logprob_entropy, ops.scatter_rewards_and_gae = saved[:2]
+        ops.configure(saved[2])
+
+
+def build(overrides: list[str], out_dir: str):
+    from stepsearch import train as trainer
+    from stepsearch.rollout.segmenter import TagTable
+
+    cfg = load_config("configs/tiny_cpu.yaml", ["trainer.warm_start_steps=0", "trainer.eval_max_questions=0",
+                                                 "trainer.tensorboard=false", "deepspeed.enabled='off'",
+                                                 f"trainer.output_dir={out_dir}", *overrides])
+    ctx = trainer.setup(cfg)
+    data = trainer.prepare_data(ctx)
+    retriever = trainer.prepare_retriever(ctx, data)
+    tokenizer = trainer.prepare_tokenizer(ctx, data)
+    actor_lm = trainer.prepare_policy(ctx, data, retriever, tokenizer)
+    models = trainer.build_models(ctx, actor_lm, tokenizer)
+    cursor = trainer.DataCursor(data.train, cfg.data.shuffle_seed, ctx.rank, ctx.world_size)
+    table = TagTable.from_tokenizer(tokenizer)
+    return trainer, ctx, models, retriever, tokenizer, table, cursor, len(tokenizer)
+
+
+def snapshot(models) -> list:
+    """Weights and optimiser states of actor and critic, to start every timed step from the same state."""
+    return [(engine, copy.deepcopy(engine.module.state_dict()), copy.deepcopy(engine.optimizer.state_dict()))
+            for engine in (models.actor, models.critic)]
+
+
+def restore(saved: list) -> None:
+    for engine, weights, optimizer in saved:
+        engine.module.load_state_dict(weights)
+        engine.optimizer.load_state_dict(optimizer)
+
+
+def time_steps(pipeline, saved: list, steps: int) -> dict[str, float]:
+    """Median seconds per stage over `steps` steps; every step starts from the same weights, optimiser state and
+    data position with the same sampling seed, so every method and repetition does exactly the same work."""
+    trainer, ctx, models, retriever, tokenizer, table, cursor, _ = pipeline
+    samples: dict[str, list[float]] = {stage: [] for stage in STAGES}
+    for _ in range(steps):
+        restore(saved)
+        state = trainer.TrainState()
+        if ctx.device.type == "cuda":
+            torch.cuda.synchronize()
+        values, _ = trainer.train_step(ctx, models, retriever, tokenizer, table, cursor, state)
+        for stage in STAGES:
+            samples[stage].append(float(values[f"time/{stage}_s"]))
+    medians = {stage: statistics.median(v) for stage, v in samples.items()}
+    medians["step"] = sum(medians.values())
+    return medians
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="one timed step of a smaller CPU workload")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per method (median reported)")
+    parser.add_argument("--csv", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+
+    workloads = {"tiny_cpu": ["trainer.device=cpu"] + (
+        ["ppo.rollout_batch_size=4", "rollout.samples_per_prompt=2", "ppo.mini_batch_size=8",
+         "ppo.micro_batch_size=8", "data.synth_num_train=60", "data.synth_num_test=10"] if args.quick else [])}
+    if torch.cuda.is_available() and not args.quick:
+        workloads["qwen0.5b_gpu"] = QWEN_05B_BODY
+    steps = 1 if args.quick else args.steps
+    rows = []
+    for workload, overrides in workloads.items():
+        with tempfile.TemporaryDirectory() as out_dir:
+            pipeline = build(overrides, out_dir)
+            vocab = pipeline[-1]
+            saved = snapshot(pipeline[2])
+            time_steps(pipeline, saved, 1)  # warm-up: allocator, kernels' autotuning, tokenizer caches
+            results = {}
+            for name in ("ours", "torch_twins", "peers"):
+                with method(name):
+                    results[name] = time_steps(pipeline, saved, steps)
+        print(f"\n{workload} (V={vocab}, {steps} timed step(s), median seconds)")
+        print(f"{'stage':<14}" + "".join(f"{name:>14}" for name in results))
+        for stage in (*STAGES, "step"):
+            print(f"{stage:<14}" + "".join(f"{results[name][stage]:>14.3f}" for name in results))
+        print(f"{'step vs ours':<14}" + "".join(f"{results[name]['step'] / results['ours']['step']:>13.2f}x"
+                                                for name in results))
+        for name, stages in results.items():
+            for stage, seconds in stages.items():
+                rows.append({"workload": workload, "vocab": vocab, "method": name, "stage": stage,
+                             "seconds": f"{seconds:.6f}",
+                             "ratio_to_ours": f"{seconds / max(results['ours'][stage], 1e-12):.4f}"})
+    args.csv.parent.mkdir(parents=True, exist_ok=True)
+    with open(args.csv, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"\nwrote {args.csv}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -114,8 +114,9 @@ def markdown_table(rows: dict[str, list[dict[str, float]]], baseline: dict[str, 
     return "\n".join(lines) + "\n"
 
 
-CURVE_KEYS = (("f1", "train answer F1"), ("key_reward", "search-key reward"), ("info_gain", "information gain"),
-              ("redundancy", "redundancy"), ("turns", "searches per trajectory"), ("kl", "KL(actor || ref)"))
+CURVE_KEYS = (("reward/f1", "train answer F1"), ("reward/key_reward", "search-key reward"),
+              ("reward/info_gain", "information gain per search"), ("reward/redundancy", "redundancy per search"),
+              ("response/turns", "searches per trajectory"), ("kl", "KL(actor || ref)"))
 
 
 def plot_curves(curves: dict[str, list[list[dict[str, Any]]]], out_path: Path) -> Path | None:

@@ -62,7 +62,8 @@ def test_table_has_one_row_per_variant_with_mean_and_std(tmp_path):
 
 
 def test_curves_plot_writes_a_png(tmp_path):
-    curves = {"outcome": [[{"step": 1, "f1": 0.1}, {"step": 2, "f1": 0.2}]], "full": [[{"step": 1, "f1": 0.3}]]}
+    curves = {"outcome": [[{"step": 1, "reward/f1": 0.1}, {"step": 2, "reward/f1": 0.2}]],
+              "full": [[{"step": 1, "reward/f1": 0.3}]]}
     path = plot_curves(curves, tmp_path / "c.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert plot_curves({"outcome": [[{"step": 1}]]}, tmp_path / "none.png") is None

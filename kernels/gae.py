@@ -116,7 +116,7 @@ def _tile_maps(
 
 @triton.jit
 def _gae_summary_kernel(
-    summary_ptr, num_chunks, chunk_len, length,
+    summary_ptr, num_chunks, chunk_len, tiles_per_chunk, length,
     rewards_ptr, values_ptr, mask_ptr, old_logp_ptr, ref_logp_ptr, step_scores_ptr, step_ends_ptr,
     stride_rewards, stride_values, stride_mask, stride_old, stride_ref, num_steps,
     kl_coef, gamma, gamma_lam,
@@ -128,7 +128,7 @@ def _gae_summary_kernel(
     chunk_start = chunk * chunk_len
     chunk_end = tl.minimum(chunk_start + chunk_len, length)
     agg_p, agg_q, agg_k, agg_u, agg_s, agg_w = 1.0, 0.0, 0.0, 0.0, 1.0, 0.0
-    for tile in range(0, tl.cdiv(chunk_end - chunk_start, BLOCK)):
+    for tile in range(0, tiles_per_chunk):
         tile_end = chunk_end - tile * BLOCK
         _t, _in, _m, _v, _r, p, q, k, u, s, w = _tile_maps(
             row, tile_end, chunk_start, length,
@@ -153,7 +153,7 @@ def _gae_summary_kernel(
 
 @triton.jit
 def _gae_chunk_kernel(
-    advantages_ptr, returns_ptr, rewards_out_ptr, summary_ptr, num_chunks, chunk_len, length,
+    advantages_ptr, returns_ptr, rewards_out_ptr, summary_ptr, num_chunks, chunk_len, tiles_per_chunk, length,
     rewards_ptr, values_ptr, mask_ptr, old_logp_ptr, ref_logp_ptr, step_scores_ptr, step_ends_ptr, outcome_ptr,
     stride_rewards, stride_values, stride_mask, stride_old, stride_ref, num_steps,
     kl_coef, gamma, gamma_lam,
@@ -171,7 +171,7 @@ def _gae_chunk_kernel(
     else:
         carry_o = 0.0
     plane = num_chunks * tl.num_programs(1)
-    for later in range(num_chunks - 1, chunk, -1):
+    for later in range(num_chunks - 1, chunk, -1):  # compose the chunks to the right, last first
         base = summary_ptr + row * num_chunks + later
         p = tl.load(base)
         q = tl.load(base + plane)
@@ -184,7 +184,7 @@ def _gae_chunk_kernel(
         carry_o = s * carry_o
     chunk_start = chunk * chunk_len
     chunk_end = tl.minimum(chunk_start + chunk_len, length)
-    for tile in range(0, tl.cdiv(chunk_end - chunk_start, BLOCK)):
+    for tile in range(0, tiles_per_chunk):
         tile_end = chunk_end - tile * BLOCK
         t, in_tile, masked_in, values, rewards, p, q, k, u, s, w = _tile_maps(
             row, tile_end, chunk_start, length,
@@ -248,6 +248,8 @@ def _launch(
         return advantages, returns, rewards_out
     if block is None:
         block, chunk_len = _launch_plan(batch, length, device)
+    if chunk_len % block:
+        raise ValueError(f"scatter_rewards_and_gae: chunk_len {chunk_len} must be a multiple of block {block}")
     num_chunks = triton.cdiv(length, chunk_len)
     fused = token_rewards is None
     has_kl = fused and kl_coef != 0
@@ -279,10 +281,12 @@ def _launch(
     summary = placeholder
     if num_chunks > 1:
         summary = torch.empty(6, batch, num_chunks, dtype=torch.float32, device=device)  # (6, B, chunks)
-        _gae_summary_kernel[grid](summary, num_chunks, chunk_len, length, *pointers, *strides, *scalars,
+        _gae_summary_kernel[grid](summary, num_chunks, chunk_len, chunk_len // block, length, *pointers, *strides,
+                                  *scalars,
                                   **flags, **launch)
     _gae_chunk_kernel[grid](
-        advantages, returns, rewards_out if return_rewards else placeholder, summary, num_chunks, chunk_len, length,
+        advantages, returns, rewards_out if return_rewards else placeholder, summary, num_chunks, chunk_len,
+        chunk_len // block, length,
         *pointers, outcome if fused else placeholder, *strides, *scalars,
         STORE_REWARDS=return_rewards, **flags, **launch,
     )

@@ -44,7 +44,7 @@ _NUM_OUTPUTS = 8  # the 7 fields of PPOLossOutput, then the normaliser 1 / N
 
 @triton.jit
 def _ppo_fwd_kernel(
-    partials_ptr, dpolicy_ptr, dvalue_ptr, num_chunks, chunk_len, length,
+    partials_ptr, dpolicy_ptr, dvalue_ptr, num_chunks, chunk_len, tiles_per_chunk, length,
     logp_ptr, old_logp_ptr, advantages_ptr, values_ptr, old_values_ptr, returns_ptr, mask_ptr, entropy_ptr,
     stride_logp, stride_old_logp, stride_adv, stride_values, stride_old_values, stride_returns, stride_mask,
     stride_entropy,
@@ -64,8 +64,8 @@ def _ppo_fwd_kernel(
     clipped_acc = tl.zeros([BLOCK], dtype=tl.float32)
     kl_acc = tl.zeros([BLOCK], dtype=tl.float32)
     value_clipped_acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for tile_start in range(chunk_start, chunk_end, BLOCK):
-        t = tile_start + tl.arange(0, BLOCK)
+    for tile in range(0, tiles_per_chunk):
+        t = chunk_start + tile * BLOCK + tl.arange(0, BLOCK)
         in_chunk = t < chunk_end
         masked_in = tl.load(mask_ptr + row64 * stride_mask + t, mask=in_chunk, other=0) != 0
         token_acc += masked_in.to(tl.float32)
@@ -266,6 +266,8 @@ class _FusedPPOLoss(torch.autograd.Function):
         has_policy, has_value, has_entropy = logp is not None, values is not None, entropy is not None
         if block is None:
             block, chunk_len = _launch_plan(batch, length, device)
+        if chunk_len % block:
+            raise ValueError(f"ppo_loss: chunk_len {chunk_len} must be a multiple of block {block}")
         num_chunks = max(1, triton.cdiv(length, chunk_len))
         mask = loss_mask if loss_mask.stride(-1) == 1 else loss_mask.contiguous()
         mask = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
@@ -282,7 +284,7 @@ class _FusedPPOLoss(torch.autograd.Function):
         launch = {} if _INTERPRET else {"num_warps": _GPU_NUM_WARPS}
         if batch and length:
             _ppo_fwd_kernel[(num_chunks, batch)](
-                partials, dpolicy, dvalue, num_chunks, chunk_len, length, *pointers, *strides,
+                partials, dpolicy, dvalue, num_chunks, chunk_len, chunk_len // block, length, *pointers, *strides,
                 1.0 - clip_ratio, 1.0 + clip_ratio, float(dual_clip or 0.0), float(value_clip),
                 HAS_POLICY=has_policy, HAS_VALUE=has_value, HAS_ENTROPY=has_entropy,
                 DUAL_CLIP=dual_clip is not None, BLOCK=block, **launch,

@@ -272,7 +272,9 @@ class _FusedPPOLoss(torch.autograd.Function):
         mask = loss_mask if loss_mask.stride(-1) == 1 else loss_mask.contiguous()
         mask = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
         outputs = torch.empty(_NUM_OUTPUTS, dtype=torch.float32, device=device)  # (8,)
-        partials = torch.zeros(_NUM_PARTIALS, batch, num_chunks, dtype=torch.float32, device=device)
+        # (7, B, chunks); every forward program writes its slot, an empty batch leaves zeros for the finalize.
+        allocate = torch.empty if batch and length else torch.zeros
+        partials = allocate(_NUM_PARTIALS, batch, num_chunks, dtype=torch.float32, device=device)
         row_weights = torch.empty(batch, dtype=torch.float32, device=device)  # (B,)
         dpolicy = torch.empty(batch, length, dtype=torch.float32, device=device) if has_policy else outputs
         dvalue = torch.empty(batch, length, dtype=torch.float32, device=device) if has_value else outputs

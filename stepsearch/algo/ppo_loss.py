@@ -90,7 +90,8 @@ def check_ppo_inputs(
         required.append(("entropy", entropy))
     for name, tensor in required:
         if tensor is None:
-            raise ValueError(f"ppo_loss: {name} is required with {'logp' if name in ('old_logp', 'advantages', 'entropy') else 'values'}")
+            needed_by = "values" if name in ("old_values", "returns") else "logp"
+            raise ValueError(f"ppo_loss: {name} is required when {needed_by} is given")
         if tensor.shape != loss_mask.shape:
             raise ValueError(f"ppo_loss: {name} must be (B, T) = {tuple(loss_mask.shape)}, got {tuple(tensor.shape)}")
     if loss_agg_mode not in LOSS_AGG_MODES:

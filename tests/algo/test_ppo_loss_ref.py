@@ -160,6 +160,10 @@ def test_empty_batch_gives_zero_loss_and_bad_inputs_are_named():
         ppo_loss(**{**batch, "returns": batch["returns"][:, :2]}, **SETTINGS)
     with pytest.raises(ValueError, match="dual_clip"):
         ppo_loss(**batch, **SETTINGS, dual_clip=0.5)
+    with pytest.raises(ValueError, match="old_values is required when values is given"):
+        ppo_loss(**{**batch, "old_values": None}, **SETTINGS)
+    with pytest.raises(ValueError, match="give logp"):
+        ppo_loss(**{**batch, "logp": None, "values": None, "entropy": None}, **SETTINGS)
 
 
 def test_explained_variance_matches_sklearn():

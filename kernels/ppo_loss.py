@@ -14,7 +14,9 @@ Forward, three launches at most:
    never read on the host) and the per-row weights for the backward. Results are bitwise reproducible.
 Backward: `_ppo_bwd_kernel` scales the saved local derivatives by row weight x normaliser x upstream gradients
 (non-unit upstream gradients of loss, policy_loss, value_loss and entropy_loss are all honoured) and writes the
-gradients of logp, values and entropy in their own dtypes.
+gradients of logp, values and entropy in their own dtypes. Only the inputs whose outputs received a gradient get
+one, so `policy_loss - c * entropy_loss` and `value_loss` can be backpropagated by two separate calls (actor and
+critic engines) through the one node, each reaching only its own model's graph.
 
 Memory traffic per token (fp32 inputs, all parts on): forward reads 7 x 4 + 1 bytes and writes 8, backward reads
 8 + 1 and writes 12: ~58 bytes, about 120 MB at 2M tokens. Float64 inputs are delegated to the twin. Under
@@ -301,7 +303,11 @@ class _FusedPPOLoss(torch.autograd.Function):
             seqs_ptr if seqs_ptr is not None else outputs, seqs_scalar, float(vf_coef), float(entropy_coef),
             MODE=mode, GLOBAL_TOKENS=tokens_kind, GLOBAL_SEQS=seqs_kind, BLOCK_ROWS=_FINALIZE_BLOCK_ROWS,
         )
-        ctx.save_for_backward(dpolicy, dvalue, mask, row_weights, outputs)
+        # Intermediates live on ctx rather than in save_for_backward, and undefined upstream gradients stay None:
+        # the trainer backpropagates the actor part and the critic part in two separate calls through this one
+        # node, and each call must only touch its own model's graph (save_for_backward would be freed by the first).
+        ctx.set_materialize_grads(False)
+        ctx.intermediates = (dpolicy, dvalue, mask, row_weights, outputs)
         ctx.settings = (has_policy, has_value, has_entropy, float(vf_coef), float(entropy_coef), block)
         ctx.input_dtypes = (logp.dtype if has_policy else None, values.dtype if has_value else None,
                             entropy.dtype if has_entropy else None)
@@ -311,9 +317,14 @@ class _FusedPPOLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, grad_policy, grad_value, grad_entropy, *_diagnostics):
-        dpolicy, dvalue, mask, row_weights, outputs = ctx.saved_tensors
+        dpolicy, dvalue, mask, row_weights, outputs = ctx.intermediates
         has_policy, has_value, has_entropy, vf_coef, entropy_coef, block = ctx.settings
         logp_dtype, values_dtype, entropy_dtype = ctx.input_dtypes
+        has_policy = has_policy and ctx.needs_input_grad[0] and (grad_loss is not None or grad_policy is not None)
+        has_value = has_value and ctx.needs_input_grad[3] and (grad_loss is not None or grad_value is not None)
+        has_entropy = has_entropy and ctx.needs_input_grad[7] and (grad_loss is not None or grad_entropy is not None)
+        if not (has_policy or has_value or has_entropy):
+            return None, None, None, None, None, None, None, None, None
         batch, length = mask.shape
         zero = outputs.new_zeros(())
         upstream = torch.stack([g if g is not None else zero for g in (grad_loss, grad_policy, grad_value,

@@ -4,9 +4,10 @@ CPU: the kernels run under the Triton interpreter in one child process (TRITON_I
 imported, never leaking into this process). The parent builds the cases and the upstream gradients, the child runs
 forward + backward, the parent compares losses, diagnostics and gradients with the float64 twin. Cases cover every
 aggregation mode, actor-only / critic-only calls, dual clip, global normalisers (tensor and number), holes and empty
-rows, clamped log-ratios, strided and bf16 inputs, non-unit upstream gradients on all four losses, several tiles
-and chunks (small BLOCK / chunk overrides), and bitwise-identical reruns. A second child compiles the kernels for
-sm_90. GPU (`gpu` marker): 2M tokens against the twin.
+rows, clamped log-ratios, strided and bf16 inputs, non-unit upstream gradients on all four losses, actor and critic
+parts backpropagated in two separate calls (the trainer's pattern), several tiles and chunks (small BLOCK / chunk
+overrides), and bitwise-identical reruns. A second child compiles the kernels for sm_90. GPU (`gpu` marker):
+2M tokens against the twin.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ _DIFFERENTIABLE = ("logp", "values", "entropy")
 
 def _make_case(name, batch, length, *, seed, mode="token-mean", parts=("policy", "value", "entropy"),
                dual_clip=3.0, block=None, chunk_len=None, global_counts=None, dtype=torch.float32, strided=False,
-               density=0.6, extreme_ratios=False, repeats=1):
+               density=0.6, extreme_ratios=False, repeats=1, split_backward=False):
     generator = torch.Generator().manual_seed(seed)
     width = length + 3 if strided else length
 
@@ -45,7 +46,7 @@ def _make_case(name, batch, length, *, seed, mode="token-mean", parts=("policy",
         mask[1] = False
     case = {
         "name": name, "mode": mode, "dual_clip": dual_clip, "block": block, "chunk_len": chunk_len,
-        "repeats": repeats, "loss_mask": mask,
+        "repeats": repeats, "split_backward": split_backward, "loss_mask": mask,
         "logp": logp.to(dtype) if "policy" in parts else None,
         "old_logp": old_logp.to(dtype) if "policy" in parts else None,
         "advantages": randn().to(dtype) if "policy" in parts else None,
@@ -79,6 +80,8 @@ CASES = [
     _make_case("bf16_inputs", 3, 31, seed=7, dtype=torch.bfloat16),
     _make_case("all_masked", 3, 17, seed=8, density=0.0),
     _make_case("deterministic_repeat", 4, 50, seed=9, block=16, chunk_len=32, repeats=3),
+    _make_case("actor_then_critic_backward", 4, 33, seed=10, block=16, chunk_len=16, split_backward=True,
+               mode="seq-mean-token-mean"),
 ]
 
 
@@ -105,10 +108,15 @@ def _forward_backward(loss_fn, case, dtype=None, **extra):
     out = loss_fn(inputs["logp"], inputs["old_logp"], inputs["advantages"], inputs["values"], inputs["old_values"],
                   inputs["returns"], case["loss_mask"], inputs["entropy"], **settings, **extra)
     upstream = case["upstream"].to(out.loss.dtype)
-    weighted = sum(g * value for g, value in zip(upstream, out[:4]) if value.requires_grad)
     result = {"outputs": torch.stack([x.detach() for x in out])}
-    if isinstance(weighted, torch.Tensor):
-        weighted.backward()
+    if case["split_backward"]:  # the trainer: actor and critic parts backpropagated by two separate calls
+        (upstream[1] * out.policy_loss + upstream[3] * out.entropy_loss).backward()
+        assert inputs["values"].grad is None, "the actor's backward must not reach the critic"
+        (upstream[2] * out.value_loss).backward()
+    else:
+        weighted = sum(g * value for g, value in zip(upstream, out[:4]) if value.requires_grad)
+        if isinstance(weighted, torch.Tensor):
+            weighted.backward()
     for name in _DIFFERENTIABLE:
         if inputs[name] is not None:
             result[f"grad_{name}"] = inputs[name].grad

@@ -31,7 +31,7 @@ from stepsearch.algo.scatter import scatter_rewards
 __all__ = [
     "IMPLS",
     "configure",
-    "configured_impl",
+    "current_impl",
     "backend_for",
     "scatter_rewards",
     "compute_gae",
@@ -64,7 +64,7 @@ def configure(impl: str) -> None:
     _configured = _check_impl(impl, "kernels.impl")
 
 
-def configured_impl() -> str:
+def current_impl() -> str:
     """The implementation in force: STEPSEARCH_KERNELS if set, else what `configure` was given ("auto" default)."""
     forced = os.environ.get(ENV_VAR)
     return _check_impl(forced, f"environment variable {ENV_VAR}") if forced else _configured
@@ -81,7 +81,7 @@ def _triton_importable() -> bool:
 
 def backend_for(tensor: torch.Tensor) -> str:
     """"triton" or "torch": which implementation a call on `tensor` runs (for logging and tests)."""
-    impl = configured_impl()
+    impl = current_impl()
     if impl == "torch":
         return "torch"
     if impl == "triton":

@@ -20,20 +20,20 @@ def _restore_switch(monkeypatch):
 
 
 def test_auto_runs_the_twins_on_cpu():
-    assert ops.configured_impl() == "auto"
+    assert ops.current_impl() == "auto"
     assert ops.backend_for(torch.zeros(1)) == "torch"
 
 
 def test_configure_and_environment_override(monkeypatch):
     ops.configure("torch")
-    assert ops.configured_impl() == "torch"
+    assert ops.current_impl() == "torch"
     monkeypatch.setenv(ops.ENV_VAR, "triton")
-    assert ops.configured_impl() == "triton"
+    assert ops.current_impl() == "triton"
     with pytest.raises(RuntimeError, match="need CUDA tensors"):
         ops.backend_for(torch.zeros(1))
     monkeypatch.setenv(ops.ENV_VAR, "cuda")
     with pytest.raises(ValueError, match="STEPSEARCH_KERNELS"):
-        ops.configured_impl()
+        ops.current_impl()
     with pytest.raises(ValueError, match="kernels.impl"):
         ops.configure("fast")
 

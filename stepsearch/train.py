@@ -99,6 +99,9 @@ def setup(cfg: Config) -> Context:
         device = torch.device("cpu")
         if distributed and "OMP_NUM_THREADS" not in os.environ:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
+    if cfg.model.packing:
+        raise ConfigError("model.packing=true: padding-free packing is not implemented by this trainer yet; "
+                          "set model.packing=false")
     if distributed and cfg.ppo.rollout_batch_size % world:
         raise ConfigError(f"ppo.rollout_batch_size ({cfg.ppo.rollout_batch_size}) must be a multiple of the number "
                           f"of ranks ({world})")

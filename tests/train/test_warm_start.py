@@ -1,0 +1,53 @@
+"""Warm-start rendering (gold trajectories exactly as the agent loop lays them out; information tokens carry no
+loss), and a few supervised steps lower the loss."""
+from __future__ import annotations
+
+import pytest
+
+from stepsearch.config import ModelConfig, RolloutConfig
+from stepsearch.data.records import QARecord, SupportDoc
+from stepsearch.models.tiny import build_tiny_model
+from stepsearch.models.tokenizer import train_tokenizer
+from stepsearch.retrieval.base import Document
+from stepsearch.trainer.warm_start import gold_turns, render_gold_examples, supervised_warm_start
+
+RECORD = QARecord(
+    id="q0", question="Where was the father of Mibe Tusos born?", answers=["Dazin"],
+    sub_questions=["Who is the father of Mibe Tusos?", "Where was Vogul Tusos born?"],
+    search_keys=[["father of Mibe Tusos"], ["Vogul Tusos born city"]],
+    support_docs=[SupportDoc("Mibe Tusos", "The father of Mibe Tusos was Vogul Tusos."),
+                  SupportDoc("Vogul Tusos", "Vogul Tusos was born in the city of Dazin.")],
+    hops=2, metadata={"sub_answers": ["Vogul Tusos", "Dazin"]},
+)
+
+
+class FixedRetriever:
+    def search(self, queries, topk):
+        return [[Document(id=f"d{i}", title="Vogul Tusos", text=f"Vogul Tusos was born in Dazin ({q}).", score=1.0)
+                 for i in range(topk)] for q in queries]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    texts = [RECORD.question, *gold_turns(RECORD)[0], "Vogul Tusos was born in Dazin. Doc Title"] * 20
+    return train_tokenizer(texts, vocab_size=400, out_dir=tmp_path_factory.mktemp("tok"))
+
+
+def test_gold_trajectory_is_rendered_as_the_agent_loop_would_with_information_unmasked(tokenizer):
+    rollout = RolloutConfig(max_information_tokens=64)
+    [(ids, mask)] = render_gold_examples([RECORD], tokenizer, FixedRetriever(), rollout, topk=2)
+    trained = tokenizer.decode([i for i, m in zip(ids, mask) if m], skip_special_tokens=False)
+    ignored = tokenizer.decode([i for i, m in zip(ids, mask) if not m], skip_special_tokens=False)
+    assert trained == ("<think> Who is the father of Mibe Tusos? </think>\n<search> father of Mibe Tusos </search>"
+                       "<think> Vogul Tusos. Where was Vogul Tusos born? </think>\n<search> Vogul Tusos born city "
+                       "</search><think> Dazin. </think>\n<answer> Dazin </answer>")
+    assert ignored.count("\n<information>Doc 1(Title: Vogul Tusos)") == 2 and ignored.count("</information>\n") == 2
+    assert ignored.startswith("Answer the given question.")  # the prompt carries no loss either
+
+
+def test_supervised_warm_start_lowers_the_loss(tokenizer):
+    model = build_tiny_model(ModelConfig(tiny_hidden_size=32, tiny_num_layers=1, tiny_num_heads=2,
+                                         tiny_num_kv_heads=1, tiny_intermediate_size=48), tokenizer)
+    examples = render_gold_examples([RECORD], tokenizer, FixedRetriever(), RolloutConfig(), topk=1)
+    losses = supervised_warm_start(model, examples, tokenizer.pad_token_id, steps=15, lr=1e-2, progress=False)
+    assert len(losses) == 15 and losses[-1] < 0.5 * losses[0]

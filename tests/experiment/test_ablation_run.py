@@ -1,0 +1,43 @@
+"""The ablation end to end at toy sizes: one warm start, three variants × one seed, a table and curves."""
+import json
+
+from stepsearch.config import load_config
+from stepsearch.experiment import VARIANTS, run_ablation
+
+TOY = [
+    "model.tiny_hidden_size=32", "model.tiny_num_layers=1", "model.tiny_num_heads=2", "model.tiny_num_kv_heads=1",
+    "model.tiny_intermediate_size=48", "model.tiny_vocab_size=400",
+    "data.synth_num_train=24", "data.synth_num_test=4", "data.max_prompt_tokens=1024",
+    "rollout.max_turns=2", "rollout.samples_per_prompt=2", "rollout.max_new_tokens_per_turn=12",
+    "rollout.max_information_tokens=24", "rollout.max_response_tokens=64",
+    "ppo.rollout_batch_size=4", "ppo.mini_batch_size=4", "ppo.micro_batch_size=2",
+    "trainer.warm_start_steps=2", "trainer.total_steps=2", "trainer.save_every=0", "trainer.eval_max_questions=4",
+    "trainer.tensorboard=false", "trainer.report=false", "trainer.device=cpu", "deepspeed.enabled='off'",
+]
+
+
+def test_ablation_runs_every_variant_from_one_warm_start(tmp_path):
+    cfg = load_config("configs/tiny_cpu.yaml", TOY)
+    out = run_ablation(cfg, seeds=[0], out_dir=tmp_path)
+
+    table = (out / "ablation.md").read_text()
+    for variant in VARIANTS:
+        assert f"| {variant} | 1 |" in table
+    assert "| warm start (no RL) |" in table
+    summary = json.loads((out / "ablation.json").read_text())
+    assert set(summary["results"]) == set(VARIANTS)
+    assert (out / "ablation_curves.png").read_bytes()[:4] == b"\x89PNG"
+
+    warm = out / "warm_start" / "warm_start"
+    for variant in VARIANTS:
+        run = load_config(out / f"{variant}-seed0" / "config.yaml")
+        assert run.model.actor_path == str(warm) and run.trainer.warm_start_steps == 0
+        assert (run.reward.key_weight > 0) == (variant != "outcome")
+        assert (run.reward.step_weight > 0) == (variant == "full")
+        rows = [json.loads(line) for line in (out / f"{variant}-seed0" / "metrics.jsonl").read_text().splitlines()]
+        assert [row["step"] for row in rows] == [1, 2]
+        for row in rows:
+            if variant == "outcome":  # format penalty 0, no key term: outcome = valid * F1 <= F1
+                assert row["reward/outcome"] <= row["reward/f1"] + 1e-6
+            if variant != "full":  # no step reward reaches the tokens
+                assert row["reward/step_reward"] == 0.0

@@ -106,7 +106,7 @@ def markdown_table(rows: dict[str, list[dict[str, float]]], baseline: dict[str, 
             else f"{mean:.3f} ± {std:.3f}"
 
     if baseline is not None:
-        lines.append("| warm start (no RL) | - | " + " | ".join(cell(c, [baseline.get(c, float('nan'))])
+        lines.append("| start (no RL) | - | " + " | ".join(cell(c, [baseline.get(c, float('nan'))])
                                                              for c in columns) + " |")
     for variant, runs in rows.items():
         lines.append(f"| {variant} | {len(runs)} | " + " | ".join(cell(c, [r.get(c, float('nan')) for r in runs])
@@ -178,6 +178,8 @@ def run_ablation(base: Config, seeds: list[int], out_dir: Path, variants: tuple[
         for variant in variants:
             run_dir = train(variant_config(base, variant, seed, f"{variant}-seed{seed}"))
             results[variant].append(summarise_eval(read_eval(run_dir, "after")))
+            if baseline is None:  # every variant starts from the same weights: any run's "before" is the baseline
+                baseline = summarise_eval(read_eval(run_dir, "before"))
             curves[variant].append(read_metrics(run_dir))
 
     table = markdown_table(results, baseline)
@@ -201,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of outcome,key,full")
     parser.add_argument("--out", default="runs/ablation", help="directory for all runs and the report")
     parser.add_argument("overrides", nargs="*", help="section.field=value config overrides")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may follow the options
     overrides = list(args.overrides) + ([f"trainer.total_steps={args.steps}"] if args.steps is not None else [])
     cfg = load_config(args.config, overrides)
     variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())

@@ -56,7 +56,7 @@ def test_table_has_one_row_per_variant_with_mean_and_std(tmp_path):
     table = markdown_table(rows, baseline={"em": 0.05, "f1": 0.1})
     lines = table.strip().splitlines()
     assert lines[0].startswith("| variant | seeds | em | f1 | f1 2hop |")
-    assert lines[2].startswith("| warm start (no RL) |")
+    assert lines[2].startswith("| start (no RL) |")
     assert "| outcome | 2 | 20.0 ± 14.1 | 30.0 ± 14.1 | 40.0 ± 14.1 |" in table
     assert "| full | 1 | 50.0 ± 0.0 |" in table
 

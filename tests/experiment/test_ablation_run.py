@@ -23,7 +23,7 @@ def test_ablation_runs_every_variant_from_one_warm_start(tmp_path):
     table = (out / "ablation.md").read_text()
     for variant in VARIANTS:
         assert f"| {variant} | 1 |" in table
-    assert "| warm start (no RL) |" in table
+    assert "| start (no RL) |" in table
     summary = json.loads((out / "ablation.json").read_text())
     assert set(summary["results"]) == set(VARIANTS)
     assert (out / "ablation_curves.png").read_bytes()[:4] == b"\x89PNG"

@@ -327,6 +327,8 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
                 errors.append(str(exc))
         raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
     if origin is Literal:
+        if isinstance(value, bool) and "on" in args and "off" in args:  # YAML 1.1 reads a bare on/off as a bool
+            value = "on" if value else "off"
         _check(value in args, f"{where}: {value!r} is not one of {list(args)}")
         return value
     if origin is list:

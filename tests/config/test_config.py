@@ -72,3 +72,10 @@ def test_saved_config_round_trips(tmp_path):
     cfg = load_config(None, ["ppo.dual_clip=3.0", "retriever.url=http://127.0.0.1:9000", "trainer.run_name=x"])
     save_config(cfg, tmp_path / "resolved.yaml")
     assert load_config(tmp_path / "resolved.yaml") == cfg
+
+
+def test_bare_on_off_reach_on_off_fields():
+    assert load_config(None, ["deepspeed.enabled=off"]).deepspeed.enabled == "off"
+    assert load_config(None, ["deepspeed.enabled=on"]).deepspeed.enabled == "on"
+    with pytest.raises(ConfigError, match="deepspeed.enabled: 'yes please' is not one of"):
+        load_config(None, ["deepspeed.enabled=yes please"])

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import platform
 import statistics
 import sys
 import time
@@ -32,6 +31,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import bench_common
 from stepsearch.algo.gae import gae_python_loop
 from stepsearch.algo.gae import scatter_rewards_and_gae as twin_scatter_rewards_and_gae
 from stepsearch.algo.scatter import scatter_rewards
@@ -49,11 +49,6 @@ def _parse_args(argv):
     parser.add_argument("--out", type=Path, help="CSV path (default benchmarks/results/gae.csv or gae_quick.csv)")
     return parser.parse_args(argv)
 
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def _make_inputs(batch, length, device, seed):
@@ -157,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     shapes = [tuple(int(x) for x in shape.split("x")) for shape in shapes.split(",")]
     methods = [m for m in args.methods.split(",") if on_gpu or not m.startswith("triton")]
     out_path = args.out or RESULTS_DIR / ("gae.csv" if on_gpu else "gae_quick.csv")
-    device_name = _device_name(device)
+    device_name = bench_common.device_name(device)
     ceiling = _copy_ceiling_gb_s(device) if on_gpu else None
 
     rows = []

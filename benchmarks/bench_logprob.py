@@ -21,7 +21,6 @@ import argparse
 import csv
 import ctypes
 import math
-import platform
 import statistics
 import sys
 import time
@@ -30,6 +29,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import bench_common
 from stepsearch.algo.logprob import logprob_entropy as twin_logprob_entropy
 from stepsearch.algo.logprob import logprob_entropy_materialized
 
@@ -50,11 +50,6 @@ def _parse_args(argv):
     parser.add_argument("--out", type=Path, help=f"CSV path (default {RESULTS_PATH}; --quick: logprob_quick.csv)")
     return parser.parse_args(argv)
 
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 class _RssPeak:
@@ -175,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     grad_entropy = torch.randn(n_rows, generator=generator).to(device) * 0.01  # (N,)
     grad_mib = (n_rows + vocab) * hidden_size * hidden_buffers[0].element_size() / MIB
 
-    device_name = _device_name(device)
+    device_name = bench_common.device_name(device)
     ceiling = _gemm_ceiling_tflops(n_rows, hidden_size, dtype, device) if on_gpu else None
     rss = None if on_gpu else _RssPeak()
     flops_per_pass = {"fwd": 2.0 * n_rows * hidden_size * vocab, "fwd+bwd": 8.0 * n_rows * hidden_size * vocab}

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import platform
 import statistics
 import sys
 import time
@@ -31,6 +30,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import bench_common
 from stepsearch.algo.ppo_loss import ppo_loss as twin_ppo_loss
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -46,11 +46,6 @@ def _parse_args(argv):
     parser.add_argument("--out", type=Path, help="CSV path (default benchmarks/results/ppo_loss[_quick].csv)")
     return parser.parse_args(argv)
 
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def _make_inputs(batch, length, device, seed):
@@ -130,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     batch, length = (int(x) for x in (args.shape or ("512x4096" if on_gpu else "64x512")).split("x"))
     methods = [m for m in args.methods.split(",") if on_gpu or m == "torch_twin"]
     out_path = args.out or RESULTS_DIR / ("ppo_loss.csv" if on_gpu else "ppo_loss_quick.csv")
-    device_name = _device_name(device)
+    device_name = bench_common.device_name(device)
     ceiling = _copy_ceiling_gb_s(device) if on_gpu else None
     input_sets = [_make_inputs(batch, length, device, seed) for seed in range(2)]  # 2 x 64 MB at 2M tokens
     tokens = batch * length

@@ -10,19 +10,15 @@ ptxas, so GPU compile errors surface without a GPU. GPU (`gpu` marker): full sha
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from kernel_child import compile_for_hopper, run_interpreter_cases
 from stepsearch.algo.gae import compute_gae as twin_compute_gae
 from stepsearch.algo.gae import scatter_rewards_and_gae as twin_scatter_rewards_and_gae
-
-_REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _make_case(name, batch, length, *, fused, seed, density=0.6, gamma=0.99, lam=0.95, num_steps=3, kl_coef=0.1,
@@ -134,18 +130,7 @@ def _interpreter_main(inputs_path: str, outputs_path: str) -> None:
 
 @pytest.fixture(scope="module")
 def interpreter_results(tmp_path_factory):
-    if importlib.util.find_spec("triton") is None:  # find, not import: triton stays out of this process
-        pytest.skip("triton is not installed")
-    work_dir = tmp_path_factory.mktemp("gae_interpreter")
-    inputs_path, outputs_path = work_dir / "cases.pt", work_dir / "results.pt"
-    torch.save(CASES, inputs_path)
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    completed = subprocess.run(
-        [sys.executable, __file__, str(inputs_path), str(outputs_path)],
-        cwd=_REPO_ROOT, env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert completed.returncode == 0, f"interpreter run failed:\n{completed.stdout}\n{completed.stderr}"
-    return torch.load(outputs_path)
+    return run_interpreter_cases(__file__, CASES, tmp_path_factory.mktemp("gae_interpreter"), timeout=600)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c["name"])
@@ -203,17 +188,8 @@ def _compile_for_hopper_main() -> None:
 
 def test_kernels_compile_for_hopper():
     """Compile (not run) both kernels in every flag combination for sm_90 with this machine's Triton."""
-    spec = importlib.util.find_spec("triton")
-    if spec is None:
-        pytest.skip("triton is not installed")
-    if not (Path(spec.origin).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
-        pytest.skip("this triton build ships no ptxas")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(OMP_NUM_THREADS="1", TRITON_DEFAULT_FP_FUSION="1")
-    completed = subprocess.run([sys.executable, __file__, "--compile-for-hopper"], cwd=_REPO_ROOT, env=env,
-                               capture_output=True, text=True, timeout=600)
-    assert completed.returncode == 0, f"sm_90 compile failed:\n{completed.stdout}\n{completed.stderr}"
-    assert len(completed.stdout.splitlines()) == 8
+    lines = compile_for_hopper(__file__, timeout=600)
+    assert len(lines) == 8
 
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

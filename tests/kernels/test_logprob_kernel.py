@@ -9,20 +9,16 @@ GPU (`gpu` marker): Qwen2.5-3B-like shapes against the float64 referee and the t
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from kernel_child import compile_for_hopper, run_interpreter_cases
 from stepsearch.algo.logprob import logprob_entropy as twin_logprob_entropy
 from stepsearch.algo.logprob import logprob_entropy_materialized
-
-_REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _make_case(name, n_rows, hidden_size, vocab, *, dtype, chunk_size, temperature=1.0, seed=0, logit_scale=0.4,
@@ -107,18 +103,7 @@ def _interpreter_main(inputs_path: str, outputs_path: str) -> None:
 
 @pytest.fixture(scope="module")
 def interpreter_results(tmp_path_factory):
-    if importlib.util.find_spec("triton") is None:  # find, not import: triton stays out of this process
-        pytest.skip("triton is not installed")
-    work_dir = tmp_path_factory.mktemp("logprob_interpreter")
-    inputs_path, outputs_path = work_dir / "cases.pt", work_dir / "results.pt"
-    torch.save(INTERPRETER_CASES, inputs_path)
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    completed = subprocess.run(
-        [sys.executable, __file__, str(inputs_path), str(outputs_path)],
-        cwd=_REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert completed.returncode == 0, f"interpreter run failed:\n{completed.stdout}\n{completed.stderr}"
-    return torch.load(outputs_path)
+    return run_interpreter_cases(__file__, INTERPRETER_CASES, tmp_path_factory.mktemp("logprob_interpreter"), timeout=300)
 
 
 def _check_bounds(result, vocab):
@@ -205,19 +190,7 @@ def _compile_for_hopper_main() -> None:
 
 def test_kernels_compile_for_hopper():
     """Compile (not run) both kernels for sm_90, bf16 and fp32, with this machine's Triton."""
-    spec = importlib.util.find_spec("triton")
-    if spec is None:
-        pytest.skip("triton is not installed")
-    if not (Path(spec.origin).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
-        pytest.skip("this triton build ships no ptxas")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(OMP_NUM_THREADS="1", TRITON_DEFAULT_FP_FUSION="1")
-    completed = subprocess.run(
-        [sys.executable, __file__, "--compile-for-hopper"],
-        cwd=_REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert completed.returncode == 0, f"sm_90 compile failed:\n{completed.stdout}\n{completed.stderr}"
-    lines = completed.stdout.splitlines()
+    lines = compile_for_hopper(__file__, timeout=300)
     assert len(lines) == 4
     assert all("wgmma" in line for line in lines if " bf16 " in line), lines
 

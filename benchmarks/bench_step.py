@@ -24,7 +24,6 @@ import copy
 import csv
 import statistics
 import tempfile
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -75,21 +74,13 @@ def method(name: str):
 
 
 def build(overrides: list[str], out_dir: str):
-    from stepsearch import train as trainer
-    from stepsearch.rollout.segmenter import TagTable
+    """The preset's run, built as training builds it (`build_run`), without warm start or evaluation."""
+    from stepsearch.trainer.build import build_run
 
     cfg = load_config("configs/tiny_cpu.yaml", ["trainer.warm_start_steps=0", "trainer.eval_max_questions=0",
                                                  "trainer.tensorboard=false", "deepspeed.enabled='off'",
                                                  f"trainer.output_dir={out_dir}", *overrides])
-    ctx = trainer.setup(cfg)
-    data = trainer.prepare_data(ctx)
-    retriever = trainer.prepare_retriever(ctx, data)
-    tokenizer = trainer.prepare_tokenizer(ctx, data)
-    actor_lm = trainer.prepare_policy(ctx, data, retriever, tokenizer)
-    models = trainer.build_models(ctx, actor_lm, tokenizer)
-    cursor = trainer.DataCursor(data.train, cfg.data.shuffle_seed, ctx.rank, ctx.world_size)
-    table = TagTable.from_tokenizer(tokenizer)
-    return trainer, ctx, models, retriever, tokenizer, table, cursor, len(tokenizer)
+    return build_run(cfg)
 
 
 def snapshot(models) -> list:
@@ -104,17 +95,19 @@ def restore(saved: list) -> None:
         engine.optimizer.load_state_dict(optimizer)
 
 
-def time_steps(pipeline, saved: list, steps: int) -> dict[str, float]:
+def time_steps(run, saved: list, steps: int) -> dict[str, float]:
     """Median seconds per stage over `steps` steps; every step starts from the same weights, optimiser state and
     data position with the same sampling seed, so every method and repetition does exactly the same work."""
-    trainer, ctx, models, retriever, tokenizer, table, cursor, _ = pipeline
+    from stepsearch.train import train_step
+    from stepsearch.trainer.build import TrainState
+
     samples: dict[str, list[float]] = {stage: [] for stage in STAGES}
     for _ in range(steps):
         restore(saved)
-        state = trainer.TrainState()
-        if ctx.device.type == "cuda":
+        run.state = TrainState()
+        if run.ctx.device.type == "cuda":
             torch.cuda.synchronize()
-        values, _ = trainer.train_step(ctx, models, retriever, tokenizer, table, cursor, state)
+        values, _ = train_step(run)
         for stage in STAGES:
             samples[stage].append(float(values[f"time/{stage}_s"]))
     medians = {stage: statistics.median(v) for stage, v in samples.items()}
@@ -138,14 +131,14 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for workload, overrides in workloads.items():
         with tempfile.TemporaryDirectory() as out_dir:
-            pipeline = build(overrides, out_dir)
-            vocab = pipeline[-1]
-            saved = snapshot(pipeline[2])
-            time_steps(pipeline, saved, 1)  # warm-up: allocator, kernels' autotuning, tokenizer caches
+            run = build(overrides, out_dir)
+            vocab = len(run.tokenizer)
+            saved = snapshot(run.models)
+            time_steps(run, saved, 1)  # warm-up: allocator, kernels' autotuning, tokenizer caches
             results = {}
             for name in ("ours", "torch_twins", "peers"):
                 with method(name):
-                    results[name] = time_steps(pipeline, saved, steps)
+                    results[name] = time_steps(run, saved, steps)
         print(f"\n{workload} (V={vocab}, {steps} timed step(s), median seconds)")
         print(f"{'stage':<14}" + "".join(f"{name:>14}" for name in results))
         for stage in (*STAGES, "step"):

@@ -4,23 +4,17 @@
     deepspeed stepsearch/train.py --config configs/stepsearch_qwen2.5_3b.yaml [section.field=value ...]
     DS_ACCELERATOR=cpu deepspeed --num_gpus 2 stepsearch/train.py --config configs/tiny_cpu.yaml
 
-Set-up (once):
-    setup            process group (under a launcher), device, seeds, run directory, resolved config saved
-    prepare_data     the synthetic multi-hop world (default) or the user's files -> train / test records
-    prepare_retriever  BM25 index of the synthetic corpus (built once) or the configured index / server
-    prepare_tokenizer  trained offline for the tiny model, or the checkpoint's
-    prepare_policy   the initial actor: a checkpoint, or the tiny Qwen2-shaped model + supervised warm start
-    build_models     actor / critic engines (DeepSpeed ZeRO-3 or plain AdamW), frozen reference, rollout engine
-    resume           the last complete checkpoint (trainer.resume=auto) -> step, data position, RNG
+Set-up (once) is `stepsearch.trainer.build.build_run`: process group, data, retriever, tokenizer, the initial
+policy (warm start for the tiny model), actor / critic engines, frozen reference, rollout engine, resume.
 
-Each StePPO step (`train_step`):
+Each StePPO step (`train_step`); every stage is a function that returns what the next ones read:
     rollout          sync weights to the rollout engine; multi-turn generate <-> search      -> RolloutBatch
     segment          the C++ segmenter re-derives the step ends from the token ids (cross-check)
-    score_tokens     no grad: old_logp, ref_logp (actor / reference), values (critic)        (B, T) each
-    compute_rewards  outcome (F1 or format penalty + key reward) (B,), step scores (B, S)
-    compute_advantages  ops.scatter_rewards_and_gae (KL penalty included), whitening          (B, T)
-    update_policy    PPO epochs x mini-batches x micro-batches through ops.ppo_loss; a non-finite loss skips
-                     the mini-batch's update with a logged reason
+    score_tokens     no grad: old_logp, ref_logp (actor / reference), values (critic)        -> TokenScores
+    rewards          outcome (F1 or format penalty + key reward) (B,), step scores (B, S)    -> Rewards
+    advantages       ops.scatter_rewards_and_gae (KL penalty included), whitening            -> Advantages
+    update           PPO epochs x mini-batches x micro-batches through ops.ppo_loss over the Experience; a
+                     non-finite loss skips the mini-batch's update with a logged reason
     metrics          one device-to-host transfer per step -> metrics.jsonl / TensorBoard / wandb
 
 End: evaluation before and after (greedy, held-out questions), the final HF checkpoint, the run report.
@@ -31,17 +25,13 @@ checkpoints/, warm_start/, final/, eval_before/, eval_after/, report/.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
 import math
-import os
-import random
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -50,364 +40,66 @@ if __package__ in (None, ""):  # `deepspeed stepsearch/train.py` runs this file 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from stepsearch import ops  # noqa: E402
-from stepsearch.algo.gae import masked_whiten  # noqa: E402
-from stepsearch.algo.ppo_loss import explained_variance, loss_normalizers  # noqa: E402
-from stepsearch.config import Config, ConfigError, load_config, save_config  # noqa: E402
-from stepsearch.models import distributed as dist_utils  # noqa: E402
-from stepsearch.models.actor_critic import (  # noqa: E402
-    PolicyModel, SequenceBatch, build_critic, build_reference, build_sequences, enable_gradient_checkpointing,
-    load_causal_lm, load_tokenizer, resolve_attn_implementation, resolve_dtype,
-)
-from stepsearch.trainer.checkpoint import (  # noqa: E402
-    capture_rng_state, find_latest_checkpoint, load_checkpoint, restore_rng_state, save_checkpoint, save_hf_model,
-)
-from stepsearch.trainer.metrics import MetricsLogger  # noqa: E402
+from stepsearch.config import Config, ConfigError, load_config  # noqa: E402
+from stepsearch.models.actor_critic import SequenceBatch, build_sequences  # noqa: E402
+from stepsearch.seeds import derive_seed  # noqa: E402
+from stepsearch.trainer import build, ranks  # noqa: E402
+from stepsearch.trainer.build import Context, Models, Run  # noqa: E402
+from stepsearch.trainer.checkpoint import save_hf_model  # noqa: E402
+from stepsearch.trainer.engines import gathered_named_parameters  # noqa: E402
+from stepsearch.trainer.metrics import MetricsLogger, StepMetrics  # noqa: E402
 
 log = logging.getLogger("stepsearch.train")
 
 
 # ================================================================================================================
-# set-up
+# what the stages hand each other (glossary names; tensors (B, T) unless said)
 
 
-@dataclass
-class Context:
-    cfg: Config
-    run_dir: Path
-    device: torch.device
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
-    distributed: bool = False
+@dataclass(frozen=True)
+class TokenScores:
+    """Per response token, without gradients: the actor's and the reference's log-probs, the critic's values."""
 
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.distributed:
-            dist_utils.barrier()
+    old_logp: torch.Tensor
+    ref_logp: torch.Tensor
+    values: torch.Tensor
 
 
-def setup(cfg: Config) -> Context:
-    """Process group, device, seeds, run directory and the resolved config."""
-    distributed = dist_utils.use_deepspeed(cfg.deepspeed)
-    rank, local_rank, world = dist_utils.init_distributed() if distributed else (0, 0, 1)
-    if cfg.trainer.device == "cuda" or (cfg.trainer.device == "auto" and torch.cuda.is_available()):
-        device = torch.device("cuda", local_rank if distributed else torch.cuda.current_device())
-    else:
-        device = torch.device("cpu")
-        if distributed and "OMP_NUM_THREADS" not in os.environ:
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
-    if cfg.model.packing:
-        raise ConfigError("model.packing=true: padding-free packing is not implemented by this trainer yet; "
-                          "set model.packing=false")
-    if distributed and cfg.ppo.rollout_batch_size % world:
-        raise ConfigError(f"ppo.rollout_batch_size ({cfg.ppo.rollout_batch_size}) must be a multiple of the number "
-                          f"of ranks ({world})")
-    trajectories = cfg.ppo.rollout_batch_size * cfg.rollout.samples_per_prompt // world
-    mini_per_rank = max(cfg.ppo.mini_batch_size // world, 1)
-    if trajectories % mini_per_rank or mini_per_rank % min(cfg.ppo.micro_batch_size, mini_per_rank):
-        raise ConfigError(f"trajectories per rank ({trajectories} = rollout_batch_size x samples_per_prompt / "
-                          f"{world} ranks) must be a multiple of the per-rank mini-batch ({mini_per_rank}), itself a "
-                          f"multiple of ppo.micro_batch_size ({cfg.ppo.micro_batch_size})")
-    ops.configure(cfg.kernels.impl)
-    seed_everything(cfg.trainer.seed + rank)
-    run_dir = cfg.trainer.run_dir
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-    context = Context(cfg, run_dir, device, rank, local_rank, world, distributed)
-    context.barrier()
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s")
-    return context
+@dataclass(frozen=True)
+class Rewards:
+    outcome: torch.Tensor  # (B,)
+    step_scores: torch.Tensor  # (B, S) s^t = step_weight (G^t - P^t), on the tokens of `rollout.step_ends`
+    details: list[dict]  # per trajectory, for the report
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+@dataclass(frozen=True)
+class Advantages:
+    token_rewards: torch.Tensor  # step scores + outcome + KL penalty, placed on tokens
+    advantages: torch.Tensor  # whitened when ppo.whiten_advantages
+    returns: torch.Tensor
 
 
-@dataclass
-class Data:
-    train: list
-    tests: dict[str, list]
-    corpus_path: Path | None
+@dataclass(frozen=True)
+class Experience:
+    """What the PPO update reads."""
 
-
-def prepare_data(ctx: Context) -> Data:
-    """Train / test records: the user's files, or the synthetic world written under the run directory."""
-    from stepsearch.data import load_or_create_world, load_records
-
-    cfg = ctx.cfg.data
-    corpus = None
-    if cfg.train_path is None:
-        world_dir = ctx.run_dir / "world"
-        if ctx.is_main:
-            load_or_create_world(world_dir, cfg.synth_seed, cfg.synth_num_train, cfg.synth_num_test)
-        ctx.barrier()
-        files = load_or_create_world(world_dir, cfg.synth_seed, cfg.synth_num_train, cfg.synth_num_test)
-        train_path, test_paths, corpus = files.train, [files.test] if not cfg.test_paths else cfg.test_paths, files.corpus
-    else:
-        train_path, test_paths = cfg.train_path, cfg.test_paths
-    train = load_records(train_path, cfg.format, cfg.skip_bad_rows).records
-    tests = {Path(p).name.split(".")[0]: load_records(p, cfg.format, cfg.skip_bad_rows).records for p in test_paths}
-    if not train:
-        raise ConfigError(f"data.train_path={train_path}: no training records")
-    return Data(train, tests, corpus)
-
-
-def prepare_retriever(ctx: Context, data: Data):
-    from stepsearch.retrieval.factory import make_retriever
-
-    index_home = ctx.run_dir / "world"
-    if ctx.is_main:
-        make_retriever(ctx.cfg.retriever, data.corpus_path, index_home)
-    ctx.barrier()
-    return make_retriever(ctx.cfg.retriever, data.corpus_path, index_home)
-
-
-def prepare_tokenizer(ctx: Context, data: Data):
-    """The checkpoint's tokenizer, or a byte-level BPE trained offline on the synthetic world (tiny model)."""
-    cfg = ctx.cfg.model
-    path = cfg.tokenizer_path or cfg.actor_path
-    if path is not None:
-        return load_tokenizer(path)
-    from stepsearch.models.tokenizer import train_tokenizer
-    from stepsearch.rollout.prompts import TEMPLATES
-    from stepsearch.trainer.warm_start import gold_turns
-
-    out_dir = ctx.run_dir / "tokenizer"
-    if ctx.is_main and not (out_dir / "tokenizer.json").is_file():
-        texts = [row["contents"] for row in _read_jsonl(data.corpus_path)] if data.corpus_path else []
-        texts += [r.question for r in data.train] + list(TEMPLATES.values())
-        for record in data.train:
-            try:
-                texts += gold_turns(record)[0]
-            except ValueError:
-                continue
-        train_tokenizer(texts, cfg.tiny_vocab_size, out_dir)
-    ctx.barrier()
-    return load_tokenizer(str(out_dir))
-
-
-def drop_long_prompts(ctx: Context, data: Data, tokenizer) -> None:
-    """Training questions whose prompt exceeds `data.max_prompt_tokens` are dropped, with a count in the log."""
-    from stepsearch.rollout.prompts import build_prompt_ids
-
-    limit, template = ctx.cfg.data.max_prompt_tokens, ctx.cfg.rollout.template
-    kept = [r for r in data.train if len(build_prompt_ids(tokenizer, r.question, template)) <= limit]
-    if len(kept) < len(data.train):
-        log.warning("dropped %d of %d training questions whose prompt exceeds data.max_prompt_tokens=%d",
-                    len(data.train) - len(kept), len(data.train), limit)
-    if not kept:
-        raise ConfigError(f"data.max_prompt_tokens={limit}: every training prompt is longer")
-    data.train = kept
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
-
-
-def prepare_policy(ctx: Context, data: Data, retriever, tokenizer):
-    """The initial actor (before RL): a local checkpoint, or the tiny model warm-started on gold trajectories.
-
-    The warm start runs once (rank 0) and is saved to <run_dir>/warm_start, which every rank (and a resumed run)
-    then loads, so the reference model is always this same initial policy.
-    """
-    cfg = ctx.cfg
-    dtype = resolve_dtype(cfg.model.dtype, ctx.device)
-    attn = resolve_attn_implementation(cfg.model.attn_implementation, ctx.device, dtype)
-    if cfg.model.actor_path is not None:
-        return load_causal_lm(cfg.model.actor_path, dtype, attn)
-    from stepsearch.models.tiny import build_tiny_model
-
-    warm_dir = ctx.run_dir / "warm_start"
-    if cfg.trainer.warm_start_steps <= 0:
-        return build_tiny_model(cfg.model, tokenizer, seed=cfg.trainer.seed).to(dtype)
-    if ctx.is_main and not (warm_dir / "config.json").is_file():
-        from stepsearch.trainer.warm_start import render_gold_examples, supervised_warm_start
-
-        model = build_tiny_model(cfg.model, tokenizer, seed=cfg.trainer.seed).to(ctx.device)
-        examples = render_gold_examples(data.train, tokenizer, retriever, cfg.rollout, cfg.retriever.topk,
-                                        seed=cfg.trainer.seed)
-        losses = supervised_warm_start(model, examples, tokenizer.pad_token_id, steps=cfg.trainer.warm_start_steps,
-                                       lr=cfg.trainer.warm_start_lr, seed=cfg.trainer.seed)
-        log.info("warm start: %d gold trajectories, loss %.3f -> %.3f", len(examples), losses[0], losses[-1])
-        staging = warm_dir.with_name("warm_start.tmp")
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        (staging / "losses.json").write_text(json.dumps(losses), encoding="utf-8")
-        os.replace(staging, warm_dir)
-    ctx.barrier()
-    return load_causal_lm(str(warm_dir), dtype, attn)
-
-
-@dataclass
-class Models:
-    actor: Any  # LocalTrainEngine | DeepSpeedTrainEngine over PolicyModel
-    critic: Any  # ... over Critic
-    reference: Any  # PolicyModel | DeepSpeedInferenceEngine
-    rollout: Any  # stepsearch.rollout.engine.Engine
-    rollout_lm: Any  # the full HF model the HF rollout engine generates with (the actor itself in one process);
-    #                  None for SGLang under ZeRO-3 (the engine holds its own copy)
-    separate_rollout_weights: bool  # the rollout engine needs the actor's weights pushed before each rollout
-
-    def checkpoint_items(self) -> dict[str, dict[str, Any]]:
-        """models / optimizers / schedulers keyword arguments of `save_checkpoint` and `load_checkpoint`."""
-        items: dict[str, dict[str, Any]] = {"models": {}, "optimizers": {}, "schedulers": {}}
-        for name, engine in (("actor", self.actor), ("critic", self.critic)):
-            model, optimizer, scheduler = engine.checkpoint_items()
-            items["models"][name] = model
-            if optimizer is not None:
-                items["optimizers"][name], items["schedulers"][name] = optimizer, scheduler
-        return items
-
-
-def build_models(ctx: Context, actor_lm, tokenizer) -> Models:
-    """Actor / critic training engines, the frozen reference and the rollout engine."""
-    from stepsearch.rollout.engine import make_engine
-
-    cfg = ctx.cfg
-    dtype = resolve_dtype(cfg.model.dtype, ctx.device)
-    attn = resolve_attn_implementation(cfg.model.attn_implementation, ctx.device, dtype)
-    actor_lm.to(ctx.device)
-    reference = build_reference(actor_lm, cfg.kernels.logprob_chunk_size)
-    critic = build_critic(cfg.model, actor_lm, dtype, attn, seed=cfg.trainer.seed).to(ctx.device)
-    actor = PolicyModel(actor_lm, cfg.kernels.logprob_chunk_size)
-    if cfg.model.gradient_checkpointing:
-        enable_gradient_checkpointing(actor)
-        enable_gradient_checkpointing(critic)
-    ppo = cfg.ppo
-    if not ctx.distributed:
-        rollout = make_engine(cfg.rollout, actor_lm, tokenizer, ctx.device, model_path=cfg.model.actor_path)
-        return Models(
-            dist_utils.LocalTrainEngine(actor, ppo.actor_lr, ppo.weight_decay, ppo.warmup_steps, ppo.grad_clip),
-            dist_utils.LocalTrainEngine(critic, ppo.critic_lr, ppo.weight_decay, ppo.warmup_steps, ppo.grad_clip),
-            reference.to(ctx.device), rollout, actor_lm, separate_rollout_weights=cfg.rollout.engine != "hf")
-    # Under ZeRO-3 the actor's parameters are partitioned: the rollout engine generates with its own full copy,
-    # refreshed from the gathered actor before every rollout.
-    rollout_lm = copy.deepcopy(actor_lm).eval() if cfg.rollout.engine == "hf" else None
-    rollout = make_engine(cfg.rollout, rollout_lm, tokenizer, ctx.device, model_path=cfg.model.actor_path)
-    on_gpu = ctx.device.type == "cuda"
-    if cfg.deepspeed.zero_stage == 3:
-        actor.register_lm_head_for_zero3()
-        reference.register_lm_head_for_zero3()
-
-    def ds_config(lr: float, train: bool) -> dict:
-        return dist_utils.deepspeed_config(cfg, lr=lr, train=train, on_gpu=on_gpu, dp_size=ctx.world_size)
-
-    return Models(
-        dist_utils.DeepSpeedTrainEngine(actor, ds_config(ppo.actor_lr, True), ppo.warmup_steps),
-        dist_utils.DeepSpeedTrainEngine(critic, ds_config(ppo.critic_lr, True), ppo.warmup_steps),
-        dist_utils.DeepSpeedInferenceEngine(reference, ds_config(ppo.actor_lr, False)),
-        rollout, rollout_lm, separate_rollout_weights=True)
-
-
-@dataclass
-class TrainState:
-    """What a checkpoint stores besides the engines (and RNG states)."""
-
-    step: int = 0
-    data_position: int = 0
-    skipped_updates: int = 0
-
-    def to_dict(self) -> dict[str, int]:
-        return {"step": self.step, "data_position": self.data_position, "skipped_updates": self.skipped_updates}
-
-
-def resume(ctx: Context, models: Models) -> TrainState:
-    """`trainer.resume`: `auto` = the last complete checkpoint of the run (if any), `never`, or a checkpoint path."""
-    choice = ctx.cfg.trainer.resume
-    if choice == "never":
-        return TrainState()
-    path = find_latest_checkpoint(ctx.run_dir) if choice == "auto" else Path(choice)
-    if path is None:
-        return TrainState()
-    state = load_checkpoint(path, **models.checkpoint_items())
-    restore_rng_state(state.pop("rng"))
-    log.info("resumed from %s (step %d)", path, state["step"])
-    return TrainState(**state)
-
-
-def checkpoint(ctx: Context, models: Models, state: TrainState) -> None:
-    save_checkpoint(ctx.run_dir, state.step, **models.checkpoint_items(),
-                    state={**state.to_dict(), "rng": capture_rng_state()}, keep=ctx.cfg.trainer.keep_checkpoints)
+    sequences: SequenceBatch
+    loss_mask: torch.Tensor
+    old_logp: torch.Tensor
+    values: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
 
 
 # ================================================================================================================
 # one StePPO step
 
 
-class DataCursor:
-    """Questions in a seeded order, reshuffled each epoch; `position` counts questions consumed by all ranks."""
-
-    def __init__(self, records: list, seed: int, rank: int, world_size: int) -> None:
-        self.records, self.seed, self.rank, self.world_size = records, seed, rank, world_size
-
-    def take(self, position: int, count: int) -> list:
-        """This rank's share of the `count` questions starting at global `position`."""
-        chosen = []
-        for index in range(position + self.rank, position + count, self.world_size):
-            epoch, offset = divmod(index, len(self.records))
-            order = torch.randperm(len(self.records), generator=torch.Generator().manual_seed(self.seed + epoch))
-            chosen.append(self.records[int(order[offset])])
-        return chosen
-
-
-class StepMetrics:
-    """Scalars of one step, kept as they come (0-d device tensors are not synchronised); repeated names average.
-    The logger resolves every tensor of the row with one device-to-host transfer."""
-
-    def __init__(self) -> None:
-        self.sums: dict[str, Any] = {}
-        self.counts: dict[str, int] = {}
-
-    def add(self, name: str, value: Any) -> None:
-        value = value.detach().float().reshape(()) if isinstance(value, torch.Tensor) else float(value)
-        self.sums[name] = self.sums[name] + value if name in self.sums else value
-        self.counts[name] = self.counts.get(name, 0) + 1
-
-    def update(self, values: dict[str, Any]) -> None:
-        for name, value in values.items():
-            self.add(name, value)
-
-    def means(self) -> dict[str, Any]:
-        return {name: total / self.counts[name] for name, total in self.sums.items()}
-
-
-@dataclass
-class Experience:
-    """The typed batch between stages (glossary names); tensors (B, T) unless said."""
-
-    sequences: SequenceBatch
-    loss_mask: torch.Tensor
-    step_ends: torch.Tensor  # (B, S)
-    old_logp: torch.Tensor | None = None
-    ref_logp: torch.Tensor | None = None
-    values: torch.Tensor | None = None
-    outcome: torch.Tensor | None = None  # (B,)
-    step_scores: torch.Tensor | None = None  # (B, S)
-    token_rewards: torch.Tensor | None = None
-    advantages: torch.Tensor | None = None
-    returns: torch.Tensor | None = None
-    details: list[dict] = field(default_factory=list)  # per trajectory, for the report
-
-
-def sync_rollout_weights(models: Models) -> None:
-    """Gather the ZeRO-3 actor and load it into the rollout engine (nothing to do when they share weights)."""
-    if models.separate_rollout_weights:
-        models.rollout.update_weights(dist_utils.gathered_named_parameters(models.actor.module.lm))
-
-
 def rollout_stage(ctx: Context, models: Models, retriever, tokenizer, records: list, step: int):
     from stepsearch.rollout.agent_loop import run_agent_loop
 
-    sync_rollout_weights(models)
-    seed = (ctx.cfg.trainer.seed * 1_000_003 + step) * ctx.world_size + ctx.rank
+    models.sync_rollout_weights()
+    seed = derive_seed(ctx.cfg.trainer.seed, "rollout", step, ctx.rank)
     with torch.no_grad():
         return run_agent_loop(models.rollout, retriever, tokenizer, records, ctx.cfg.rollout,
                               topk=ctx.cfg.retriever.topk, seed=seed, max_query_chars=ctx.cfg.retriever.max_query_chars)
@@ -429,22 +121,22 @@ def _micro_batches(size: int, micro: int) -> list[slice]:
 
 
 @torch.no_grad()
-def score_tokens_stage(ctx: Context, models: Models, experience: Experience) -> None:
+def score_tokens_stage(ctx: Context, models: Models, sequences: SequenceBatch, loss_mask: torch.Tensor) -> TokenScores:
     """old_logp (actor), ref_logp (reference), values (critic) for every response token, without gradients."""
     temperature = ctx.cfg.rollout.temperature or 1.0
     models.actor.eval()
     models.critic.eval()
     old, ref, values = [], [], []
-    for rows in _micro_batches(len(experience.loss_mask), ctx.cfg.ppo.micro_batch_size):
-        sequences = experience.sequences.rows(rows).to(ctx.device)
-        mask = experience.loss_mask[rows].to(ctx.device)
-        old.append(models.actor(sequences, mask, temperature)[0])
-        ref.append(models.reference(sequences, mask, temperature)[0])
-        values.append(models.critic(sequences))
-    experience.old_logp, experience.ref_logp, experience.values = torch.cat(old), torch.cat(ref), torch.cat(values)
+    for rows in _micro_batches(len(loss_mask), ctx.cfg.ppo.micro_batch_size):
+        micro = sequences.rows(rows).to(ctx.device)
+        mask = loss_mask[rows].to(ctx.device)
+        old.append(models.actor(micro, mask, temperature)[0])
+        ref.append(models.reference(micro, mask, temperature)[0])
+        values.append(models.critic(micro))
+    return TokenScores(torch.cat(old), torch.cat(ref), torch.cat(values))
 
 
-def reward_stage(ctx: Context, rollout, records: list, experience: Experience, metrics: StepMetrics) -> None:
+def reward_stage(ctx: Context, rollout, records: list, metrics: StepMetrics) -> Rewards:
     """Outcome reward (B,) and step scores s^t = step_weight (G^t - P^t) (B, S) for every trajectory."""
     from stepsearch.rewards import outcome_reward_from_config, step_rewards_group
 
@@ -478,7 +170,6 @@ def reward_stage(ctx: Context, rollout, records: list, experience: Experience, m
                             "gains": gains, "penalties": penalties, "step_scores": step_values,
                             "outcome": score.reward, "f1": score.f1, "em": score.em, "key_reward": score.key_reward,
                             "valid_format": score.valid_format}
-    experience.outcome, experience.step_scores, experience.details = outcome, step_scores, details
     metrics.update({
         "reward/outcome": outcome.mean().item(),
         "reward/f1": float(np.mean([s.f1 for s in scores])),
@@ -489,30 +180,30 @@ def reward_stage(ctx: Context, rollout, records: list, experience: Experience, m
         "reward/info_gain": float(np.mean(gains_all)) if gains_all else 0.0,
         "reward/redundancy": float(np.mean(penalties_all)) if penalties_all else 0.0,
     })
+    return Rewards(outcome, step_scores, details)
 
 
-def advantage_stage(ctx: Context, experience: Experience) -> None:
+def advantage_stage(ctx: Context, rollout, scores: TokenScores, rewards: Rewards) -> Advantages:
     """Token rewards (step scores on step ends, outcome on the last token, -beta KL on every generated token),
     GAE advantages and returns, then advantages whitened over generated tokens."""
     ppo = ctx.cfg.ppo
-    device = experience.values.device
-    mask = experience.loss_mask.to(device)
+    device = scores.values.device
+    mask = rollout.loss_mask.to(device)
     advantages, returns, token_rewards = ops.scatter_rewards_and_gae(
-        experience.outcome.to(device), experience.step_scores.to(device), experience.step_ends.to(device),
-        experience.old_logp, experience.ref_logp, experience.values, mask, ppo.kl_coef, ppo.gamma, ppo.lam,
+        rewards.outcome.to(device), rewards.step_scores.to(device), rollout.step_ends.to(device),
+        scores.old_logp, scores.ref_logp, scores.values, mask, ppo.kl_coef, ppo.gamma, ppo.lam,
         kl_estimator=ppo.kl_estimator, return_rewards=True)
-    experience.token_rewards, experience.returns = token_rewards, returns
-    experience.advantages = masked_whiten(advantages, mask) if ppo.whiten_advantages else advantages
+    advantages = ops.masked_whiten(advantages, mask) if ppo.whiten_advantages else advantages
+    return Advantages(token_rewards, advantages, returns)
 
 
 UPDATE_METRICS = ("loss/policy", "loss/value", "loss/approx_kl", "loss/clip_frac", "loss/value_clip_frac",
                   "loss/entropy")
 
 
-def update_stage(ctx: Context, models: Models, experience: Experience, step: int, metrics: StepMetrics,
-                 state: TrainState) -> None:
+def update_stage(ctx: Context, models: Models, experience: Experience, step: int, metrics: StepMetrics) -> int:
     """PPO epochs over shuffled mini-batches; gradients accumulate over micro-batches; one optimiser step per
-    mini-batch for the actor (after the critic warm-up) and the critic."""
+    mini-batch for the actor (after the critic warm-up) and the critic. Returns the number of skipped updates."""
     ppo = ctx.cfg.ppo
     temperature = ctx.cfg.rollout.temperature or 1.0
     update_actor = step >= ppo.critic_warmup_steps
@@ -521,13 +212,14 @@ def update_stage(ctx: Context, models: Models, experience: Experience, step: int
     micro = min(ppo.micro_batch_size, mini)
     models.actor.train()
     models.critic.train()
+    skipped = 0
     for epoch in range(ppo.ppo_epochs):
-        order = torch.randperm(size, generator=torch.Generator().manual_seed(
-            (ctx.cfg.trainer.seed * 7919 + step) * 131 + epoch * ctx.world_size + ctx.rank))
+        seed = derive_seed(ctx.cfg.trainer.seed, "ppo_shuffle", step, epoch, ctx.rank)
+        order = torch.randperm(size, generator=torch.Generator().manual_seed(seed))
         for mini_index, start in enumerate(range(0, size, mini)):
             rows = order[start:start + mini]
             mask = experience.loss_mask[rows].to(ctx.device)
-            counts = dist_utils.all_reduce_sum(torch.stack(loss_normalizers(mask)))  # (2,) global tokens, seqs
+            counts = ranks.all_reduce_sum(torch.stack(ops.loss_normalizers(mask)))  # (2,) global tokens, seqs
             # Each micro-batch's loss is its share of the mini-batch loss (global normalisers): shares add up.
             shares = torch.zeros(len(UPDATE_METRICS), device=ctx.device)
             for micro_rows in _micro_batches(len(rows), micro):
@@ -550,12 +242,12 @@ def update_stage(ctx: Context, models: Models, experience: Experience, step: int
                                        out.clip_frac, out.value_clip_frac,
                                        (entropy.detach() * micro_mask).sum() / counts[0]]).float()
             # The one synchronisation per mini-batch: an update from a non-finite loss would destroy the weights.
-            totals = dist_utils.all_reduce_sum(shares)
+            totals = ranks.all_reduce_sum(shares)
             policy_total, value_total = totals[:2].tolist()
             if not (math.isfinite(policy_total) and math.isfinite(value_total)):
                 models.actor.discard_gradients()
                 models.critic.discard_gradients()
-                state.skipped_updates += 1
+                skipped += 1
                 log.warning("step %d epoch %d mini-batch %d: update skipped: non-finite loss (policy %s, value %s)",
                             step, epoch, mini_index, policy_total, value_total)
                 metrics.add("update/skipped", 1.0)
@@ -565,11 +257,13 @@ def update_stage(ctx: Context, models: Models, experience: Experience, step: int
             if update_actor:
                 metrics.add("grad_norm/actor", models.actor.step())
             metrics.add("grad_norm/critic", models.critic.step())
+    return skipped
 
 
-def train_step(ctx: Context, models: Models, retriever, tokenizer, tag_table, cursor: DataCursor,
-               state: TrainState) -> tuple[dict[str, float], list[dict]]:
-    """One StePPO step; returns the host-side metrics and the per-trajectory details for the report."""
+def train_step(run: Run) -> tuple[dict[str, float], list[dict]]:
+    """One StePPO step at `run.state` (the caller advances it); returns the host-side metrics and the
+    per-trajectory details for the report."""
+    ctx, models, tokenizer, state = run.ctx, run.models, run.tokenizer, run.state
     cfg = ctx.cfg
     metrics = StepMetrics()
     timings: dict[str, float] = {}
@@ -581,30 +275,32 @@ def train_step(ctx: Context, models: Models, retriever, tokenizer, tag_table, cu
         timings[f"time/{name}_s"] = now - tick
         tick = now
 
-    records = cursor.take(state.data_position, cfg.ppo.rollout_batch_size)
-    rollout = rollout_stage(ctx, models, retriever, tokenizer, records, state.step)
+    records = run.cursor.take(state.data_position, cfg.ppo.rollout_batch_size)
+    rollout = rollout_stage(ctx, models, run.retriever, tokenizer, records, state.step)
     lap("rollout")
-    metrics.add("segment/step_end_agreement", segment_stage(rollout, tag_table))
-    experience = Experience(build_sequences(rollout.prompt_ids, rollout.response_ids, rollout.response_mask,
-                                            tokenizer.pad_token_id), rollout.loss_mask, rollout.step_ends)
+    metrics.add("segment/step_end_agreement", segment_stage(rollout, run.tag_table))
+    sequences = build_sequences(rollout.prompt_ids, rollout.response_ids, rollout.response_mask,
+                                tokenizer.pad_token_id)
     lap("segment")
-    score_tokens_stage(ctx, models, experience)
+    scores = score_tokens_stage(ctx, models, sequences, rollout.loss_mask)
     lap("score_tokens")
-    reward_stage(ctx, rollout, records, experience, metrics)
+    rewards = reward_stage(ctx, rollout, records, metrics)
     lap("rewards")
-    advantage_stage(ctx, experience)
+    advantages = advantage_stage(ctx, rollout, scores, rewards)
     lap("advantages")
-    update_stage(ctx, models, experience, state.step, metrics, state)
+    experience = Experience(sequences, rollout.loss_mask, scores.old_logp, scores.values, advantages.advantages,
+                            advantages.returns)
+    state.skipped_updates += update_stage(ctx, models, experience, state.step, metrics)
     lap("update")
 
-    mask = experience.loss_mask.to(ctx.device)
+    mask = rollout.loss_mask.to(ctx.device)
     tokens = mask.sum().clamp(min=1)
     generated = rollout.loss_mask.sum().item()
     metrics.update({
-        "kl": ((experience.old_logp - experience.ref_logp) * mask).sum() / tokens,
-        "value/explained_variance": explained_variance(experience.values, experience.returns, mask),
-        "value/mean": (experience.values * mask).sum() / tokens,
-        "reward/token_reward_sum": (experience.token_rewards * mask).sum(dim=1).mean(),
+        "kl": ((scores.old_logp - scores.ref_logp) * mask).sum() / tokens,
+        "value/explained_variance": ops.explained_variance(scores.values, advantages.returns, mask),
+        "value/mean": (scores.values * mask).sum() / tokens,
+        "reward/token_reward_sum": (advantages.token_rewards * mask).sum(dim=1).mean(),
         "response/length": rollout.response_lengths.float().mean().item(),
         "response/generated_tokens": generated / max(len(rollout), 1),
         "response/turns": float(np.mean(rollout.num_searches)),
@@ -618,25 +314,27 @@ def train_step(ctx: Context, models: Models, retriever, tokenizer, tag_table, cu
     if ctx.distributed:  # every rank saw its own trajectories: report the mean over ranks (one all-reduce)
         names = sorted(values)
         stacked = torch.stack([torch.as_tensor(values[n], dtype=torch.float32, device=ctx.device) for n in names])
-        values = dict(zip(names, dist_utils.all_reduce_sum(stacked) / ctx.world_size))
-    return values, experience.details
+        values = dict(zip(names, ranks.all_reduce_sum(stacked) / ctx.world_size))
+    return values, rewards.details
 
 
 # ================================================================================================================
 # evaluation, export, report, and the loop
 
 
-def evaluate_stage(ctx: Context, models: Models, retriever, tokenizer, data: Data, which: str) -> dict[str, float]:
+def evaluate_stage(run: Run, which: str) -> dict[str, float]:
     """Greedy evaluation on the held-out files (rank 0), written to <run_dir>/eval_<which>/."""
     from stepsearch.eval import evaluate, write_results
 
-    if ctx.cfg.trainer.eval_max_questions <= 0 or not data.tests:
+    ctx = run.ctx
+    if ctx.cfg.trainer.eval_max_questions <= 0 or not run.data.tests:
         return {}
-    sync_rollout_weights(models)
+    run.models.sync_rollout_weights()
     flat: dict[str, float] = {}
     if ctx.is_main:
-        result = evaluate(models.rollout, retriever, tokenizer, data.tests, ctx.cfg.rollout, ctx.cfg.retriever.topk,
-                          ctx.cfg.trainer.eval_max_questions, max_query_chars=ctx.cfg.retriever.max_query_chars)
+        result = evaluate(run.models.rollout, run.retriever, run.tokenizer, run.data.tests, ctx.cfg.rollout,
+                          ctx.cfg.retriever.topk, ctx.cfg.trainer.eval_max_questions,
+                          max_query_chars=ctx.cfg.retriever.max_query_chars)
         write_results(result, ctx.run_dir / f"eval_{which}")
         flat = result.metrics()
         log.info("evaluation %s: %s", which, json.dumps({k: round(v, 4) for k, v in flat.items()}))
@@ -644,18 +342,16 @@ def evaluate_stage(ctx: Context, models: Models, retriever, tokenizer, data: Dat
     return flat
 
 
-def export_final(ctx: Context, models: Models, tokenizer) -> None:
-    """The trained actor as an HF checkpoint in <run_dir>/final (loadable by `stepsearch eval --model`)."""
-    sync_rollout_weights(models)
+def export_final(run: Run) -> None:
+    """The trained actor as an HF checkpoint in <run_dir>/final (loadable by `stepsearch eval --model`), replaced
+    atomically; under ZeRO-3 without a full rollout copy the actor's partitions are gathered first (collective)."""
+    models, out = run.models, run.ctx.run_dir / "final"
+    models.sync_rollout_weights()
     if models.rollout_lm is not None:
-        save_hf_model(models.rollout_lm, tokenizer, ctx.run_dir / "final")
+        save_hf_model(models.rollout_lm, run.tokenizer, out)
         return
     lm = models.actor.module.lm
-    weights = dict(dist_utils.gathered_named_parameters(lm))  # collective: every rank gathers
-    if ctx.is_main:
-        lm.save_pretrained(ctx.run_dir / "final", state_dict=weights)
-        tokenizer.save_pretrained(ctx.run_dir / "final")
-    ctx.barrier()
+    save_hf_model(lm, run.tokenizer, out, state_dict=dict(gathered_named_parameters(lm)))
 
 
 def _truncate_trajectories(ctx: Context, step: int) -> None:
@@ -676,24 +372,14 @@ def _write_trajectories(ctx: Context, step: int, details: list[dict], keep: int 
 
 
 def train(cfg: Config) -> Path:
-    """Run every stage; returns the run directory."""
-    from stepsearch.rollout.segmenter import TagTable
-
-    ctx = setup(cfg)
-    data = prepare_data(ctx)
-    retriever = prepare_retriever(ctx, data)
-    tokenizer = prepare_tokenizer(ctx, data)
-    drop_long_prompts(ctx, data, tokenizer)
-    actor_lm = prepare_policy(ctx, data, retriever, tokenizer)
-    models = build_models(ctx, actor_lm, tokenizer)
-    state = resume(ctx, models)
+    """Build the run, evaluate, train to `trainer.total_steps`, evaluate, export, report; returns the run dir."""
+    run = build.build_run(cfg)
+    ctx, state = run.ctx, run.state
     logger = MetricsLogger(ctx.run_dir, is_main=ctx.is_main, tensorboard=cfg.trainer.tensorboard,
                            wandb_project=cfg.trainer.wandb_project, resume_step=state.step if state.step else None)
     _truncate_trajectories(ctx, state.step)
     if state.step == 0:
-        evaluate_stage(ctx, models, retriever, tokenizer, data, "before")
-    tag_table = TagTable.from_tokenizer(tokenizer)
-    cursor = DataCursor(data.train, cfg.data.shuffle_seed, ctx.rank, ctx.world_size)
+        evaluate_stage(run, "before")
 
     bar = None
     if ctx.is_main:
@@ -701,24 +387,24 @@ def train(cfg: Config) -> Path:
 
         bar = tqdm(total=cfg.trainer.total_steps, initial=state.step, desc="StePPO", unit="step")
     while state.step < cfg.trainer.total_steps:
-        values, details = train_step(ctx, models, retriever, tokenizer, tag_table, cursor, state)
+        values, details = train_step(run)
         state.step += 1
         state.data_position += cfg.ppo.rollout_batch_size
         if cfg.trainer.eval_every and state.step % cfg.trainer.eval_every == 0 and state.step < cfg.trainer.total_steps:
-            values.update(evaluate_stage(ctx, models, retriever, tokenizer, data, f"step{state.step}"))
+            values.update(evaluate_stage(run, f"step{state.step}"))
         row = logger.log(state.step, values)
         _write_trajectories(ctx, state.step, details)
         if bar is not None:
             bar.update(1)
             bar.set_postfix({k.split("/")[-1]: f"{row.get(k) or 0:.3f}" for k in ("reward/outcome", "reward/f1", "kl")})
         if (cfg.trainer.save_every and state.step % cfg.trainer.save_every == 0) or state.step == cfg.trainer.total_steps:
-            checkpoint(ctx, models, state)
+            build.save(ctx, run.models, state)
     if bar is not None:
         bar.close()
 
-    evaluate_stage(ctx, models, retriever, tokenizer, data, "after")
+    evaluate_stage(run, "after")
     logger.close()
-    export_final(ctx, models, tokenizer)
+    export_final(run)
     if ctx.is_main and cfg.trainer.report:
         from stepsearch.trainer.report import write_report
 

@@ -35,6 +35,7 @@ import torch
 from stepsearch.retrieval.base import Document, RetrieverError
 from stepsearch.rollout.prompts import build_prompt_ids
 from stepsearch.rollout.types import RolloutBatch
+from stepsearch.seeds import derive_seed
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -171,7 +172,7 @@ def run_agent_loop(engine: "Engine", retriever: "Retriever", tokenizer: "PreTrai
             generations = engine.generate(
                 [t.prompt_ids + t.ids for t in group], max_new_tokens=allowance, stop_strings=STOP_STRINGS,
                 temperature=temperature, top_p=rollout_cfg.top_p,
-                seed=None if seed is None else seed * 1_000_003 + call_index,
+                seed=None if seed is None else derive_seed(seed, "generate", call_index),
             )
             timings["generate_s"] += time.perf_counter() - tick
             call_index += 1

@@ -30,6 +30,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from stepsearch.trainer.ranks import barrier as _barrier
+from stepsearch.trainer.ranks import is_distributed as _distributed
+from stepsearch.trainer.ranks import rank as _rank
+from stepsearch.trainer.ranks import world_size as _world_size
+
 CHECKPOINTS_DIR = "checkpoints"
 COMPLETE_MARKER = "COMPLETE"
 DEEPSPEED_TAG = "ds"
@@ -164,19 +169,20 @@ def load_checkpoint(path: str | os.PathLike, *, models: dict[str, Any], optimize
     return torch.load(state_file, map_location="cpu", weights_only=False)
 
 
-def save_hf_model(module: Any, tokenizer: Any, out_dir: str | os.PathLike) -> Path:
+def save_hf_model(module: Any, tokenizer: Any, out_dir: str | os.PathLike, *,
+                  state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """Export an HF model (and tokenizer, if given) with `save_pretrained` into `out_dir`, replacing it atomically.
 
     `module` is an HF PreTrainedModel, a wrapper with `.module` (DDP), or a DeepSpeed engine. Under ZeRO-3 the
     parameters are partitioned, so the full state dict is assembled with the engine's
     `_zero3_consolidated_16bit_state_dict()` (a collective that gathers one layer at a time and returns the dict on
     rank 0 only, in the engine's dtype) and handed to `save_pretrained(state_dict=...)`; this needs no
-    `stage3_gather_16bit_weights_on_model_save` setting. Collective under torch.distributed: every rank calls it;
-    rank 0 writes.
+    `stage3_gather_16bit_weights_on_model_save` setting. A `state_dict` given (full tensors, e.g. gathered from a
+    partitioned module that is not itself a DeepSpeed engine) is written instead. Collective under
+    torch.distributed: every rank calls it; rank 0 writes.
     """
     out = Path(out_dir)
-    state_dict = None
-    if _is_deepspeed_engine(module) and module.zero_optimization_partition_weights():
+    if state_dict is None and _is_deepspeed_engine(module) and module.zero_optimization_partition_weights():
         state_dict = module._zero3_consolidated_16bit_state_dict()
     unwrapped = module.module if _is_deepspeed_engine(module) else module
     if isinstance(unwrapped, torch.nn.parallel.DistributedDataParallel):
@@ -251,20 +257,3 @@ def _engine_owned_ids(models: dict[str, Any]) -> set[int]:
                     if inner is not None:
                         owned.add(id(inner))
     return owned
-
-
-def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def _rank() -> int:
-    return torch.distributed.get_rank() if _distributed() else 0
-
-
-def _world_size() -> int:
-    return torch.distributed.get_world_size() if _distributed() else 1
-
-
-def _barrier() -> None:
-    if _distributed():
-        torch.distributed.barrier()

@@ -1,5 +1,7 @@
 """Per-step metric log: one JSONL row per step, TensorBoard scalars, optional Weights & Biases.
 
+`StepMetrics` collects one step's scalars as the stages produce them (repeated names average).
+
 `MetricsLogger.log(step, metrics)` takes Python numbers and 0-d tensors (possibly on GPU) and resolves all the tensors
 with one host sync per call, so the trainer can hand over device-side statistics without a `.item()` per metric.
 Rows go to `run_dir/metrics.jsonl` as `{"step": step, <keys sorted>}`, flushed per row; non-finite values are
@@ -55,6 +57,27 @@ def _parse_rows(file: Path) -> tuple[list[dict[str, Any]], list[str]]:
         rows.append(row)
         raw.append(line if line.endswith("\n") else line + "\n")
     return rows, raw
+
+
+class StepMetrics:
+    """Scalars of one step, kept as they come (0-d device tensors are not synchronised); repeated names average.
+    The logger resolves every tensor of the row with one device-to-host transfer."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, Any] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, name: str, value: Any) -> None:
+        value = value.detach().float().reshape(()) if isinstance(value, torch.Tensor) else float(value)
+        self.sums[name] = self.sums[name] + value if name in self.sums else value
+        self.counts[name] = self.counts.get(name, 0) + 1
+
+    def update(self, values: dict[str, Any]) -> None:
+        for name, value in values.items():
+            self.add(name, value)
+
+    def means(self) -> dict[str, Any]:
+        return {name: total / self.counts[name] for name, total in self.sums.items()}
 
 
 class MetricsLogger:

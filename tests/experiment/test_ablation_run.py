@@ -6,20 +6,12 @@ import pytest
 from stepsearch.config import load_config
 from stepsearch.experiment import VARIANTS, run_ablation
 
-TOY = [
-    "model.tiny_hidden_size=32", "model.tiny_num_layers=1", "model.tiny_num_heads=2", "model.tiny_num_kv_heads=1",
-    "model.tiny_intermediate_size=48", "model.tiny_vocab_size=400",
-    "data.synth_num_train=24", "data.synth_num_test=4", "data.max_prompt_tokens=1024",
-    "rollout.max_turns=2", "rollout.samples_per_prompt=2", "rollout.max_new_tokens_per_turn=12",
-    "rollout.max_information_tokens=24", "rollout.max_response_tokens=64",
-    "ppo.rollout_batch_size=4", "ppo.mini_batch_size=4", "ppo.micro_batch_size=2",
-    "trainer.warm_start_steps=2", "trainer.total_steps=2", "trainer.save_every=0", "trainer.eval_max_questions=4",
-    "trainer.tensorboard=false", "trainer.report=false", "trainer.device=cpu", "deepspeed.enabled='off'",
-]
+ABLATION = ["trainer.warm_start_steps=2", "trainer.total_steps=2", "trainer.save_every=0",
+            "trainer.eval_max_questions=4", "trainer.report=false", "deepspeed.enabled='off'"]
 
 
-def test_ablation_runs_every_variant_from_one_warm_start(tmp_path):
-    cfg = load_config("configs/tiny_cpu.yaml", TOY)
+def test_ablation_runs_every_variant_from_one_warm_start(tmp_path, toy_config):
+    cfg = toy_config(tmp_path, *ABLATION)
     out = run_ablation(cfg, seeds=[0], out_dir=tmp_path)
 
     table = (out / "ablation.md").read_text()

@@ -15,41 +15,32 @@ from stepsearch.trainer.metrics import read_metrics
 
 pytestmark = pytest.mark.distributed
 
-TINY = [
-    "model.tiny_hidden_size=32", "model.tiny_num_layers=1", "model.tiny_num_heads=2", "model.tiny_num_kv_heads=1",
-    "model.tiny_intermediate_size=48", "model.tiny_vocab_size=400",
-    "data.synth_num_train=24", "data.synth_num_test=4", "data.max_prompt_tokens=1024",
-    "rollout.max_turns=2", "rollout.samples_per_prompt=2", "rollout.max_new_tokens_per_turn=12",
-    "rollout.max_information_tokens=24", "rollout.max_response_tokens=64",
-    "ppo.rollout_batch_size=4", "ppo.mini_batch_size=4", "ppo.micro_batch_size=2",
-    "ppo.actor_lr=1e-3", "ppo.critic_lr=1e-3",
-    "trainer.warm_start_steps=2", "trainer.eval_max_questions=2", "trainer.tensorboard=false",
-    "trainer.save_every=1", "trainer.keep_checkpoints=1", "trainer.device=cpu",
-]
+DEEPSPEED_RUN = ["ppo.actor_lr=1e-3", "ppo.critic_lr=1e-3", "trainer.warm_start_steps=2", "trainer.eval_max_questions=2",
+                 "trainer.save_every=1", "trainer.keep_checkpoints=1"]
 
 
-def launch(tmp_path, steps: int) -> subprocess.CompletedProcess:
+def launch(tmp_path, toy_overrides: list[str], steps: int) -> subprocess.CompletedProcess:
     launcher = shutil.which("deepspeed")
     if launcher is None:
         pytest.skip("the deepspeed launcher is not installed")
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     command = [launcher, "--num_gpus", "2", "--master_port", str(29600 + os.getpid() % 300), "stepsearch/train.py",
-               "--config", "configs/tiny_cpu.yaml", *TINY, f"trainer.output_dir={tmp_path}",
+               "--config", "configs/tiny_cpu.yaml", *toy_overrides, *DEEPSPEED_RUN, f"trainer.output_dir={tmp_path}",
                f"trainer.total_steps={steps}"]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=170)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     return result
 
 
-def test_zero3_two_ranks_train_checkpoint_and_resume(tmp_path):
-    launch(tmp_path, steps=2)
+def test_zero3_two_ranks_train_checkpoint_and_resume(tmp_path, toy_overrides):
+    launch(tmp_path, toy_overrides, steps=2)
     run_dir = tmp_path / "tiny_cpu"
     checkpoint = run_dir / "checkpoints" / "step_00000002"
     shards = sorted(p.name for p in (checkpoint / "actor" / "ds").iterdir())
     assert any("rank_0" in name for name in shards) and any("rank_1" in name for name in shards)
     assert (checkpoint / "state_rank00001.pt").is_file()
 
-    result = launch(tmp_path, steps=3)
+    result = launch(tmp_path, toy_overrides, steps=3)
     assert "resumed from" in result.stdout + result.stderr
     rows = read_metrics(run_dir)
     assert [row["step"] for row in rows] == [1, 2, 3]

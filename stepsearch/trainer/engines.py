@@ -1,4 +1,4 @@
-"""Training engines for actor and critic: DeepSpeed ZeRO-3 under a launcher, plain torch AdamW in one process.
+"""Actor and critic optimisers behind one engine interface: DeepSpeed ZeRO-3 under a launcher, AdamW in one process.
 
 Both engines have one interface, so the trainer loop is the same code in both worlds:
 
@@ -24,7 +24,6 @@ Weight sync: `gathered_named_parameters` gathers the ZeRO-3 partitions a few ten
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,55 +31,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from stepsearch.trainer.ranks import world_size
+
 if TYPE_CHECKING:
-    from stepsearch.config import Config, DeepSpeedConfig
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# process group
-
-
-def use_deepspeed(ds_cfg: "DeepSpeedConfig") -> bool:
-    """`on`, or `auto` under a launcher (WORLD_SIZE is set by deepspeed/torchrun)."""
-    if ds_cfg.enabled == "on":
-        return True
-    return ds_cfg.enabled == "auto" and "WORLD_SIZE" in os.environ
-
-
-def init_distributed() -> tuple[int, int, int]:
-    """Start the process group (NCCL on GPUs, gloo on CPU); returns (rank, local_rank, world_size)."""
-    import deepspeed
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        deepspeed.init_distributed(dist_backend=backend)
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-    return dist.get_rank(), local_rank, dist.get_world_size()
-
-
-def barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
-def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """In-place sum over ranks (identity in one process)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor
-
-
-def world_size() -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    from stepsearch.config import Config
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,357 @@
+"""Everything a StePPO run needs before its first step, built by one call: `build_run(cfg) -> Run`.
+
+The training entry point (`stepsearch.train.train`), the tests and the benchmarks all start a run here, so a run
+built anywhere has the same data filter, the same models and the same resume rule:
+
+    setup              process group (under a launcher), device, seeds, run directory, resolved config saved
+    prepare_data       the synthetic multi-hop world (default) or the user's files -> train / test records
+    prepare_retriever  BM25 index of the synthetic corpus (built once) or the configured index / server
+    prepare_tokenizer  trained offline for the tiny model, or the checkpoint's
+    drop_long_prompts  training questions whose prompt exceeds `data.max_prompt_tokens` are dropped
+    prepare_policy     the initial actor: a checkpoint, or the tiny Qwen2-shaped model + supervised warm start
+    build_models       actor / critic engines (DeepSpeed ZeRO-3 or plain AdamW), frozen reference, rollout engine
+    resume             the last complete checkpoint (`trainer.resume=auto`) -> step, data position, RNG
+
+Files written on the way go where `stepsearch.trainer.run_dir.RunDir` says.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from stepsearch import ops
+from stepsearch.config import Config, ConfigError, save_config
+from stepsearch.models.actor_critic import (
+    PolicyModel, build_critic, build_reference, enable_gradient_checkpointing, load_causal_lm, load_tokenizer,
+    resolve_attn_implementation, resolve_dtype,
+)
+from stepsearch.trainer import engines, ranks
+from stepsearch.trainer.checkpoint import (
+    capture_rng_state, find_latest_checkpoint, load_checkpoint, restore_rng_state, save_checkpoint,
+)
+from stepsearch.seeds import derive_seed, seed_everything
+
+log = logging.getLogger("stepsearch.trainer")
+
+
+@dataclass
+class Context:
+    """Where this process stands: the config, the run directory, its device and rank."""
+
+    cfg: Config
+    run_dir: Path
+    device: torch.device
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    distributed: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        ranks.barrier()
+
+
+def setup(cfg: Config) -> Context:
+    """Process group, device, seeds, run directory and the resolved config."""
+    distributed = ranks.use_deepspeed(cfg.deepspeed)
+    rank, local_rank, world = ranks.init_process_group() if distributed else (0, 0, 1)
+    if cfg.trainer.device == "cuda" or (cfg.trainer.device == "auto" and torch.cuda.is_available()):
+        device = torch.device("cuda", local_rank if distributed else torch.cuda.current_device())
+    else:
+        device = torch.device("cpu")
+        if distributed and "OMP_NUM_THREADS" not in os.environ:
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
+    if cfg.model.packing:
+        raise ConfigError("model.packing=true: padding-free packing is not implemented by this trainer yet; "
+                          "set model.packing=false")
+    if distributed and cfg.ppo.rollout_batch_size % world:
+        raise ConfigError(f"ppo.rollout_batch_size ({cfg.ppo.rollout_batch_size}) must be a multiple of the number "
+                          f"of ranks ({world})")
+    trajectories = cfg.ppo.rollout_batch_size * cfg.rollout.samples_per_prompt // world
+    mini_per_rank = max(cfg.ppo.mini_batch_size // world, 1)
+    if trajectories % mini_per_rank or mini_per_rank % min(cfg.ppo.micro_batch_size, mini_per_rank):
+        raise ConfigError(f"trajectories per rank ({trajectories} = rollout_batch_size x samples_per_prompt / "
+                          f"{world} ranks) must be a multiple of the per-rank mini-batch ({mini_per_rank}), itself a "
+                          f"multiple of ppo.micro_batch_size ({cfg.ppo.micro_batch_size})")
+    ops.configure(cfg.kernels.impl)
+    seed_everything(derive_seed(cfg.trainer.seed, "process", rank))
+    run_dir = cfg.trainer.run_dir
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    context = Context(cfg, run_dir, device, rank, local_rank, world, distributed)
+    context.barrier()
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s")
+    return context
+
+
+@dataclass
+class Data:
+    train: list
+    tests: dict[str, list]
+    corpus_path: Path | None
+
+
+def prepare_data(ctx: Context) -> Data:
+    """Train / test records: the user's files, or the synthetic world written under the run directory."""
+    from stepsearch.data import load_or_create_world, load_records
+
+    cfg = ctx.cfg.data
+    corpus = None
+    if cfg.train_path is None:
+        world_dir = ctx.run_dir / "world"
+        if ctx.is_main:
+            load_or_create_world(world_dir, cfg.synth_seed, cfg.synth_num_train, cfg.synth_num_test)
+        ctx.barrier()
+        files = load_or_create_world(world_dir, cfg.synth_seed, cfg.synth_num_train, cfg.synth_num_test)
+        train_path, test_paths, corpus = files.train, [files.test] if not cfg.test_paths else cfg.test_paths, files.corpus
+    else:
+        train_path, test_paths = cfg.train_path, cfg.test_paths
+    train = load_records(train_path, cfg.format, cfg.skip_bad_rows).records
+    tests = {Path(p).name.split(".")[0]: load_records(p, cfg.format, cfg.skip_bad_rows).records for p in test_paths}
+    if not train:
+        raise ConfigError(f"data.train_path={train_path}: no training records")
+    return Data(train, tests, corpus)
+
+
+def prepare_retriever(ctx: Context, data: Data):
+    from stepsearch.retrieval.factory import make_retriever
+
+    index_home = ctx.run_dir / "world"
+    if ctx.is_main:
+        make_retriever(ctx.cfg.retriever, data.corpus_path, index_home)
+    ctx.barrier()
+    return make_retriever(ctx.cfg.retriever, data.corpus_path, index_home)
+
+
+def prepare_tokenizer(ctx: Context, data: Data):
+    """The checkpoint's tokenizer, or a byte-level BPE trained offline on the synthetic world (tiny model)."""
+    cfg = ctx.cfg.model
+    path = cfg.tokenizer_path or cfg.actor_path
+    if path is not None:
+        return load_tokenizer(path)
+    from stepsearch.models.tokenizer import train_tokenizer
+    from stepsearch.rollout.prompts import TEMPLATES
+    from stepsearch.trainer.warm_start import gold_turns
+
+    out_dir = ctx.run_dir / "tokenizer"
+    if ctx.is_main and not (out_dir / "tokenizer.json").is_file():
+        texts = [row["contents"] for row in _read_jsonl(data.corpus_path)] if data.corpus_path else []
+        texts += [r.question for r in data.train] + list(TEMPLATES.values())
+        for record in data.train:
+            try:
+                texts += gold_turns(record)[0]
+            except ValueError:
+                continue
+        train_tokenizer(texts, cfg.tiny_vocab_size, out_dir)
+    ctx.barrier()
+    return load_tokenizer(str(out_dir))
+
+
+def drop_long_prompts(ctx: Context, data: Data, tokenizer) -> Data:
+    """Training questions whose prompt exceeds `data.max_prompt_tokens` are dropped, with a count in the log."""
+    from stepsearch.rollout.prompts import build_prompt_ids
+
+    limit, template = ctx.cfg.data.max_prompt_tokens, ctx.cfg.rollout.template
+    kept = [r for r in data.train if len(build_prompt_ids(tokenizer, r.question, template)) <= limit]
+    if len(kept) < len(data.train):
+        log.warning("dropped %d of %d training questions whose prompt exceeds data.max_prompt_tokens=%d",
+                    len(data.train) - len(kept), len(data.train), limit)
+    if not kept:
+        raise ConfigError(f"data.max_prompt_tokens={limit}: every training prompt is longer")
+    return Data(kept, data.tests, data.corpus_path)
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def prepare_policy(ctx: Context, data: Data, retriever, tokenizer):
+    """The initial actor (before RL): a local checkpoint, or the tiny model warm-started on gold trajectories.
+
+    The warm start runs once (rank 0) and is saved to <run_dir>/warm_start, which every rank (and a resumed run)
+    then loads, so the reference model is always this same initial policy.
+    """
+    cfg = ctx.cfg
+    dtype = resolve_dtype(cfg.model.dtype, ctx.device)
+    attn = resolve_attn_implementation(cfg.model.attn_implementation, ctx.device, dtype)
+    if cfg.model.actor_path is not None:
+        return load_causal_lm(cfg.model.actor_path, dtype, attn)
+    from stepsearch.models.tiny import build_tiny_model
+
+    warm_dir = ctx.run_dir / "warm_start"
+    if cfg.trainer.warm_start_steps <= 0:
+        return build_tiny_model(cfg.model, tokenizer, seed=cfg.trainer.seed).to(dtype)
+    if ctx.is_main and not (warm_dir / "config.json").is_file():
+        from stepsearch.trainer.warm_start import render_gold_examples, supervised_warm_start
+
+        model = build_tiny_model(cfg.model, tokenizer, seed=cfg.trainer.seed).to(ctx.device)
+        examples = render_gold_examples(data.train, tokenizer, retriever, cfg.rollout, cfg.retriever.topk,
+                                        seed=cfg.trainer.seed)
+        losses = supervised_warm_start(model, examples, tokenizer.pad_token_id, steps=cfg.trainer.warm_start_steps,
+                                       lr=cfg.trainer.warm_start_lr, seed=cfg.trainer.seed)
+        log.info("warm start: %d gold trajectories, loss %.3f -> %.3f", len(examples), losses[0], losses[-1])
+        staging = warm_dir.with_name("warm_start.tmp")
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / "losses.json").write_text(json.dumps(losses), encoding="utf-8")
+        os.replace(staging, warm_dir)
+    ctx.barrier()
+    return load_causal_lm(str(warm_dir), dtype, attn)
+
+
+@dataclass
+class Models:
+    actor: Any  # LocalTrainEngine | DeepSpeedTrainEngine over PolicyModel
+    critic: Any  # ... over Critic
+    reference: Any  # PolicyModel | DeepSpeedInferenceEngine
+    rollout: Any  # stepsearch.rollout.engine.Engine
+    rollout_lm: Any  # the full HF model the HF rollout engine generates with (the actor itself in one process);
+    #                  None for SGLang under ZeRO-3 (the engine holds its own copy)
+    separate_rollout_weights: bool  # the rollout engine needs the actor's weights pushed before each rollout
+
+    def checkpoint_items(self) -> dict[str, dict[str, Any]]:
+        """models / optimizers / schedulers keyword arguments of `save_checkpoint` and `load_checkpoint`."""
+        items: dict[str, dict[str, Any]] = {"models": {}, "optimizers": {}, "schedulers": {}}
+        for name, engine in (("actor", self.actor), ("critic", self.critic)):
+            model, optimizer, scheduler = engine.checkpoint_items()
+            items["models"][name] = model
+            if optimizer is not None:
+                items["optimizers"][name], items["schedulers"][name] = optimizer, scheduler
+        return items
+
+    def sync_rollout_weights(self) -> None:
+        """Gather the ZeRO-3 actor and load it into the rollout engine (nothing to do when they share weights)."""
+        if self.separate_rollout_weights:
+            self.rollout.update_weights(engines.gathered_named_parameters(self.actor.module.lm))
+
+
+def build_models(ctx: Context, actor_lm, tokenizer) -> Models:
+    """Actor / critic training engines, the frozen reference and the rollout engine."""
+    from stepsearch.rollout.engine import make_engine
+
+    cfg = ctx.cfg
+    dtype = resolve_dtype(cfg.model.dtype, ctx.device)
+    attn = resolve_attn_implementation(cfg.model.attn_implementation, ctx.device, dtype)
+    actor_lm.to(ctx.device)
+    reference = build_reference(actor_lm, cfg.kernels.logprob_chunk_size)
+    critic = build_critic(cfg.model, actor_lm, dtype, attn, seed=cfg.trainer.seed).to(ctx.device)
+    actor = PolicyModel(actor_lm, cfg.kernels.logprob_chunk_size)
+    if cfg.model.gradient_checkpointing:
+        enable_gradient_checkpointing(actor)
+        enable_gradient_checkpointing(critic)
+    ppo = cfg.ppo
+    if not ctx.distributed:
+        rollout = make_engine(cfg.rollout, actor_lm, tokenizer, ctx.device, model_path=cfg.model.actor_path)
+        return Models(
+            engines.LocalTrainEngine(actor, ppo.actor_lr, ppo.weight_decay, ppo.warmup_steps, ppo.grad_clip),
+            engines.LocalTrainEngine(critic, ppo.critic_lr, ppo.weight_decay, ppo.warmup_steps, ppo.grad_clip),
+            reference.to(ctx.device), rollout, actor_lm, separate_rollout_weights=cfg.rollout.engine != "hf")
+    # Under ZeRO-3 the actor's parameters are partitioned: the rollout engine generates with its own full copy,
+    # refreshed from the gathered actor before every rollout.
+    rollout_lm = copy.deepcopy(actor_lm).eval() if cfg.rollout.engine == "hf" else None
+    rollout = make_engine(cfg.rollout, rollout_lm, tokenizer, ctx.device, model_path=cfg.model.actor_path)
+    on_gpu = ctx.device.type == "cuda"
+    if cfg.deepspeed.zero_stage == 3:
+        actor.register_lm_head_for_zero3()
+        reference.register_lm_head_for_zero3()
+
+    def ds_config(lr: float, train: bool) -> dict:
+        return engines.deepspeed_config(cfg, lr=lr, train=train, on_gpu=on_gpu, dp_size=ctx.world_size)
+
+    return Models(
+        engines.DeepSpeedTrainEngine(actor, ds_config(ppo.actor_lr, True), ppo.warmup_steps),
+        engines.DeepSpeedTrainEngine(critic, ds_config(ppo.critic_lr, True), ppo.warmup_steps),
+        engines.DeepSpeedInferenceEngine(reference, ds_config(ppo.actor_lr, False)),
+        rollout, rollout_lm, separate_rollout_weights=True)
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint stores besides the engines (and RNG states)."""
+
+    step: int = 0
+    data_position: int = 0
+    skipped_updates: int = 0
+
+    def to_dict(self) -> dict[str, int]:
+        return {"step": self.step, "data_position": self.data_position, "skipped_updates": self.skipped_updates}
+
+
+def resume(ctx: Context, models: Models) -> TrainState:
+    """`trainer.resume`: `auto` = the last complete checkpoint of the run (if any), `never`, or a checkpoint path."""
+    choice = ctx.cfg.trainer.resume
+    if choice == "never":
+        return TrainState()
+    path = find_latest_checkpoint(ctx.run_dir) if choice == "auto" else Path(choice)
+    if path is None:
+        return TrainState()
+    state = load_checkpoint(path, **models.checkpoint_items())
+    restore_rng_state(state.pop("rng"))
+    log.info("resumed from %s (step %d)", path, state["step"])
+    return TrainState(**state)
+
+
+def save(ctx: Context, models: Models, state: TrainState) -> None:
+    """An atomic checkpoint of the engines, the loop state and every RNG (collective)."""
+    save_checkpoint(ctx.run_dir, state.step, **models.checkpoint_items(),
+                    state={**state.to_dict(), "rng": capture_rng_state()}, keep=ctx.cfg.trainer.keep_checkpoints)
+
+
+class DataCursor:
+    """Questions in a seeded order, reshuffled each epoch; `position` counts questions consumed by all ranks."""
+
+    def __init__(self, records: list, seed: int, rank: int, world_size: int) -> None:
+        self.records, self.seed, self.rank, self.world_size = records, seed, rank, world_size
+
+    def take(self, position: int, count: int) -> list:
+        """This rank's share of the `count` questions starting at global `position`."""
+        chosen = []
+        for index in range(position + self.rank, position + count, self.world_size):
+            epoch, offset = divmod(index, len(self.records))
+            order = torch.randperm(len(self.records),
+                                   generator=torch.Generator().manual_seed(derive_seed(self.seed, "data_order", epoch)))
+            chosen.append(self.records[int(order[offset])])
+        return chosen
+
+
+@dataclass
+class Run:
+    """A run ready for its next StePPO step (`state.step` is 0, or the resumed checkpoint's step)."""
+
+    ctx: Context
+    data: Data
+    retriever: Any  # stepsearch.retrieval.base.Retriever
+    tokenizer: Any  # transformers.PreTrainedTokenizerBase
+    models: Models
+    state: TrainState
+    cursor: DataCursor
+    tag_table: Any  # stepsearch.rollout.segmenter.TagTable
+
+
+def build_run(cfg: Config) -> Run:
+    """Set up the process, data, retriever, tokenizer, models and (per `trainer.resume`) the loop state."""
+    from stepsearch.rollout.segmenter import TagTable
+
+    ctx = setup(cfg)
+    data = prepare_data(ctx)
+    retriever = prepare_retriever(ctx, data)
+    tokenizer = prepare_tokenizer(ctx, data)
+    data = drop_long_prompts(ctx, data, tokenizer)
+    actor_lm = prepare_policy(ctx, data, retriever, tokenizer)
+    models = build_models(ctx, actor_lm, tokenizer)
+    state = resume(ctx, models)
+    cursor = DataCursor(data.train, cfg.data.shuffle_seed, ctx.rank, ctx.world_size)
+    return Run(ctx, data, retriever, tokenizer, models, state, cursor, TagTable.from_tokenizer(tokenizer))

@@ -31,8 +31,6 @@ need a host sync; the twin raises on them). Under TRITON_INTERPRET=1 the same ke
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -41,15 +39,18 @@ from stepsearch.algo.gae import RewardsAndGAE, check_gae_inputs
 from stepsearch.algo.gae import compute_gae as _twin_compute_gae
 from stepsearch.algo.gae import scatter_rewards_and_gae as _twin_scatter_rewards_and_gae
 from stepsearch.algo.scatter import check_scatter_inputs
+from stepsearch.kernels.launch import (
+    K3_CLAMP, LOG_RATIO_CLAMP, launch_options, launch_plan, mask_for_kernel, row_major,
+)
 
 __all__ = ["compute_gae", "scatter_rewards_and_gae"]
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _KL_CODES = {"k1": 1, "k2": 2, "k3": 3}
 # 512-token tiles at 4 warps: 80 registers, no spills, 6 programs resident per SM (offline sm_90 compile read with
 # cuobjdump -res-usage; 1024-token tiles need 129 registers and leave B=512 rows in 1.3 waves on 132 SMs).
 _GPU_BLOCK = 512
-_GPU_NUM_WARPS = 4
+# ~2 programs per SM: enough chunks for few long rows, while the summary pass (inputs read twice) stays rare.
+_PROGRAMS_PER_SM = 2
 
 
 @triton.jit
@@ -90,13 +91,13 @@ def _tile_maps(
         if HAS_KL:
             old_logp = tl.load(old_logp_ptr + row64 * stride_old + t, mask=masked_in, other=0.0).to(tl.float32)
             ref_logp = tl.load(ref_logp_ptr + row64 * stride_ref + t, mask=masked_in, other=0.0).to(tl.float32)
-            log_ratio = tl.minimum(tl.maximum(old_logp - ref_logp, -20.0), 20.0)
+            log_ratio = tl.minimum(tl.maximum(old_logp - ref_logp, -LOG_RATIO_CLAMP), LOG_RATIO_CLAMP)
             if KL_ESTIMATOR == 1:
                 kl = log_ratio
             elif KL_ESTIMATOR == 2:
                 kl = 0.5 * log_ratio * log_ratio
             else:
-                kl = tl.minimum(tl.maximum(tl.exp(-log_ratio) - 1.0 + log_ratio, -10.0), 10.0)
+                kl = tl.minimum(tl.maximum(tl.exp(-log_ratio) - 1.0 + log_ratio, -K3_CLAMP), K3_CLAMP)
             rewards -= kl_coef * kl
         for step in range(num_steps):
             step_end = tl.load(step_ends_ptr + row64 * num_steps + step)
@@ -209,33 +210,6 @@ def _gae_chunk_kernel(
         carry_o = _last(s, BLOCK) * carry_o
 
 
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 132
-
-
-def _launch_plan(batch: int, length: int, device: torch.device) -> tuple[int, int]:
-    """(BLOCK, chunk_len): one chunk per row when the rows fill the GPU, else enough chunks for ~2 x SMs programs."""
-    block = min(_GPU_BLOCK, max(16, triton.next_power_of_2(length)))
-    tiles = triton.cdiv(length, block)
-    wanted_chunks = triton.cdiv(2 * _num_sms(device), max(batch, 1))
-    num_chunks = max(1, min(tiles, wanted_chunks))
-    return block, triton.cdiv(tiles, num_chunks) * block
-
-
-def _mask_for_kernel(loss_mask: torch.Tensor) -> torch.Tensor:
-    loss_mask = loss_mask if loss_mask.stride(-1) == 1 else loss_mask.contiguous()
-    return loss_mask.view(torch.uint8) if loss_mask.dtype == torch.bool else loss_mask
-
-
-def _row_major(tensor: torch.Tensor | None) -> torch.Tensor | None:
-    """Any row stride is fine; the time stride must be 1."""
-    if tensor is None or tensor.stride(-1) == 1:
-        return tensor
-    return tensor.contiguous()
-
-
 def _launch(
     values, loss_mask, gamma, lam, *, token_rewards=None, outcome=None, step_scores=None, step_ends=None,
     old_logp=None, ref_logp=None, kl_coef=0.0, kl_estimator="k1", return_rewards=False, block=None, chunk_len=None,
@@ -249,17 +223,17 @@ def _launch(
     if batch == 0 or length == 0:
         return advantages, returns, rewards_out
     if block is None:
-        block, chunk_len = _launch_plan(batch, length, device)
+        block, chunk_len = launch_plan(batch, length, device, max_block=_GPU_BLOCK, programs_per_sm=_PROGRAMS_PER_SM)
     if chunk_len % block:
         raise ValueError(f"scatter_rewards_and_gae: chunk_len {chunk_len} must be a multiple of block {block}")
     num_chunks = triton.cdiv(length, chunk_len)
     fused = token_rewards is None
     has_kl = fused and kl_coef != 0
-    mask = _mask_for_kernel(loss_mask)
-    values = _row_major(values)
-    token_rewards = _row_major(token_rewards)
-    old_logp = _row_major(old_logp) if has_kl else None
-    ref_logp = _row_major(ref_logp) if has_kl else None
+    mask = mask_for_kernel(loss_mask)
+    values = row_major(values)
+    token_rewards = row_major(token_rewards)
+    old_logp = row_major(old_logp) if has_kl else None
+    ref_logp = row_major(ref_logp) if has_kl else None
     if fused:
         step_scores = step_scores.contiguous()
         step_ends = step_ends.contiguous()
@@ -278,7 +252,7 @@ def _launch(
     )
     scalars = (float(kl_coef), float(gamma), float(gamma * lam))
     flags = dict(FUSED=fused, HAS_KL=has_kl, KL_ESTIMATOR=_KL_CODES[kl_estimator], BLOCK=block)
-    launch = {} if _INTERPRET else {"num_warps": _GPU_NUM_WARPS}
+    launch = launch_options()
     grid = (num_chunks, batch)
     summary = placeholder
     if num_chunks > 1:

@@ -27,18 +27,16 @@ Under TRITON_INTERPRET=1 (CPU tests) autotuning is bypassed and small fixed tile
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from stepsearch.algo.logprob import check_logprob_inputs
 from stepsearch.algo.logprob import logprob_entropy as _twin_logprob_entropy
+from stepsearch.kernels.launch import INTERPRET
 
 __all__ = ["logprob_entropy"]
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Small tiles for the CPU interpreter (tl.dot needs every dimension >= 16). The interpreter's tl.dot multiplies
 # bf16 operands as their raw uint16 bits (triton 3.9), so there the tiles are upcast to fp32 first: same result,
 # since bf16 products are exact in fp32.
@@ -57,7 +55,7 @@ _GPU_CONFIGS = [
 
 def _maybe_autotune(fn):
     """Autotune on GPU keyed on the model's shape (Triton adds tensor dtypes): N changes every step, no re-tuning."""
-    if _INTERPRET:
+    if INTERPRET:
         return fn
     return triton.autotune(configs=_GPU_CONFIGS, key=["hidden_size", "vocab"])(fn)
 
@@ -169,7 +167,7 @@ def _dlogits_kernel(
 
 
 def _launch_kwargs() -> dict:
-    return dict(_INTERPRET_LAUNCH) if _INTERPRET else {"UPCAST_DOT_OPERANDS": False}
+    return dict(_INTERPRET_LAUNCH) if INTERPRET else {"UPCAST_DOT_OPERANDS": False}
 
 
 def _dot_precision(dtype: torch.dtype) -> str:

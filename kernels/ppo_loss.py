@@ -25,22 +25,21 @@ TRITON_INTERPRET=1 the kernels run on CPU tensors.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from stepsearch.algo.ppo_loss import LOSS_AGG_MODES, PPOLossOutput, check_ppo_inputs
 from stepsearch.algo.ppo_loss import ppo_loss as _twin_ppo_loss
+from stepsearch.kernels.launch import LOG_RATIO_CLAMP, launch_options, launch_plan, mask_for_kernel, row_major
 
 __all__ = ["ppo_loss"]
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # 512-token tiles at 4 warps: 95 registers, no spills, 5 programs resident per SM (offline sm_90 compile read with
 # cuobjdump -res-usage; 1024-token tiles need 181 registers, 2 programs per SM: too few loads in flight).
 _GPU_BLOCK = 512
-_GPU_NUM_WARPS = 4
+# ~8 programs per SM: chunks are independent here (no carried state), so more of them only hide more latency.
+_PROGRAMS_PER_SM = 8
 _FINALIZE_BLOCK_ROWS = 1024
 _NUM_PARTIALS = 7  # policy, value, entropy, tokens, clipped tokens, approx-kl, value-clipped tokens
 _NUM_OUTPUTS = 8  # the 7 fields of PPOLossOutput, then the normaliser 1 / N
@@ -79,13 +78,13 @@ def _ppo_fwd_kernel(
             old_logp = tl.load(old_logp_ptr + row64 * stride_old_logp + t, mask=masked_in, other=0.0).to(tl.float32)
             advantages = tl.load(advantages_ptr + row64 * stride_adv + t, mask=masked_in, other=0.0).to(tl.float32)
             raw_log_ratio = logp - old_logp
-            log_ratio = tl.minimum(tl.maximum(raw_log_ratio, -20.0), 20.0)
+            log_ratio = tl.minimum(tl.maximum(raw_log_ratio, -LOG_RATIO_CLAMP), LOG_RATIO_CLAMP)
             ratio = tl.exp(log_ratio)
             unclipped = -advantages * ratio
             clipped = -advantages * tl.minimum(tl.maximum(ratio, clip_low), clip_high)
             is_clipped = clipped > unclipped
             policy = tl.where(is_clipped, clipped, unclipped)
-            in_clamp = (raw_log_ratio >= -20.0) & (raw_log_ratio <= 20.0)
+            in_clamp = (raw_log_ratio >= -LOG_RATIO_CLAMP) & (raw_log_ratio <= LOG_RATIO_CLAMP)
             dpolicy = tl.where(is_clipped | (~in_clamp), 0.0, unclipped)
             if DUAL_CLIP:
                 lower_bound = -advantages * dual_clip
@@ -231,26 +230,6 @@ def _ppo_bwd_kernel(
         tl.store(grad_entropy_ptr + out, tl.where(masked_in, entropy_scale, 0.0), mask=in_row)
 
 
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 132
-
-
-def _launch_plan(batch: int, length: int, device: torch.device) -> tuple[int, int]:
-    """(BLOCK, chunk_len): ~8 (chunk, row) programs per SM, whole tiles per chunk (chunks are independent here)."""
-    block = min(_GPU_BLOCK, max(16, triton.next_power_of_2(length)))
-    tiles = triton.cdiv(length, block)
-    num_chunks = max(1, min(tiles, triton.cdiv(8 * _num_sms(device), max(batch, 1))))
-    return block, triton.cdiv(tiles, num_chunks) * block
-
-
-def _row_major(tensor):
-    if tensor is None or tensor.stride(-1) == 1:
-        return tensor
-    return tensor.contiguous()
-
-
 def _count_args(count, device):
     """(kind, pointer, scalar) for a normaliser given as None, a number or a tensor (never read on the host)."""
     if count is None:
@@ -269,12 +248,12 @@ class _FusedPPOLoss(torch.autograd.Function):
         device = loss_mask.device
         has_policy, has_value, has_entropy = logp is not None, values is not None, entropy is not None
         if block is None:
-            block, chunk_len = _launch_plan(batch, length, device)
+            block, chunk_len = launch_plan(batch, length, device, max_block=_GPU_BLOCK,
+                                           programs_per_sm=_PROGRAMS_PER_SM)
         if chunk_len % block:
             raise ValueError(f"ppo_loss: chunk_len {chunk_len} must be a multiple of block {block}")
         num_chunks = max(1, triton.cdiv(length, chunk_len))
-        mask = loss_mask if loss_mask.stride(-1) == 1 else loss_mask.contiguous()
-        mask = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+        mask = mask_for_kernel(loss_mask)
         outputs = torch.empty(_NUM_OUTPUTS, dtype=torch.float32, device=device)  # (8,)
         # (7, B, chunks); every forward program writes its slot, an empty batch leaves zeros for the finalize.
         allocate = torch.empty if batch and length else torch.zeros
@@ -282,12 +261,12 @@ class _FusedPPOLoss(torch.autograd.Function):
         row_weights = torch.empty(batch, dtype=torch.float32, device=device)  # (B,)
         dpolicy = torch.empty(batch, length, dtype=torch.float32, device=device) if has_policy else outputs
         dvalue = torch.empty(batch, length, dtype=torch.float32, device=device) if has_value else outputs
-        tensors = [_row_major(x) for x in (logp, old_logp, advantages, values, old_values, returns)]
-        entropy_in = _row_major(entropy)
+        tensors = [row_major(x) for x in (logp, old_logp, advantages, values, old_values, returns)]
+        entropy_in = row_major(entropy)
         pointers = [x if x is not None else outputs for x in tensors] + [mask, entropy_in if has_entropy else outputs]
         strides = [x.stride(0) if x is not None else 0 for x in tensors] + [
             mask.stride(0), entropy_in.stride(0) if has_entropy else 0]
-        launch = {} if _INTERPRET else {"num_warps": _GPU_NUM_WARPS}
+        launch = launch_options()
         if batch and length:
             _ppo_fwd_kernel[(num_chunks, batch)](
                 partials, dpolicy, dvalue, num_chunks, chunk_len, chunk_len // block, length, *pointers, *strides,
@@ -334,7 +313,7 @@ class _FusedPPOLoss(torch.autograd.Function):
         grad_values = torch.empty(batch, length, dtype=values_dtype, device=device) if has_value else None
         grad_entropy_in = torch.empty(batch, length, dtype=entropy_dtype, device=device) if has_entropy else None
         if batch and length:
-            launch = {} if _INTERPRET else {"num_warps": _GPU_NUM_WARPS}
+            launch = launch_options()
             _ppo_bwd_kernel[(triton.cdiv(length, block), batch)](
                 grad_logp if has_policy else outputs, grad_values if has_value else outputs,
                 grad_entropy_in if has_entropy else outputs, dpolicy, dvalue, mask, mask.stride(0),

@@ -8,8 +8,8 @@ The trainer calls `configure(config.kernels.impl)` once and then only the functi
 
 The environment variable STEPSEARCH_KERNELS (same three values) overrides `configure`, for A/B runs without editing
 a config. Twins and kernels have the same signatures and semantics (tests pin them to each other), so switching
-never changes results beyond fp32 rounding. Kernel modules are imported lazily: importing this module needs
-neither triton nor a GPU.
+never changes results beyond fp32 rounding. Kernel modules are imported inside the functions, only when a call runs
+the Triton path: importing this module needs neither triton nor a GPU.
 
 `scatter_rewards` alone has no kernel (the hot path is the fused `scatter_rewards_and_gae`, which can also return
 the rewards); it always runs the twin, a handful of vectorised torch ops. `masked_whiten`, `explained_variance` and
@@ -19,11 +19,13 @@ the rewards); it always runs the twin, a handful of vectorised torch ops. `maske
 from __future__ import annotations
 
 import functools
-import importlib
 import os
 
 import torch
 
+from stepsearch.algo import gae as gae_twin
+from stepsearch.algo import logprob as logprob_twin
+from stepsearch.algo import ppo_loss as ppo_loss_twin
 from stepsearch.algo.gae import RewardsAndGAE, masked_whiten
 from stepsearch.algo.ppo_loss import PPOLossOutput, explained_variance, loss_normalizers
 from stepsearch.algo.scatter import scatter_rewards
@@ -73,7 +75,7 @@ def current_impl() -> str:
 @functools.lru_cache(maxsize=1)
 def _triton_importable() -> bool:
     try:
-        importlib.import_module("triton")
+        import triton  # noqa: F401
     except ImportError:
         return False
     return True
@@ -95,16 +97,14 @@ def backend_for(tensor: torch.Tensor) -> str:
     return "triton" if tensor.device.type == "cuda" and _triton_importable() else "torch"
 
 
-def _module(tensor: torch.Tensor, name: str):
-    package = "stepsearch.kernels" if backend_for(tensor) == "triton" else "stepsearch.algo"
-    return importlib.import_module(f"{package}.{name}")
-
-
 def compute_gae(
     token_rewards: torch.Tensor, values: torch.Tensor, loss_mask: torch.Tensor, gamma: float, lam: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(advantages, returns), both (B, T); see `stepsearch.algo.gae.compute_gae`."""
-    return _module(values, "gae").compute_gae(token_rewards, values, loss_mask, gamma, lam)
+    implementation = gae_twin
+    if backend_for(values) == "triton":
+        from stepsearch.kernels import gae as implementation
+    return implementation.compute_gae(token_rewards, values, loss_mask, gamma, lam)
 
 
 def scatter_rewards_and_gae(
@@ -122,7 +122,10 @@ def scatter_rewards_and_gae(
     return_rewards: bool = False,
 ) -> RewardsAndGAE:
     """Rewards placed + KL penalty + GAE -> (advantages, returns, token_rewards or None); see the twin."""
-    return _module(values, "gae").scatter_rewards_and_gae(
+    implementation = gae_twin
+    if backend_for(values) == "triton":
+        from stepsearch.kernels import gae as implementation
+    return implementation.scatter_rewards_and_gae(
         outcome, step_scores, step_ends, old_logp, ref_logp, values, loss_mask, kl_coef, gamma, lam,
         kl_estimator, return_rewards,
     )
@@ -135,7 +138,10 @@ def ppo_loss(
 ) -> PPOLossOutput:
     """PPO loss and diagnostics; see `stepsearch.algo.ppo_loss.ppo_loss` (values=None: actor only, logp=None:
     critic only)."""
-    return _module(loss_mask, "ppo_loss").ppo_loss(
+    implementation = ppo_loss_twin
+    if backend_for(loss_mask) == "triton":
+        from stepsearch.kernels import ppo_loss as implementation
+    return implementation.ppo_loss(
         logp, old_logp, advantages, values, old_values, returns, loss_mask, entropy, clip_ratio=clip_ratio,
         dual_clip=dual_clip, value_clip=value_clip, vf_coef=vf_coef, entropy_coef=entropy_coef,
         loss_agg_mode=loss_agg_mode, global_token_count=global_token_count, global_seq_count=global_seq_count,
@@ -166,6 +172,9 @@ def logprob_entropy(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(logp (N,), entropy (N,)) of `targets` (N,) under softmax(hidden (N, H) @ weight (V, H).T / temperature),
     never building the (N, V) logits; see `stepsearch.algo.logprob.logprob_entropy`."""
-    return _module(hidden, "logprob").logprob_entropy(
+    implementation = logprob_twin
+    if backend_for(hidden) == "triton":
+        from stepsearch.kernels import logprob as implementation
+    return implementation.logprob_entropy(
         hidden, weight, targets, chunk_size=chunk_size, temperature=temperature
     )

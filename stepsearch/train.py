@@ -25,6 +25,7 @@ checkpoints/, warm_start/, final/, eval_before/, eval_after/, report/.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import math
@@ -37,7 +38,13 @@ import numpy as np
 import torch
 
 if __package__ in (None, ""):  # `deepspeed stepsearch/train.py` runs this file as a script
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    # Its folder heads sys.path and would make config.py, eval.py, ops.py ... top-level modules: drop it. The package
+    # is then the installed one (editable or not; only an installed package has `stepsearch.kernels`, which the build
+    # maps from the top-level kernels/), or this checkout when it was never installed.
+    _here = Path(__file__).resolve().parent
+    sys.path[:] = [entry for entry in sys.path if not entry or Path(entry).resolve() != _here]
+    if importlib.util.find_spec("stepsearch") is None:
+        sys.path.insert(0, str(_here.parent))
 
 from stepsearch import ops  # noqa: E402
 from stepsearch.config import Config, ConfigError, load_config  # noqa: E402

@@ -18,12 +18,13 @@ import torch
 
 from kernel_child import compile_for_hopper, run_interpreter_cases
 from stepsearch.algo.gae import compute_gae as twin_compute_gae
+from stepsearch.algo.kl import K3_CLAMP, LOG_RATIO_CLAMP
 from stepsearch.algo.gae import scatter_rewards_and_gae as twin_scatter_rewards_and_gae
 
 
 def _make_case(name, batch, length, *, fused, seed, density=0.6, gamma=0.99, lam=0.95, num_steps=3, kl_coef=0.1,
                kl_estimator="k1", block=None, chunk_len=None, mask_dtype=torch.bool, values_dtype=torch.float32,
-               strided=False, out_of_range_end=False):
+               strided=False, out_of_range_end=False, extreme_log_ratios=False):
     generator = torch.Generator().manual_seed(seed)
     mask = torch.rand(batch, length, generator=generator) < density  # (B, T) holes everywhere
     if batch > 2:
@@ -49,6 +50,10 @@ def _make_case(name, batch, length, *, fused, seed, density=0.6, gamma=0.99, lam
         "old_logp": -torch.rand(batch, width, generator=generator)[:, :length] * 3 if kl_coef else None,
         "ref_logp": -torch.rand(batch, width, generator=generator)[:, :length] * 3 if kl_coef else None,
     }
+    if extreme_log_ratios:  # log-ratios of +40 and -40 (beyond the log-ratio clamp) and +15 (beyond k3's clamp)
+        case["ref_logp"][:, 0::4] -= 40.0
+        case["old_logp"][:, 1::4] -= 40.0
+        case["ref_logp"][:, 2::4] -= 15.0
     return case
 
 
@@ -70,6 +75,9 @@ CASES = [
     _make_case("fused_single_token", 1, 1, fused=True, seed=10, density=1.0, num_steps=1),
     _make_case("fused_int32_ends_no_steps", 3, 17, fused=True, seed=11, num_steps=0),
     _make_case("gae_empty_length", 2, 0, fused=False, seed=12),
+    _make_case("fused_k1_log_ratio_clamped", 3, 27, fused=True, seed=13, extreme_log_ratios=True, block=8,
+               chunk_len=16),
+    _make_case("fused_k3_both_clamps", 3, 27, fused=True, seed=14, kl_estimator="k3", extreme_log_ratios=True),
 ]
 for _case in CASES:
     if _case["name"] == "fused_int32_ends_no_steps":
@@ -149,6 +157,35 @@ def test_interpreter_matches_float64_twin(interpreter_results, case):
         assert result["public_rewards"] is None
 
 
+def test_clamp_cases_reach_the_clamps_of_algo_kl(interpreter_results):
+    """The clamp cases hold log-ratios beyond LOG_RATIO_CLAMP and k3 values beyond K3_CLAMP on generated tokens, and
+    the kernel's KL penalty there is -kl_coef * the clamp (tokens without a step end or the outcome)."""
+    for name, estimator in (("fused_k1_log_ratio_clamped", "k1"), ("fused_k3_both_clamps", "k3")):
+        case = next(c for c in CASES if c["name"] == name)
+        mask = case["loss_mask"].bool()
+        log_ratio = (case["old_logp"] - case["ref_logp"]).double()
+        beyond = mask & (log_ratio.abs() > LOG_RATIO_CLAMP)
+        assert beyond.any(), name
+        rewards = interpreter_results[name]["token_rewards"].double()
+        placed = torch.zeros_like(mask)  # tokens that also carry a step score or the outcome
+        for row in range(mask.shape[0]):
+            ends = [e for e in case["step_ends"][row].tolist() if 0 <= e < mask.shape[1]]
+            placed[row, ends] = True
+            generated = mask[row].nonzero()
+            if len(generated):
+                placed[row, generated[-1]] = True
+        plain = beyond & ~placed
+        assert plain.any(), name
+        clamp = torch.where(log_ratio > 0, LOG_RATIO_CLAMP, -LOG_RATIO_CLAMP).double()
+        kl = clamp if estimator == "k1" else torch.full_like(clamp, K3_CLAMP)  # k3 at |x| = 20 exceeds K3_CLAMP
+        torch.testing.assert_close(rewards[plain], -case["kl_coef"] * kl[plain], rtol=1e-6, atol=1e-6)
+        if estimator == "k3":
+            inside = mask & (log_ratio.abs() < LOG_RATIO_CLAMP) & (log_ratio > 10) & ~placed
+            assert inside.any()  # +15: only k3's own clamp applies
+            torch.testing.assert_close(rewards[inside], torch.full_like(rewards[inside], -case["kl_coef"] * K3_CLAMP),
+                                       rtol=1e-6, atol=1e-6)
+
+
 def test_masked_out_garbage_does_not_leak(interpreter_results):
     """Values and rewards at masked positions never reach the outputs (cases hold random numbers there)."""
     case = next(c for c in CASES if c["name"] == "gae_tiles_and_chunks")
@@ -166,6 +203,7 @@ def _compile_for_hopper_main() -> None:
     from triton.compiler import ASTSource
 
     from stepsearch.kernels import gae as kernels
+    from stepsearch.kernels.launch import launch_options
 
     pointer_types = {"mask_ptr": "*u8", "step_ends_ptr": "*i64", "values_ptr": "*bf16"}
     float_args = {"kl_coef", "gamma", "gamma_lam"}
@@ -181,7 +219,7 @@ def _compile_for_hopper_main() -> None:
                 else:
                     signature[name] = "fp32" if name in float_args else "i32"
             compiled = triton.compile(ASTSource(kernel, signature, constants), target=GPUTarget("cuda", 90, 32),
-                                      options={"num_warps": kernels._GPU_NUM_WARPS})
+                                      options=launch_options())
             print(f"{kernel.__name__} fused={fused} kl={has_kl}/{estimator} shared={compiled.metadata.shared}",
                   flush=True)
 

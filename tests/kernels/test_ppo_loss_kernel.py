@@ -181,6 +181,7 @@ def _compile_for_hopper_main() -> None:
     from triton.compiler import ASTSource
 
     from stepsearch.kernels import ppo_loss as kernels
+    from stepsearch.kernels.launch import launch_options
 
     float_args = {"clip_low", "clip_high", "dual_clip", "value_clip", "global_tokens", "global_seqs", "vf_coef",
                   "entropy_coef"}
@@ -203,7 +204,7 @@ def _compile_for_hopper_main() -> None:
             else:
                 signature[name] = "fp32" if name in float_args else "i32"
         compiled = triton.compile(ASTSource(kernel, signature, constants), target=GPUTarget("cuda", 90, 32),
-                                  options={"num_warps": kernels._GPU_NUM_WARPS})
+                                  options=launch_options())
         print(f"{kernel.__name__} shared={compiled.metadata.shared}", flush=True)
 
 

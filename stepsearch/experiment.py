@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from stepsearch.config import Config, load_config
+from stepsearch.trainer.run_dir import read_eval, read_metrics
 
 VARIANTS = ("outcome", "key", "full")
 
@@ -41,21 +42,6 @@ def variant_config(base: Config, variant: str, seed: int, run_name: str) -> Conf
     )
     trainer = replace(base.trainer, seed=seed, run_name=run_name, warm_start_steps=0)
     return replace(base, reward=reward, trainer=trainer)
-
-
-def read_eval(run_dir: Path, which: str) -> dict[str, Any]:
-    """The `EvalResult.to_dict()` the trainer wrote for `which` in ("before", "after")."""
-    for path in (run_dir / f"eval_{which}.json", run_dir / f"eval_{which}" / "results.json"):
-        if path.exists():
-            return json.loads(path.read_text(encoding="utf-8"))
-    raise FileNotFoundError(f"{run_dir}: no eval_{which} results (was trainer.eval_max_questions 0?)")
-
-
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def summarise_eval(result: dict[str, Any]) -> dict[str, float]:

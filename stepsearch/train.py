@@ -19,8 +19,8 @@ Each StePPO step (`train_step`); every stage is a function that returns what the
 
 End: evaluation before and after (greedy, held-out questions), the final HF checkpoint, the run report.
 
-Outputs in <trainer.output_dir>/<trainer.run_name>/: config.yaml, metrics.jsonl, tensorboard/, trajectories.jsonl,
-checkpoints/, warm_start/, final/, eval_before/, eval_after/, report/.
+Outputs in <trainer.output_dir>/<trainer.run_name>/ (`stepsearch.trainer.run_dir`): config.yaml, metrics.jsonl,
+tensorboard/, trajectories.jsonl, checkpoints/, warm_start/, final/, eval_before/, eval_after/, report/.
 """
 from __future__ import annotations
 
@@ -55,6 +55,7 @@ from stepsearch.trainer.build import Context, Models, Run  # noqa: E402
 from stepsearch.trainer.checkpoint import save_hf_model  # noqa: E402
 from stepsearch.trainer.engines import gathered_named_parameters  # noqa: E402
 from stepsearch.trainer.metrics import MetricsLogger, StepMetrics  # noqa: E402
+from stepsearch.trainer.run_dir import append_jsonl, truncate_jsonl  # noqa: E402
 
 log = logging.getLogger("stepsearch.train")
 
@@ -342,7 +343,7 @@ def evaluate_stage(run: Run, which: str) -> dict[str, float]:
         result = evaluate(run.models.rollout, run.retriever, run.tokenizer, run.data.tests, ctx.cfg.rollout,
                           ctx.cfg.retriever.topk, ctx.cfg.trainer.eval_max_questions,
                           max_query_chars=ctx.cfg.retriever.max_query_chars)
-        write_results(result, ctx.run_dir / f"eval_{which}")
+        write_results(result, ctx.paths.eval_dir(which))
         flat = result.metrics()
         log.info("evaluation %s: %s", which, json.dumps({k: round(v, 4) for k, v in flat.items()}))
     ctx.barrier()
@@ -352,7 +353,7 @@ def evaluate_stage(run: Run, which: str) -> dict[str, float]:
 def export_final(run: Run) -> None:
     """The trained actor as an HF checkpoint in <run_dir>/final (loadable by `stepsearch eval --model`), replaced
     atomically; under ZeRO-3 without a full rollout copy the actor's partitions are gathered first (collective)."""
-    models, out = run.models, run.ctx.run_dir / "final"
+    models, out = run.models, run.ctx.paths.final
     models.sync_rollout_weights()
     if models.rollout_lm is not None:
         save_hf_model(models.rollout_lm, run.tokenizer, out)
@@ -361,21 +362,10 @@ def export_final(run: Run) -> None:
     save_hf_model(lm, run.tokenizer, out, state_dict=dict(gathered_named_parameters(lm)))
 
 
-def _truncate_trajectories(ctx: Context, step: int) -> None:
-    """Drop the sampled trajectories of steps after `step` (written by an interrupted run before it crashed)."""
-    path = ctx.run_dir / "trajectories.jsonl"
-    if ctx.is_main and path.exists():
-        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-        path.write_text("".join(line for line in lines if line.strip() and json.loads(line)["step"] <= step),
-                        encoding="utf-8")
-
-
 def _write_trajectories(ctx: Context, step: int, details: list[dict], keep: int = 8) -> None:
-    if not ctx.is_main:
-        return
-    with open(ctx.run_dir / "trajectories.jsonl", "a", encoding="utf-8") as handle:
-        for detail in details[:keep]:
-            handle.write(json.dumps({"step": step, **detail}, ensure_ascii=False) + "\n")
+    """A few of the step's trajectories, with their reward details, for the report."""
+    if ctx.is_main:
+        append_jsonl(ctx.paths.trajectories, ({"step": step, **detail} for detail in details[:keep]))
 
 
 def train(cfg: Config) -> Path:
@@ -384,7 +374,8 @@ def train(cfg: Config) -> Path:
     ctx, state = run.ctx, run.state
     logger = MetricsLogger(ctx.run_dir, is_main=ctx.is_main, tensorboard=cfg.trainer.tensorboard,
                            wandb_project=cfg.trainer.wandb_project, resume_step=state.step if state.step else None)
-    _truncate_trajectories(ctx, state.step)
+    if ctx.is_main:  # rows after the checkpoint (an interrupted run's) and a torn last line go
+        truncate_jsonl(ctx.paths.trajectories, "trajectory", lambda row: row["step"] <= state.step)
     if state.step == 0:
         evaluate_stage(run, "before")
 

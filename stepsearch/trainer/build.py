@@ -36,6 +36,7 @@ from stepsearch.trainer import engines, ranks
 from stepsearch.trainer.checkpoint import (
     capture_rng_state, find_latest_checkpoint, load_checkpoint, restore_rng_state, save_checkpoint,
 )
+from stepsearch.trainer.run_dir import RunDir
 from stepsearch.seeds import derive_seed, seed_everything
 
 log = logging.getLogger("stepsearch.trainer")
@@ -56,6 +57,10 @@ class Context:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def paths(self) -> RunDir:
+        return RunDir(self.run_dir)
 
     def barrier(self) -> None:
         ranks.barrier()
@@ -88,7 +93,7 @@ def setup(cfg: Config) -> Context:
     run_dir = cfg.trainer.run_dir
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
+        save_config(cfg, RunDir(run_dir).config)
     context = Context(cfg, run_dir, device, rank, local_rank, world, distributed)
     context.barrier()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
@@ -110,7 +115,7 @@ def prepare_data(ctx: Context) -> Data:
     cfg = ctx.cfg.data
     corpus = None
     if cfg.train_path is None:
-        world_dir = ctx.run_dir / "world"
+        world_dir = ctx.paths.world
         if ctx.is_main:
             load_or_create_world(world_dir, cfg.synth_seed, cfg.synth_num_train, cfg.synth_num_test)
         ctx.barrier()
@@ -128,7 +133,7 @@ def prepare_data(ctx: Context) -> Data:
 def prepare_retriever(ctx: Context, data: Data):
     from stepsearch.retrieval.factory import make_retriever
 
-    index_home = ctx.run_dir / "world"
+    index_home = ctx.paths.world
     if ctx.is_main:
         make_retriever(ctx.cfg.retriever, data.corpus_path, index_home)
     ctx.barrier()
@@ -145,7 +150,7 @@ def prepare_tokenizer(ctx: Context, data: Data):
     from stepsearch.rollout.prompts import TEMPLATES
     from stepsearch.trainer.warm_start import gold_turns
 
-    out_dir = ctx.run_dir / "tokenizer"
+    out_dir = ctx.paths.tokenizer
     if ctx.is_main and not (out_dir / "tokenizer.json").is_file():
         texts = [row["contents"] for row in _read_jsonl(data.corpus_path)] if data.corpus_path else []
         texts += [r.question for r in data.train] + list(TEMPLATES.values())
@@ -191,7 +196,7 @@ def prepare_policy(ctx: Context, data: Data, retriever, tokenizer):
         return load_causal_lm(cfg.model.actor_path, dtype, attn)
     from stepsearch.models.tiny import build_tiny_model
 
-    warm_dir = ctx.run_dir / "warm_start"
+    warm_dir = ctx.paths.warm_start
     if cfg.trainer.warm_start_steps <= 0:
         return build_tiny_model(cfg.model, tokenizer, seed=cfg.trainer.seed).to(dtype)
     if ctx.is_main and not (warm_dir / "config.json").is_file():

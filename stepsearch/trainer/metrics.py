@@ -20,43 +20,9 @@ from typing import Any
 
 import torch
 
-METRICS_FILE = "metrics.jsonl"
-TENSORBOARD_DIR = "tensorboard"
+from stepsearch.trainer.run_dir import RunDir, truncate_jsonl
+
 _WANDB_ID_FILE = "wandb_run_id.txt"
-
-
-def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Rows of a metrics JSONL file (or of `<run_dir>/metrics.jsonl` when `path` is a directory), in file order.
-
-    A last line without its newline that does not parse (a crash mid-write) is ignored; any other malformed line is a
-    ValueError naming the file and line.
-    """
-    file = Path(path)
-    if file.is_dir():
-        file = file / METRICS_FILE
-    rows, _ = _parse_rows(file)
-    return rows
-
-
-def _parse_rows(file: Path) -> tuple[list[dict[str, Any]], list[str]]:
-    """(rows, their raw lines with newline) of a metrics file; see `read_metrics` for the torn-last-line rule."""
-    text = file.read_text(encoding="utf-8")
-    lines = text.splitlines(keepends=True)
-    rows, raw = [], []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            if number == len(lines) and not line.endswith("\n"):
-                break
-            raise ValueError(f"{file}:{number}: malformed metrics row ({exc.msg})") from exc
-        if not isinstance(row, dict) or not isinstance(row.get("step"), int):
-            raise ValueError(f"{file}:{number}: a metrics row must be a JSON object with an integer 'step'")
-        rows.append(row)
-        raw.append(line if line.endswith("\n") else line + "\n")
-    return rows, raw
 
 
 class StepMetrics:
@@ -91,7 +57,7 @@ class MetricsLogger:
                  is_main: bool = True, resume_step: int | None = None) -> None:
         self.run_dir = Path(run_dir)
         self.is_main = is_main
-        self.path = self.run_dir / METRICS_FILE
+        self.path = RunDir(self.run_dir).metrics
         self._file = None
         self._tb_writer = None
         self._wandb_run = None
@@ -104,22 +70,13 @@ class MetricsLogger:
             self._truncate_after(resume_step)
             self._file = open(self.path, "a", encoding="utf-8")
         if tensorboard:
-            self._tb_writer = _open_tensorboard(self.run_dir / TENSORBOARD_DIR, resume_step)
+            self._tb_writer = _open_tensorboard(RunDir(self.run_dir).tensorboard, resume_step)
         if wandb_project is not None:
             self._wandb_run = _open_wandb(self.run_dir, wandb_project, resumed=resume_step is not None)
 
     def _truncate_after(self, resume_step: int) -> None:
         """Drop rows with step > resume_step (and a torn last line), replacing the file atomically."""
-        if not self.path.exists():
-            return
-        rows, raw = _parse_rows(self.path)
-        kept = "".join(line for row, line in zip(rows, raw) if row["step"] <= resume_step)
-        temp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
-        with open(temp, "w", encoding="utf-8") as handle:
-            handle.write(kept)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, self.path)
+        truncate_jsonl(self.path, "metrics", lambda row: row["step"] <= resume_step)
 
     def log(self, step: int, metrics: dict[str, float | int | torch.Tensor]) -> dict[str, float | int | None]:
         """Write one row; returns it as Python numbers (None for non-finite) on the main rank, {} elsewhere.

@@ -1,18 +1,16 @@
 """The run report: `run_dir/report/metrics.png` (learning curves) and `run_dir/report/index.html` (self-contained).
 
-Inputs, all optional and read leniently (a missing or malformed part becomes a note in the page, never an error):
-- `metrics.jsonl`: one row per step (`stepsearch.trainer.metrics`); a metric is plotted when it names one of
-  `KEY_METRICS` as itself, its last `/`-part (`reward/info_gain`), or its parts joined either way (`loss/policy` ->
-  `policy_loss`, `response/length` -> `response_length`), plus the `eval/avg/*` columns.
-- `eval_before.json` / `eval_after.json`, or `eval_before/results.json` / `eval_after/results.json` (what
-  `stepsearch.eval.write_results` writes): `{"datasets": {name: {"em", "f1", …, "per_hop": {hop: {…}}}},
-  "average": {…}, "per_hop": {…}}`; every numeric field becomes a row of the before/after table.
-- Trajectories, either `trajectories/step_<N>.jsonl` with rows `{"step", "question", "answers", "response_text",
-  "outcome_reward", "f1", "em", "key_reward", "rounds": [{"query", "docs": [{"id", "title", "text"}], "gain",
-  "redundancy", "step_reward"}]}`, or one `trajectories.jsonl` whose rows carry their `step` and the rounds as
-  parallel lists (`"queries"`, `"retrieved"` (doc ids per round), `"gains"`, `"penalties"`, `"step_scores"`, with
-  `"response"` and `"outcome"`). The last few steps are shown, each search round colour-coded by its gain,
-  redundancy and reward.
+Inputs, read with the run directory's own readers (`stepsearch.trainer.run_dir`); a missing or malformed part
+becomes a note in the page, never an error:
+- `metrics.jsonl`: a metric is plotted when it names one of `KEY_METRICS` as itself, its last `/`-part
+  (`reward/info_gain`), or its parts joined either way (`loss/policy` -> `policy_loss`, `response/length` ->
+  `response_length`), plus the `eval/avg/*` columns.
+- `eval_before/results.json` and `eval_after/results.json` (`stepsearch.eval.write_results`): `{"datasets": {name:
+  {"em", "f1", …, "per_hop": {hop: {…}}}}, "average": {…}, "per_hop": {…}}`; every numeric field becomes a row of
+  the before/after table.
+- `trajectories.jsonl`: rows `{"step", "question", "answers", "response", "outcome", "f1", "em", "key_reward",
+  "queries", "retrieved" (doc ids per round), "gains", "penalties", "step_scores"}` (the per-round lists are
+  parallel). The last few steps are shown, each search round colour-coded by its gain, redundancy and reward.
 
 The trainer calls `write_report(run_dir)` at the end of a run (`trainer.report`); it can be rerun on any run dir.
 """
@@ -20,21 +18,16 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import math
 import os
-import re
 from pathlib import Path
 from typing import Any
 
-from stepsearch.trainer.metrics import METRICS_FILE
+from stepsearch.trainer.run_dir import RunDir, read_eval, read_metrics, read_trajectories
 
-REPORT_DIR = "report"
-TRAJECTORIES_DIR = "trajectories"
 KEY_METRICS = ("outcome_reward", "f1", "em", "key_reward", "info_gain", "redundancy", "step_reward", "kl",
                "policy_loss", "value_loss", "entropy", "clip_frac", "approx_kl", "explained_variance",
                "response_length", "turns", "tokens_per_s")
-_STEP_FILE = re.compile(r"^step_(\d+)\.jsonl$")
 
 
 def write_report(run_dir: str | os.PathLike, *, last_steps: int = 3, trajectories_per_step: int = 8) -> Path:
@@ -42,22 +35,25 @@ def write_report(run_dir: str | os.PathLike, *, last_steps: int = 3, trajectorie
 
     Shows the trajectories of the `last_steps` most recent logged steps, at most `trajectories_per_step` of each.
     """
-    run_dir = Path(run_dir)
-    out = run_dir / REPORT_DIR
+    paths = RunDir(Path(run_dir))
+    out = paths.report
     out.mkdir(parents=True, exist_ok=True)
     notes: list[str] = []
-    rows = _read_jsonl(run_dir / METRICS_FILE, notes)
+    rows = _read(paths, paths.metrics, notes, read_metrics, paths, note_missing=True) or []
     columns = _plotted_columns(rows)
     png = out / "metrics.png"
     _plot_metrics(rows, columns, png)
-    evals = {label: _read_eval(run_dir, label, notes) for label in ("before", "after")}
-    by_step = _read_trajectories(run_dir, notes)
-    trajectories = [(step, [_normalise_trajectory(row) for row in by_step[step][:trajectories_per_step]])
+    evals = {label: _read(paths, paths.eval_results(label), notes, read_eval, paths, label)
+             for label in ("before", "after")}
+    by_step: dict[int, list[dict[str, Any]]] = {}
+    for row in _read(paths, paths.trajectories, notes, read_trajectories, paths) or []:
+        by_step.setdefault(row["step"], []).append(row)
+    trajectories = [(step, [_rounds(row) for row in by_step[step][:trajectories_per_step]])
                     for step in sorted(by_step)[-last_steps:]] if last_steps > 0 else []
 
     image = base64.b64encode(png.read_bytes()).decode("ascii")
     body = [
-        f"<h1>StepSearch run: {_e(run_dir.name)}</h1>",
+        f"<h1>StepSearch run: {_e(paths.root.name)}</h1>",
         _summary_html(rows, columns),
         "<h2>Learning curves</h2>",
         f'<p><a href="metrics.png"><img alt="metrics" src="data:image/png;base64,{image}"></a></p>',
@@ -68,12 +64,11 @@ def write_report(run_dir: str | os.PathLike, *, last_steps: int = 3, trajectorie
         *(_step_html(step, rows_of_step) for step, rows_of_step in trajectories),
     ]
     if not trajectories:
-        body.append(f"<p class=note>No trajectories logged ({_e(TRAJECTORIES_DIR)}/step_*.jsonl or "
-                    f"{_e(TRAJECTORIES_DIR)}.jsonl).</p>")
+        body.append(f"<p class=note>No trajectories logged ({_e(paths.trajectories.name)}).</p>")
     if notes:
         body.append("<h2>Notes</h2><ul>" + "".join(f"<li>{_e(note)}</li>" for note in notes) + "</ul>")
     page = out / "index.html"
-    page.write_text(_PAGE.format(title=_e(run_dir.name), body="\n".join(body)), encoding="utf-8")
+    page.write_text(_PAGE.format(title=_e(paths.root.name), body="\n".join(body)), encoding="utf-8")
     return page
 
 
@@ -81,70 +76,23 @@ def write_report(run_dir: str | os.PathLike, *, last_steps: int = 3, trajectorie
 # Reading
 
 
-def _read_jsonl(path: Path, notes: list[str]) -> list[dict[str, Any]]:
+def _read(paths: RunDir, path: Path, notes: list[str], reader, *args: Any, note_missing: bool = False) -> Any:
+    """`reader(*args)`, which reads `path`; None when the file is missing (noted if `note_missing`) or malformed
+    (noted)."""
+    name = path.relative_to(paths.root)
     if not path.is_file():
-        notes.append(f"{path.name}: not found")
-        return []
-    rows, bad = [], []
-    with open(path, encoding="utf-8", errors="replace") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                bad.append(number)
-                continue
-            if isinstance(row, dict):
-                rows.append(row)
-            else:
-                bad.append(number)
-    if bad:
-        notes.append(f"{path}: skipped {len(bad)} malformed line(s) (first: line {bad[0]})")
-    return rows
-
-
-def _read_json(path: Path, notes: list[str]) -> dict[str, Any] | None:
-    if not path.is_file():
+        if note_missing:
+            notes.append(f"{name}: not found")
         return None
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        notes.append(f"{path}: not valid JSON ({exc})")
+        return reader(*args)
+    except (ValueError, UnicodeDecodeError) as exc:
+        notes.append(f"{name}: not read ({exc})")
         return None
-    if not isinstance(data, dict):
-        notes.append(f"{path}: expected a JSON object")
-        return None
-    return data
 
 
-def _read_eval(run_dir: Path, label: str, notes: list[str]) -> dict[str, Any] | None:
-    for path in (run_dir / f"eval_{label}.json", run_dir / f"eval_{label}" / "results.json"):
-        if path.is_file():
-            return _read_json(path, notes)
-    return None
-
-
-def _read_trajectories(run_dir: Path, notes: list[str]) -> dict[int, list[dict[str, Any]]]:
-    """step -> logged trajectory rows, from `trajectories/step_<N>.jsonl` files and/or `trajectories.jsonl`."""
-    by_step: dict[int, list[dict[str, Any]]] = {}
-    directory = run_dir / TRAJECTORIES_DIR
-    if directory.is_dir():
-        for path in directory.iterdir():
-            if match := _STEP_FILE.match(path.name):
-                by_step.setdefault(int(match.group(1)), []).extend(_read_jsonl(path, notes))
-    single = run_dir / f"{TRAJECTORIES_DIR}.jsonl"
-    if single.is_file():
-        for row in _read_jsonl(single, notes):
-            if isinstance(row.get("step"), int):
-                by_step.setdefault(row["step"], []).append(row)
-    return by_step
-
-
-def _normalise_trajectory(row: dict[str, Any]) -> dict[str, Any]:
-    """A row in the `rounds` schema; rows with parallel per-round lists are converted (doc ids stand for titles)."""
-    if isinstance(row.get("rounds"), list):
-        return row
+def _rounds(row: dict[str, Any]) -> dict[str, Any]:
+    """The row with its parallel per-round lists zipped into `rounds` (doc ids stand for titles)."""
 
     def column(name: str) -> list[Any]:
         value = row.get(name)
@@ -157,14 +105,9 @@ def _normalise_trajectory(row: dict[str, Any]) -> dict[str, Any]:
     def at(values: list[Any], index: int) -> Any:
         return values[index] if index < len(values) else None
 
-    rounds = [{"query": at(queries, t) or "",
-               "docs": [doc if isinstance(doc, dict) else {"id": doc} for doc in (at(retrieved, t) or [])],
-               "gain": at(gains, t), "redundancy": at(penalties, t), "step_reward": at(rewards, t)}
-              for t in range(count)]
-    converted = {**row, "rounds": rounds}
-    converted.setdefault("response_text", row.get("response", ""))
-    converted.setdefault("outcome_reward", row.get("outcome"))
-    return converted
+    rounds = [{"query": at(queries, t) or "", "docs": at(retrieved, t) or [], "gain": at(gains, t),
+               "redundancy": at(penalties, t), "step_reward": at(rewards, t)} for t in range(count)]
+    return {**row, "rounds": rounds}
 
 
 def _number(value: Any) -> float | None:
@@ -295,7 +238,7 @@ def _eval_html(before: dict[str, Any] | None, after: dict[str, Any] | None) -> s
     before_rows, after_rows = _eval_rows(before), _eval_rows(after)
     keys = list(dict.fromkeys([*before_rows, *after_rows]))
     if not keys:
-        return "<p class=note>No evaluation results (eval_before.json / eval_after.json).</p>"
+        return "<p class=note>No evaluation results (eval_before/results.json, eval_after/results.json).</p>"
     lines = ["<table><tr><th>dataset</th><th>metric</th><th>before</th><th>after</th><th>change</th></tr>"]
     for section, metric in keys:
         old, new = before_rows.get((section, metric)), after_rows.get((section, metric))
@@ -333,7 +276,7 @@ def _step_html(step: int, rows: list[dict[str, Any]]) -> str:
         answers = row.get("answers")
         answers = ", ".join(map(str, answers)) if isinstance(answers, list) else answers
         scores = " ".join(f"<span class=score>{name} {_fmt(row.get(name))}</span>"
-                          for name in ("outcome_reward", "f1", "em", "key_reward") if name in row)
+                          for name in ("outcome", "f1", "em", "key_reward") if name in row)
         parts.append(f"<div class=traj><p><b>Q:</b> {_e(row.get('question', ''))}<br><b>Gold:</b> "
                      f"{_e(answers if answers is not None else '')}<br>{scores}</p>")
         rounds = row.get("rounds") if isinstance(row.get("rounds"), list) else []
@@ -343,15 +286,14 @@ def _step_html(step: int, rows: list[dict[str, Any]]) -> str:
             for index, search in enumerate(rounds, start=1):
                 search = search if isinstance(search, dict) else {}
                 docs = search.get("docs") if isinstance(search.get("docs"), list) else []
-                titles = "<br>".join(_e(doc.get("title") or doc.get("id", "")) if isinstance(doc, dict) else _e(doc)
-                                     for doc in docs)
+                titles = "<br>".join(_e(doc) for doc in docs)
                 parts.append(f"<tr><td>{index}</td><td>{_e(search.get('query', ''))}</td><td>{titles}</td>"
                              f"{_cell(search.get('gain'), 'gain')}{_cell(search.get('redundancy'), 'penalty')}"
                              f"{_cell(search.get('step_reward'), 'reward')}</tr>")
             parts.append("</table>")
         else:
             parts.append("<p class=note>No search rounds.</p>")
-        parts.append(f"<details><summary>response</summary><pre>{_e(row.get('response_text', ''))}</pre></details>"
+        parts.append(f"<details><summary>response</summary><pre>{_e(row.get('response', ''))}</pre></details>"
                      "</div>")
     return "\n".join(parts)
 

@@ -5,7 +5,8 @@ import math
 import pytest
 
 from stepsearch.config import load_config
-from stepsearch.experiment import markdown_table, mean_std, plot_curves, read_eval, summarise_eval, variant_config
+from stepsearch.experiment import markdown_table, mean_std, plot_curves, summarise_eval, variant_config
+from stepsearch.trainer.run_dir import read_eval
 
 
 def test_variants_switch_exactly_the_reward_terms():
@@ -40,7 +41,7 @@ def test_summary_pools_files_by_question_count(tmp_path):
     assert row["f1_2hop"] == pytest.approx((0.2 * 5 + 0.6 * 15) / 20)
     assert row["f1_3hop"] == pytest.approx(0.4)
     assert math.isnan(row["redundancy"]) and row["questions"] == 40
-    with pytest.raises(FileNotFoundError, match="no eval_before"):
+    with pytest.raises(FileNotFoundError, match="eval_before.*no evaluation 'before'"):
         read_eval(tmp_path, "before")
 
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from stepsearch.trainer import metrics as metrics_module
-from stepsearch.trainer.metrics import MetricsLogger, read_metrics
+from stepsearch.trainer.metrics import MetricsLogger
+from stepsearch.trainer.run_dir import read_metrics
 
 
 def test_rows_hold_sorted_keys_with_tensors_and_numbers_resolved(tmp_path):

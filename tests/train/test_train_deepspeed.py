@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from stepsearch.trainer.metrics import read_metrics
+from stepsearch.trainer.run_dir import read_metrics
 
 pytestmark = pytest.mark.distributed
 

@@ -2,15 +2,18 @@
 metrics are finite, a resumed run continues exactly, and a non-finite loss skips the update with a logged reason."""
 from __future__ import annotations
 
+import html
 import logging
 import math
 from dataclasses import replace
 
 import torch
 
+from stepsearch import experiment
 from stepsearch import train as trainer
 from stepsearch.trainer.build import build_run
-from stepsearch.trainer.metrics import MetricsLogger, read_metrics
+from stepsearch.trainer.metrics import MetricsLogger
+from stepsearch.trainer.run_dir import read_eval, read_metrics, read_trajectories
 
 TOY_TRAINING = ["ppo.actor_lr=1e-3", "ppo.critic_lr=1e-3", "ppo.entropy_coef=0.01", "trainer.warm_start_steps=0",
                 "trainer.eval_max_questions=0", "trainer.report=false", "deepspeed.enabled='off'"]
@@ -91,3 +94,46 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, toy_config
     assert stable(rows_resumed) == stable(rows_straight)
     assert (resumed / "final" / "config.json").is_file()
     assert sorted(p.name for p in (resumed / "checkpoints").iterdir()) == ["step_00000004"]
+
+
+def test_resume_after_a_crash_mid_write_drops_the_torn_last_lines(tmp_path, toy_config):
+    """A crash while appending leaves a torn last line in metrics.jsonl and trajectories.jsonl; resuming truncates
+    both after the checkpoint's step and continues (the ablation's reader and the report read them too)."""
+    common = [*TOY_TRAINING, "trainer.save_every=1", "trainer.keep_checkpoints=1"]
+    run_dir = trainer.train(toy_config(tmp_path, "trainer.total_steps=1", *common))
+    with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as handle:
+        handle.write('{"step": 2, "kl": 0.0')
+    with open(run_dir / "trajectories.jsonl", "a", encoding="utf-8") as handle:
+        handle.write('{"step": 2, "question": "Who')
+    assert [row["step"] for row in experiment.read_metrics(run_dir)] == [1]
+    assert {row["step"] for row in read_trajectories(run_dir)} == {1}
+
+    trainer.train(toy_config(tmp_path, "trainer.total_steps=2", "trainer.resume=auto", *common))
+    assert [row["step"] for row in read_metrics(run_dir)] == [1, 2]
+    assert sorted({row["step"] for row in read_trajectories(run_dir)}) == [1, 2]
+    assert all(line.endswith("}") for line in (run_dir / "trajectories.jsonl").read_text().splitlines())
+
+
+def test_the_report_the_trainer_writes_shows_its_own_metrics_evaluations_and_trajectories(tmp_path, toy_config):
+    run_dir = trainer.train(toy_config(tmp_path, *TOY_TRAINING, "trainer.total_steps=2", "trainer.report=true",
+                                       "trainer.eval_max_questions=2"))
+    text = (run_dir / "report" / "index.html").read_text(encoding="utf-8")
+    assert (run_dir / "report" / "metrics.png").read_bytes().startswith(b"\x89PNG")
+    assert "<h1>StepSearch run: tiny_cpu</h1>" in text and "Notes" not in text
+    rows = read_metrics(run_dir)
+    assert "2 metric rows, steps 1–2." in text
+    for column in ("reward/outcome", "loss/policy", "loss/value", "kl", "response/length"):
+        assert f"<td>{column}</td>" in text, column
+    # the summary's first/last column of the policy loss are the logged values
+    policy = [row["loss/policy"] for row in rows]
+    assert f"<td>loss/policy</td><td>{policy[0]:.4g}</td><td>{policy[1]:.4g}</td>" in text
+    # the before/after table from eval_before/ and eval_after/, the test file's dataset and its average
+    before, after = read_eval(run_dir, "before"), read_eval(run_dir, "after")
+    assert "<td>test</td><td>em</td>" in text and "<td>average</td><td>f1</td>" in text
+    assert before["datasets"]["test"]["num_questions"] == after["datasets"]["test"]["num_questions"] == 2
+    # both steps' trajectories, as logged
+    trajectories = read_trajectories(run_dir)
+    assert "Step 1</h3>" in text and "Step 2</h3>" in text
+    for row in trajectories:
+        assert html.escape(row["question"], quote=True) in text
+    assert len(trajectories) == 2 * 8

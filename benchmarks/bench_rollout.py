@@ -37,7 +37,8 @@ from stepsearch.models.tokenizer import train_tokenizer
 from stepsearch.retrieval.corpus import load_corpus
 from stepsearch.retrieval.index import build_index
 from stepsearch.retrieval.local import LocalRetriever
-from stepsearch.rollout.agent_loop import INFORMATION_PREFIX, INFORMATION_SUFFIX, format_documents, run_agent_loop
+from stepsearch.rollout.agent_loop import run_agent_loop
+from stepsearch.rollout.render import INFORMATION_PREFIX, INFORMATION_SUFFIX, format_documents
 from stepsearch.rollout.engine import HFEngine, SGLangEngine
 from stepsearch.rollout.prompts import render_instruction
 

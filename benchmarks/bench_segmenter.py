@@ -34,7 +34,7 @@ import numpy as np
 from tqdm import tqdm
 
 from stepsearch.rewards.answer import extract_answer, is_valid_format
-from stepsearch.rollout.agent_loop import INFORMATION_PREFIX, INFORMATION_SUFFIX
+from stepsearch.rollout.render import INFORMATION_PREFIX, INFORMATION_SUFFIX
 from stepsearch.rollout.segmenter import TagTable, segment_batch
 
 RESULTS = Path(__file__).parent / "results" / "segmenter.csv"

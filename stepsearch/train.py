@@ -37,14 +37,32 @@ from pathlib import Path
 import numpy as np
 import torch
 
-if __package__ in (None, ""):  # `deepspeed stepsearch/train.py` runs this file as a script
-    # Its folder heads sys.path and would make config.py, eval.py, ops.py ... top-level modules: drop it. The package
-    # is then the installed one (editable or not; only an installed package has `stepsearch.kernels`, which the build
-    # maps from the top-level kernels/), or this checkout when it was never installed.
-    _here = Path(__file__).resolve().parent
-    sys.path[:] = [entry for entry in sys.path if not entry or Path(entry).resolve() != _here]
-    if importlib.util.find_spec("stepsearch") is None:
-        sys.path.insert(0, str(_here.parent))
+
+def _choose_package_for_script() -> None:
+    """`deepspeed stepsearch/train.py` runs this file as a script: decide which `stepsearch` it imports.
+
+    The file's folder heads sys.path and would make config.py, eval.py, ops.py ... top-level modules: it goes. Then
+    the installed package is used (editable or not; a non-editable install is where `stepsearch.kernels` and the
+    C++ extension live), unless this checkout was built in place (its extension is here) or nothing is installed:
+    then this checkout, with its top-level kernels/ registered as `stepsearch.kernels` as the build would map it.
+    """
+    here = Path(__file__).resolve().parent
+    sys.path[:] = [entry for entry in sys.path if not entry or Path(entry).resolve() != here]
+    installed = importlib.util.find_spec("stepsearch")
+    if installed is not None and installed.origin and Path(installed.origin).resolve().parent == here:
+        return  # an editable install of this checkout
+    if installed is not None and not any(here.glob("_segmenter*")):
+        return  # a non-editable install, and this checkout has no build of its own
+    sys.path.insert(0, str(here.parent))
+    kernels = here.parent / "kernels"
+    spec = importlib.util.spec_from_file_location("stepsearch.kernels", kernels / "__init__.py",
+                                                  submodule_search_locations=[str(kernels)])
+    sys.modules["stepsearch.kernels"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sys.modules["stepsearch.kernels"])
+
+
+if __package__ in (None, ""):
+    _choose_package_for_script()
 
 from stepsearch import ops  # noqa: E402
 from stepsearch.config import Config, ConfigError, load_config  # noqa: E402

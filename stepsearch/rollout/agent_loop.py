@@ -15,9 +15,10 @@ is tokenized on its own, never the trajectory. Outcomes of a turn, decided here 
   gives step reward 0), and `num_searches` counts only the steps that searched.
 - The end-of-sequence token: done ("eos"). The per-turn token budget without a closing tag (a model that never
   closes a tag): done ("turn_budget"); the round is dropped and the format reward applies.
-- Budgets: `max_new_tokens_per_turn`, `max_information_tokens` per block (the document text is truncated so that
-  the block still closes), `max_response_tokens` in total. A block that cannot fit while leaving room for one more
-  generated token is not inserted and the trajectory ends ("budget"), as it does when generation fills the budget.
+- Budgets (`stepsearch.rollout.render`, shared with the warm start): `max_new_tokens_per_turn`,
+  `max_information_tokens` per block (the document text is truncated so that the block still closes),
+  `max_response_tokens` in total. A block that cannot fit while leaving room for one more generated token is not
+  inserted and the trajectory ends ("budget"), as it does when generation fills the budget.
 - A retriever failure raises `RetrieverError` naming the turn and the queries (the HTTP client has already retried
   with backoff). Training on notices in place of a broken retriever would teach the policy the wrong environment,
   so the rollout stops and the trainer's last checkpoint stays the resume point.
@@ -34,6 +35,7 @@ import torch
 
 from stepsearch.retrieval.base import Document, RetrieverError
 from stepsearch.rollout.prompts import build_prompt_ids
+from stepsearch.rollout.render import TrajectoryRenderer, format_documents
 from stepsearch.rollout.types import RolloutBatch
 from stepsearch.seeds import derive_seed
 
@@ -49,18 +51,8 @@ SEARCH_CLOSE = "</search>"
 SEARCH_OPEN = "<search>"
 ANSWER_CLOSE = "</answer>"
 STOP_STRINGS = [SEARCH_CLOSE, ANSWER_CLOSE]
-INFORMATION_PREFIX = "\n<information>"
-INFORMATION_SUFFIX = "</information>\n"
 EMPTY_QUERY_NOTICE = "The search query was empty: write the query text between the search tags."
 SEARCH_REFUSED_NOTICE = "Search limit reached: no more searches are allowed. Give the final answer now."
-NO_RESULTS_NOTICE = "No documents were found for this query."
-
-
-def format_documents(docs: Sequence[Document]) -> str:
-    """Search-R1's rendering of the retrieved documents inside an information block."""
-    if not docs:
-        return NO_RESULTS_NOTICE
-    return "\n".join(f"Doc {rank}(Title: {doc.title}) {doc.text}" for rank, doc in enumerate(docs, start=1))
 
 
 @dataclass
@@ -112,24 +104,6 @@ def extract_query(turn_text: str) -> str:
     return before_close[opening + len(SEARCH_OPEN):].strip() if opening >= 0 else ""
 
 
-class _InformationTokenizer:
-    """Tokenizes information blocks as prefix + body + suffix, each on its own, so the body can be truncated to a
-    token budget while the block still closes."""
-
-    def __init__(self, tokenizer: "PreTrainedTokenizerBase") -> None:
-        self.tokenizer = tokenizer
-        self.prefix = tokenizer.encode(INFORMATION_PREFIX, add_special_tokens=False)
-        self.suffix = tokenizer.encode(INFORMATION_SUFFIX, add_special_tokens=False)
-
-    @property
-    def overhead(self) -> int:
-        return len(self.prefix) + len(self.suffix)
-
-    def blocks(self, bodies: list[str], body_budgets: list[int]) -> list[list[int]]:
-        encoded = self.tokenizer(bodies, add_special_tokens=False)["input_ids"] if bodies else []
-        return [self.prefix + body[:budget] + self.suffix for body, budget in zip(encoded, body_budgets)]
-
-
 def run_agent_loop(engine: "Engine", retriever: "Retriever", tokenizer: "PreTrainedTokenizerBase",
                    records: Sequence["QARecord"], rollout_cfg: "RolloutConfig", *, topk: int, greedy: bool = False,
                    seed: int | None = None, samples_per_prompt: int | None = None, max_query_chars: int = 512,
@@ -146,7 +120,7 @@ def run_agent_loop(engine: "Engine", retriever: "Retriever", tokenizer: "PreTrai
         raise ValueError(f"samples_per_prompt must be >= 1, got {samples}")
     temperature = 0.0 if greedy else rollout_cfg.temperature
     budget = rollout_cfg.max_response_tokens
-    info_tokenizer = _InformationTokenizer(tokenizer)
+    renderer = TrajectoryRenderer(tokenizer, rollout_cfg)
 
     trajectories: list[_Trajectory] = []
     for record_index, record in enumerate(records):
@@ -165,7 +139,7 @@ def run_agent_loop(engine: "Engine", retriever: "Retriever", tokenizer: "PreTrai
         # 1. generate: one engine call per distinct token allowance (all equal except near the total budget)
         by_allowance: dict[int, list[_Trajectory]] = defaultdict(list)
         for trajectory in active:
-            by_allowance[min(rollout_cfg.max_new_tokens_per_turn, budget - len(trajectory.ids))].append(trajectory)
+            by_allowance[renderer.turn_allowance(len(trajectory.ids))].append(trajectory)
         pending: list[_PendingBlock] = []
         for allowance, group in by_allowance.items():
             tick = time.perf_counter()
@@ -201,7 +175,7 @@ def run_agent_loop(engine: "Engine", retriever: "Retriever", tokenizer: "PreTrai
                 block.docs = list(docs)
 
         # 3. insert the information blocks (or end trajectories that have no room for one)
-        _insert_blocks(pending, info_tokenizer, rollout_cfg, budget)
+        _insert_blocks(pending, renderer)
 
         still_active = [t for t in active if t.finish_reason is None]
         if bar is not None:
@@ -248,18 +222,17 @@ def _end_of_turn(trajectory: _Trajectory, turn_ids: list[int], finish_reason: st
     return _PendingBlock(trajectory, query, step_end, notice=None)
 
 
-def _insert_blocks(pending: list[_PendingBlock], info_tokenizer: _InformationTokenizer,
-                   rollout_cfg: "RolloutConfig", budget: int) -> None:
+def _insert_blocks(pending: list[_PendingBlock], renderer: TrajectoryRenderer) -> None:
     fitting, body_budgets = [], []
     for block in pending:
-        room = min(rollout_cfg.max_information_tokens, budget - len(block.trajectory.ids) - 1)
-        if room < info_tokenizer.overhead:
+        body_budget = renderer.body_budget(len(block.trajectory.ids))
+        if body_budget is None:
             block.trajectory.finish_reason = "budget"
             continue
         fitting.append(block)
-        body_budgets.append(room - info_tokenizer.overhead)
+        body_budgets.append(body_budget)
     bodies = [block.notice if block.notice is not None else format_documents(block.docs) for block in fitting]
-    for block, tokens in zip(fitting, info_tokenizer.blocks(bodies, body_budgets)):
+    for block, tokens in zip(fitting, renderer.blocks(bodies, body_budgets)):
         trajectory = block.trajectory
         trajectory.extend(tokens, None)
         trajectory.step_ends.append(block.step_end)

@@ -11,9 +11,11 @@ answer. It is rendered exactly as the agent loop would produce it, token by toke
     ...
     "<think> {answer n}. </think>\\n<answer> {final answer} </answer>"       (loss)
 
-Each piece is tokenized on its own and the ids are concatenated, as in the agent loop, and information blocks are
-truncated to `rollout.max_information_tokens` the same way. Training is next-token cross-entropy on the loss tokens,
-AdamW, mini-batches drawn with a seeded generator.
+Each piece is tokenized on its own and the ids are concatenated, and the budgets are the agent loop's, through the
+one renderer both use (`stepsearch.rollout.render`): a gold trajectory is laid out exactly as the agent loop would
+lay it out if the policy wrote the gold turns, so under tight budgets (`rollout.max_new_tokens_per_turn`,
+`max_information_tokens`, `max_response_tokens`, `max_turns`) it is cut where a rollout would be. Training is
+next-token cross-entropy on the loss tokens, AdamW, mini-batches drawn with a seeded generator.
 """
 from __future__ import annotations
 
@@ -24,15 +26,16 @@ from typing import TYPE_CHECKING
 import torch
 
 from stepsearch.data import gold_trajectory
-from stepsearch.rollout.agent_loop import INFORMATION_PREFIX, INFORMATION_SUFFIX, format_documents
+from stepsearch.rollout.agent_loop import SEARCH_REFUSED_NOTICE
 from stepsearch.rollout.prompts import build_prompt_ids
+from stepsearch.rollout.render import TrajectoryRenderer, format_documents
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from stepsearch.config import RolloutConfig
     from stepsearch.data.records import QARecord
-    from stepsearch.retrieval.base import Retriever
+    from stepsearch.retrieval.base import Document, Retriever
 
 
 def gold_turns(record: "QARecord", rng: random.Random | None = None) -> tuple[list[str], list[str]]:
@@ -62,22 +65,37 @@ def render_gold_examples(records: Sequence["QARecord"], tokenizer: "PreTrainedTo
         rendered.append((record, turns, queries))
     all_queries = [q for _, _, queries in rendered for q in queries]
     results = iter(retriever.search(all_queries, topk) if all_queries else [])
-    prefix = tokenizer.encode(INFORMATION_PREFIX, add_special_tokens=False)
-    suffix = tokenizer.encode(INFORMATION_SUFFIX, add_special_tokens=False)
-    body_budget = max(rollout_cfg.max_information_tokens - len(prefix) - len(suffix), 0)
+    renderer = TrajectoryRenderer(tokenizer, rollout_cfg)
     examples = []
     for record, turns, queries in rendered:
-        ids = build_prompt_ids(tokenizer, record.question, rollout_cfg.template)
-        mask = [0] * len(ids)
-        for index, turn in enumerate(turns):
-            turn_ids = tokenizer.encode(turn, add_special_tokens=False)
-            ids, mask = ids + turn_ids, mask + [1] * len(turn_ids)
-            if index < len(queries):
-                body = tokenizer.encode(format_documents(next(results)), add_special_tokens=False)[:body_budget]
-                block = prefix + body + suffix
-                ids, mask = ids + block, mask + [0] * len(block)
-        examples.append((ids, mask))
+        response, loss_mask = _render_response(renderer, turns, [next(results) for _ in queries])
+        prompt = build_prompt_ids(tokenizer, record.question, rollout_cfg.template)
+        examples.append((prompt + response, [0] * len(prompt) + loss_mask))
     return examples
+
+
+def _render_response(renderer: TrajectoryRenderer, turns: list[str],
+                     documents: list[list["Document"]]) -> tuple[list[int], list[int]]:
+    """(response ids, loss mask) of a gold trajectory as the agent loop would lay it out if the policy wrote the gold
+    turns: a turn longer than its allowance is cut and ends the trajectory, a block that no longer fits ends it, and
+    the search after `max_turns` searches gets the refusal notice, after which the next turn is the last."""
+    ids: list[int] = []
+    mask: list[int] = []
+    refused = False
+    for index, turn in enumerate(turns):
+        turn_ids = renderer.tokenizer.encode(turn, add_special_tokens=False)
+        allowance = renderer.turn_allowance(len(ids))
+        ids, mask = ids + turn_ids[:allowance], mask + [1] * min(len(turn_ids), allowance)
+        if len(turn_ids) > allowance or refused or index >= len(documents):
+            break
+        body_budget = renderer.body_budget(len(ids))
+        if body_budget is None:
+            break
+        refused = index >= renderer.cfg.max_turns
+        body = SEARCH_REFUSED_NOTICE if refused else format_documents(documents[index])
+        [block] = renderer.blocks([body], [body_budget])
+        ids, mask = ids + block, mask + [0] * len(block)
+    return ids, mask
 
 
 def supervised_warm_start(model: "PreTrainedModel", examples: Sequence[tuple[list[int], list[int]]], pad_token_id: int,

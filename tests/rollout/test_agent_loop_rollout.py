@@ -15,8 +15,8 @@ from stepsearch.retrieval.base import Document, RetrieverError
 from stepsearch.retrieval.corpus import write_corpus
 from stepsearch.retrieval.index import build_index
 from stepsearch.retrieval.local import LocalRetriever
-from stepsearch.rollout.agent_loop import (EMPTY_QUERY_NOTICE, INFORMATION_PREFIX, INFORMATION_SUFFIX,
-                                           SEARCH_REFUSED_NOTICE, format_documents, run_agent_loop)
+from stepsearch.rollout.agent_loop import EMPTY_QUERY_NOTICE, SEARCH_REFUSED_NOTICE, run_agent_loop
+from stepsearch.rollout.render import INFORMATION_PREFIX, INFORMATION_SUFFIX, format_documents
 from stepsearch.rollout.engine import HFEngine, StopScanner, TokenTexts
 from stepsearch.rollout.prompts import build_prompt_ids, build_prompt_text
 from stepsearch.rollout.types import Generation

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from stepsearch.rewards.answer import extract_answer, is_valid_format
-from stepsearch.rollout.agent_loop import INFORMATION_PREFIX, INFORMATION_SUFFIX
+from stepsearch.rollout.render import INFORMATION_PREFIX, INFORMATION_SUFFIX
 from stepsearch.rollout.segmenter import (TAG_NAMES, BatchSegmentation, TagSpan, TagTable, segment, segment_batch,
                                           segment_reference)
 

@@ -1,9 +1,12 @@
-"""`deepspeed stepsearch/train.py` runs train.py as a file: it must import the installed package, whose
-`stepsearch.kernels` the build maps from the top-level kernels/ (a non-editable install here, from a wheel)."""
+"""`deepspeed stepsearch/train.py` runs train.py as a file. With a non-editable install (a wheel installed with
+--target here) and a checkout that has no build of its own, it imports the installed package, whose
+`stepsearch.kernels` the build mapped from the top-level kernels/; from a checkout built in place it imports that
+checkout, with its kernels/ as `stepsearch.kernels`."""
 from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -38,10 +41,20 @@ def test_train_py_as_a_file_finds_the_kernels_of_a_non_editable_install(tmp_path
                    check=True, timeout=300)
     probe = tmp_path / "probe.py"
     probe.write_text(PROBE, encoding="utf-8")
-    result = subprocess.run([sys.executable, str(probe), str(REPO_ROOT / "stepsearch" / "train.py")],
-                            cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(site)), capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    package, kernels = result.stdout.strip().splitlines()[-2:]
-    assert Path(package) == site / "stepsearch" / "__init__.py"
-    assert Path(kernels) == site / "stepsearch" / "kernels" / "__init__.py"
+
+    def run(train: Path) -> tuple[Path, Path]:
+        result = subprocess.run([sys.executable, str(probe), str(train)], cwd=tmp_path,
+                                env=dict(os.environ, PYTHONPATH=str(site)), capture_output=True, text=True,
+                                timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        package, kernels = result.stdout.strip().splitlines()[-2:]
+        return Path(package), Path(kernels)
+
+    bare = tmp_path / "checkout" / "stepsearch"  # a checkout without a build: only the file itself
+    bare.mkdir(parents=True)
+    shutil.copy(REPO_ROOT / "stepsearch" / "train.py", bare / "train.py")
+    installed = site / "stepsearch"
+    assert run(bare / "train.py") == (installed / "__init__.py", installed / "kernels" / "__init__.py")
+    if any((REPO_ROOT / "stepsearch").glob("_segmenter*")):  # this checkout is built in place (pip install -e)
+        assert run(REPO_ROOT / "stepsearch" / "train.py") == (REPO_ROOT / "stepsearch" / "__init__.py",
+                                                               REPO_ROOT / "kernels" / "__init__.py")

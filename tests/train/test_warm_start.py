@@ -9,6 +9,8 @@ from stepsearch.data.records import QARecord, SupportDoc
 from stepsearch.models.tiny import build_tiny_model
 from stepsearch.models.tokenizer import train_tokenizer
 from stepsearch.retrieval.base import Document
+from stepsearch.rollout.agent_loop import run_agent_loop
+from stepsearch.rollout.types import Generation
 from stepsearch.trainer.warm_start import gold_turns, render_gold_examples, supervised_warm_start
 
 RECORD = QARecord(
@@ -51,3 +53,38 @@ def test_supervised_warm_start_lowers_the_loss(tokenizer):
     examples = render_gold_examples([RECORD], tokenizer, FixedRetriever(), RolloutConfig(), topk=1)
     losses = supervised_warm_start(model, examples, tokenizer.pad_token_id, steps=15, lr=1e-2, progress=False)
     assert len(losses) == 15 and losses[-1] < 0.5 * losses[0]
+
+
+class GoldEngine:
+    """An `Engine` that writes the record's gold turns: turn n is gold turn n, cut at `max_new_tokens`."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.turns = [tokenizer.encode(turn, add_special_tokens=False) for turn in gold_turns(RECORD)[0]]
+
+    def generate(self, prompts, *, max_new_tokens, stop_strings, temperature, top_p, seed=None):
+        out = []
+        for prompt in prompts:
+            response = self.tokenizer.decode(prompt, skip_special_tokens=False).split(RECORD.question)[-1]
+            ids = self.turns[response.count("<information>")]
+            out.append(Generation(ids, [-0.5] * len(ids), "stop") if len(ids) <= max_new_tokens
+                       else Generation(ids[:max_new_tokens], [-0.5] * max_new_tokens, "length"))
+        return out
+
+
+@pytest.mark.parametrize(("limits", "finish"), [
+    ({"max_information_tokens": 64}, "answer"),
+    ({"max_information_tokens": 12}, "answer"),  # bodies cut to the block budget
+    ({"max_information_tokens": 64, "max_new_tokens_per_turn": 8}, "turn_budget"),  # a gold turn is too long
+    ({"max_information_tokens": 64, "max_new_tokens_per_turn": 30, "max_response_tokens": 60}, "budget"),
+    ({"max_information_tokens": 64, "max_turns": 1}, "answer"),  # the 2nd search gets the refusal notice
+], ids=["fits", "short_blocks", "long_turn", "short_response", "one_search"])
+def test_the_warm_start_lays_out_exactly_what_the_agent_loop_makes_of_the_gold_turns(tokenizer, limits, finish):
+    rollout = RolloutConfig(samples_per_prompt=1, **limits)
+    [(ids, mask)] = render_gold_examples([RECORD], tokenizer, FixedRetriever(), rollout, topk=2)
+    batch = run_agent_loop(GoldEngine(tokenizer), FixedRetriever(), tokenizer, [RECORD], rollout, topk=2,
+                           greedy=True)
+    assert batch.finish_reasons[0] == finish
+    prompt, length = batch.prompt_ids[0], int(batch.response_mask[0].sum())
+    assert ids == prompt + batch.response_ids[0, :length].tolist()
+    assert mask == [0] * len(prompt) + batch.loss_mask[0, :length].int().tolist()

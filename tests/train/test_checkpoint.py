@@ -1,14 +1,21 @@
-"""Atomic checkpoints: exact round trip (model, AdamW, LambdaLR, RNG), torn writes ignored, pruning, HF export."""
+"""Atomic checkpoints: exact round trip (model, AdamW, LambdaLR, RNG), torn writes ignored, pruning, HF export;
+data-only loading, per-file checksums, fallback from a damaged checkpoint, a full disk."""
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
+import logging
+import os
 import random
+import re
 
 import numpy as np
 import pytest
 import torch
 
 from stepsearch.trainer.checkpoint import (
+    CheckpointError,
     capture_rng_state,
     checkpoint_dir,
     find_latest_checkpoint,
@@ -77,7 +84,7 @@ def test_a_torn_write_is_ignored_and_cleaned_by_the_next_save(tmp_path):
     (root / "step_00000002.tmp-999" / "state_rank00000.pt").write_bytes(b"partial")
     (root / "step_00000003").mkdir()  # a directory without its COMPLETE marker
     assert find_latest_checkpoint(tmp_path) == root / "step_00000001"
-    with pytest.raises(FileNotFoundError, match="COMPLETE"):
+    with pytest.raises(CheckpointError, match="COMPLETE"):
         load_checkpoint(root / "step_00000003", models={}, optimizers={}, schedulers={})
     _save(tmp_path, 4, model, optimizer, scheduler)
     assert not (root / "step_00000002.tmp-999").exists()
@@ -106,7 +113,7 @@ def test_saving_the_same_step_again_replaces_it(tmp_path):
 def test_missing_component_is_named(tmp_path):
     model, optimizer, scheduler = _make(0)
     path = _save(tmp_path, 1, model, optimizer, scheduler)
-    with pytest.raises(FileNotFoundError, match="model 'critic'"):
+    with pytest.raises(CheckpointError, match="model 'critic'"):
         load_checkpoint(path, models={"critic": model}, optimizers={}, schedulers={})
 
 
@@ -207,3 +214,127 @@ def test_deepspeed_zero3_two_ranks_round_trip_and_hf_export(tmp_path):
     assert (checkpoint / "state_rank00001.pt").is_file() and not list((tmp_path / "run" / "checkpoints").glob("*.tmp*"))
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "hf")
     assert reloaded.lm_head.weight.shape == (64, 16)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# data-only loading, the manifest, damaged checkpoints, a full disk
+
+
+class _OpensAFile:
+    """Pickles as a call to `open(path, "w")`: loading it with full unpickling would create `path`."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def _rewrite_manifest_entry(checkpoint, relative):
+    """What an attacker who replaced a file would also do: make the manifest match it."""
+    marker = json.loads((checkpoint / "COMPLETE").read_text())
+    data = (checkpoint / relative).read_bytes()
+    marker["files"][relative] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (checkpoint / "COMPLETE").write_text(json.dumps(marker))
+
+
+def test_a_pickled_callable_in_the_state_file_is_refused_and_never_runs(tmp_path):
+    model, optimizer, scheduler = _make(0)
+    path = _save(tmp_path, 1, model, optimizer, scheduler)
+    witness = tmp_path / "code-ran"
+    torch.save({"step": 1, "data_position": 10, "payload": _OpensAFile(witness)}, path / "state_rank00000.pt")
+    _rewrite_manifest_entry(path, "state_rank00000.pt")
+    assert find_latest_checkpoint(tmp_path) == path  # the manifest matches: the refusal comes from the loader
+    with pytest.raises(CheckpointError, match=r"state_rank00000\.pt: refused: it holds more than tensors") as info:
+        load_checkpoint(path, models={"actor": model}, optimizers={"actor": optimizer},
+                        schedulers={"actor": scheduler})
+    assert str(info.value).endswith("(the pickled global io.open)")
+    assert not witness.exists()
+
+
+def test_a_checkpoint_holds_only_data_and_its_manifest_lists_every_file(tmp_path):
+    model, optimizer, scheduler = _make(0)
+    path = _save(tmp_path, 1, model, optimizer, scheduler)
+    files = json.loads((path / "COMPLETE").read_text())["files"]
+    assert sorted(files) == ["models/actor.pt", "optimizers/actor.pt", "schedulers/actor.pt", "state_rank00000.pt"]
+    for relative, entry in files.items():
+        data = (path / relative).read_bytes()
+        assert entry == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        torch.load(path / relative, weights_only=True)  # every file loads data-only
+
+
+def _flip_middle_byte(file):
+    data = bytearray(file.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    file.write_bytes(bytes(data))
+
+
+def _truncate(file):
+    file.write_bytes(file.read_bytes()[:-7])
+
+
+@pytest.mark.parametrize("relative, damage, problem", [
+    ("models/actor.pt", _flip_middle_byte, "damaged (its SHA-256 differs from the manifest's)"),
+    ("optimizers/actor.pt", _flip_middle_byte, "damaged"),
+    ("schedulers/actor.pt", _truncate, "truncated"),
+    ("state_rank00000.pt", lambda file: file.write_bytes(b""), "empty (0 bytes"),
+    ("models/actor.pt", lambda file: file.unlink(), "missing"),
+    ("COMPLETE", lambda file: file.write_text("{not json"), "unreadable manifest"),
+])
+def test_a_damaged_newest_checkpoint_is_named_and_the_previous_one_is_used(tmp_path, caplog, relative, damage,
+                                                                         problem):
+    model, optimizer, scheduler = _make(0)
+    first = _save(tmp_path, 1, model, optimizer, scheduler)
+    _train_step(model, optimizer, scheduler)
+    newest = _save(tmp_path, 2, model, optimizer, scheduler)
+    damage(newest / relative)
+    with caplog.at_level(logging.WARNING, logger="stepsearch.checkpoint"):
+        assert find_latest_checkpoint(tmp_path) == first
+    assert f"{newest / relative}: {problem}" in caplog.text
+    assert f"falling back to checkpoint {first}" in caplog.text
+    with pytest.raises(CheckpointError, match=re.escape(f"{newest / relative}: {problem}")):
+        load_checkpoint(newest, models={"actor": model}, optimizers={}, schedulers={})
+    assert load_checkpoint(first, models={"actor": model}, optimizers={"actor": optimizer},
+                           schedulers={"actor": scheduler})["step"] == 1
+
+
+def test_no_usable_checkpoint_is_one_error_naming_every_problem(tmp_path):
+    model, optimizer, scheduler = _make(0)
+    first = _save(tmp_path, 1, model, optimizer, scheduler)
+    second = _save(tmp_path, 2, model, optimizer, scheduler)
+    _flip_middle_byte(first / "models" / "actor.pt")
+    (second / "state_rank00000.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError) as info:
+        find_latest_checkpoint(tmp_path)
+    message = str(info.value)
+    assert message.startswith(f"no usable checkpoint in {tmp_path / 'checkpoints'}: ")
+    assert f"{second / 'state_rank00000.pt'}: empty" in message and f"{first / 'models' / 'actor.pt'}: damaged" in message
+
+
+def test_a_checkpoint_written_before_checksums_loads_with_a_warning(tmp_path, caplog):
+    model, optimizer, scheduler = _make(0)
+    path = _save(tmp_path, 1, model, optimizer, scheduler)
+    (path / "COMPLETE").write_text(json.dumps({"step": 1, "time": 0.0, "world_size": 1}))
+    with caplog.at_level(logging.WARNING, logger="stepsearch.checkpoint"):
+        assert find_latest_checkpoint(tmp_path) == path
+    assert "no file checksums" in caplog.text
+    assert load_checkpoint(path, models={"actor": model}, optimizers={}, schedulers={})["step"] == 1
+
+
+def test_a_full_disk_names_the_file_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    model, optimizer, scheduler = _make(0)
+    first = _save(tmp_path, 1, model, optimizer, scheduler)
+    real_save = torch.save
+
+    def save_until_the_disk_is_full(obj, handle, *args, **kwargs):
+        if str(handle.name).endswith("state_rank00000.pt"):  # models and optimizers were written already
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, handle, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save_until_the_disk_is_full)
+    with pytest.raises(CheckpointError) as info:
+        _save(tmp_path, 2, model, optimizer, scheduler)
+    assert str(info.value) == f"no space left writing {tmp_path / 'checkpoints' / f'step_00000002.tmp-{os.getpid()}'}/state_rank00000.pt"
+    assert os.listdir(tmp_path / "checkpoints") == ["step_00000001"]  # the partial checkpoint is gone
+    monkeypatch.setattr(torch, "save", real_save)
+    assert find_latest_checkpoint(tmp_path) == first

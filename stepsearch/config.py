@@ -2,14 +2,16 @@
 
 Defaults live in the dataclasses below (one docstring per field). A YAML preset only overrides them; a preset may
 name another preset in a top-level `base:` key, resolved relative to its own file. Command-line overrides are
-`section.field=value` strings, parsed as YAML scalars. Unknown keys are errors that name the key and the file.
-The resolved config is saved next to every run (`save_config`).
+`section.field=value` strings, parsed as YAML scalars. Unknown keys, duplicate keys, values of the wrong type,
+non-finite numbers and values out of a field's range are errors that name the key and the file (and the line, for
+YAML problems). The resolved config is saved next to every run (`save_config`).
 
 Imports only the standard library and PyYAML, so every module can depend on it.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -20,13 +22,34 @@ from typing import Any, Literal
 import yaml
 
 
-class ConfigError(ValueError):
+from stepsearch.errors import UserError
+
+
+class ConfigError(UserError, ValueError):
     """A user-caused configuration problem; the message names the file and the key."""
 
 
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
+
+
+def _at_least(section: str, config: Any, minimum: float, *names: str) -> None:
+    for name in names:
+        value = getattr(config, name)
+        _check(value >= minimum, f"{section}.{name} must be >= {minimum}, got {value!r}")
+
+
+def _positive(section: str, config: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(config, name)
+        _check(value > 0, f"{section}.{name} must be > 0, got {value!r}")
+
+
+def _optional_text(section: str, config: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(config, name)
+        _check(value is None or value.strip() != "", f"{section}.{name} must be null or a non-empty string")
 
 
 @dataclass
@@ -59,8 +82,13 @@ class ModelConfig:
     """Vocabulary size V of the tokenizer trained offline for the tiny model."""
 
     def __post_init__(self) -> None:
+        _optional_text("model", self, "actor_path", "critic_path", "tokenizer_path")
+        _at_least("model", self, 1, "tiny_hidden_size", "tiny_num_layers", "tiny_num_heads", "tiny_num_kv_heads",
+                  "tiny_intermediate_size")
         _check(self.tiny_hidden_size % self.tiny_num_heads == 0, "model.tiny_hidden_size must be a multiple of tiny_num_heads")
         _check(self.tiny_num_heads % self.tiny_num_kv_heads == 0, "model.tiny_num_heads must be a multiple of tiny_num_kv_heads")
+        _check((self.tiny_hidden_size // self.tiny_num_heads) % 2 == 0,
+               "model.tiny_hidden_size / tiny_num_heads (the head size) must be even for rotary position embeddings")
         _check(self.tiny_vocab_size >= 300, "model.tiny_vocab_size must be >= 300 (256 bytes + special tokens)")
 
 
@@ -86,8 +114,12 @@ class DataConfig:
     """Seed of the data order; the position in the order is checkpointed."""
 
     def __post_init__(self) -> None:
+        _optional_text("data", self, "train_path")
+        for index, path in enumerate(self.test_paths):
+            _check(path.strip() != "", f"data.test_paths[{index}] is empty")
         _check(self.synth_num_train > 0 and self.synth_num_test > 0, "data.synth_num_train/test must be positive")
         _check(self.max_prompt_tokens > 0, "data.max_prompt_tokens must be positive")
+        _at_least("data", self, 0, "synth_seed", "shuffle_seed")
 
 
 @dataclass
@@ -110,9 +142,13 @@ class RetrieverConfig:
     """Queries are truncated to this many characters before searching."""
 
     def __post_init__(self) -> None:
+        _check(self.url is None or self.url.startswith(("http://", "https://")),
+               f"retriever.url must start with http:// or https://, got {self.url!r}")
+        _optional_text("retriever", self, "index_dir", "encoder_path")
         _check(1 <= self.topk <= 100, "retriever.topk must be in [1, 100]")
         _check(self.timeout_s > 0, "retriever.timeout_s must be positive")
         _check(self.max_retries >= 0, "retriever.max_retries must be >= 0")
+        _at_least("retriever", self, 1, "max_query_chars")
 
 
 @dataclass
@@ -141,11 +177,15 @@ class RolloutConfig:
     """Total response budget T (generated + information tokens)."""
 
     def __post_init__(self) -> None:
+        _check(self.sglang_url is None or self.sglang_url.startswith(("http://", "https://")),
+               f"rollout.sglang_url must start with http:// or https://, got {self.sglang_url!r}")
+        _check(0 < self.sglang_mem_fraction < 1, "rollout.sglang_mem_fraction must be in (0, 1)")
         _check(self.max_turns >= 0, "rollout.max_turns must be >= 0")
         _check(self.samples_per_prompt >= 1, "rollout.samples_per_prompt must be >= 1")
         _check(self.temperature >= 0, "rollout.temperature must be >= 0")
         _check(0 < self.top_p <= 1, "rollout.top_p must be in (0, 1]")
         _check(self.max_new_tokens_per_turn > 0, "rollout.max_new_tokens_per_turn must be positive")
+        _at_least("rollout", self, 1, "max_information_tokens")
         _check(self.max_response_tokens >= self.max_new_tokens_per_turn,
                "rollout.max_response_tokens must be >= max_new_tokens_per_turn")
 
@@ -215,6 +255,10 @@ class PPOConfig:
 
     def __post_init__(self) -> None:
         _check(self.actor_lr > 0 and self.critic_lr > 0, "ppo.actor_lr and ppo.critic_lr must be positive")
+        _at_least("ppo", self, 1, "rollout_batch_size", "mini_batch_size", "micro_batch_size")
+        _at_least("ppo", self, 0, "warmup_steps", "weight_decay", "vf_coef", "entropy_coef", "kl_coef",
+                  "critic_warmup_steps")
+        _positive("ppo", self, "value_clip", "grad_clip")
         _check(self.mini_batch_size % self.micro_batch_size == 0,
                f"ppo.mini_batch_size ({self.mini_batch_size}) must be a multiple of micro_batch_size ({self.micro_batch_size})")
         _check(0 <= self.gamma <= 1 and 0 <= self.lam <= 1, "ppo.gamma and ppo.lam must be in [0, 1]")
@@ -229,6 +273,9 @@ class KernelsConfig:
     """`auto` = Triton kernels on CUDA tensors, pure-torch references on CPU."""
     logprob_chunk_size: int = 4096
     """Vocabulary chunk of the fused LM-head log-prob/entropy (never builds the full logits)."""
+
+    def __post_init__(self) -> None:
+        _at_least("kernels", self, 1, "logprob_chunk_size")
 
 
 @dataclass
@@ -246,6 +293,8 @@ class DeepSpeedConfig:
 
     def __post_init__(self) -> None:
         _check(self.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage must be 0, 1, 2 or 3")
+        _check(not self.offload_params or self.zero_stage == 3, "deepspeed.offload_params needs zero_stage 3")
+        _optional_text("deepspeed", self, "config_path")
 
 
 @dataclass
@@ -282,9 +331,16 @@ class TrainerConfig:
     """Device for one-process runs; under DeepSpeed the local rank's GPU."""
 
     def __post_init__(self) -> None:
+        _check(self.output_dir.strip() != "", "trainer.output_dir must not be empty")
+        _check(self.run_name.strip() not in ("", ".", "..") and "/" not in self.run_name and "\\" not in self.run_name,
+               f"trainer.run_name must be one directory name, got {self.run_name!r}")
+        _check(self.resume.strip() != "", "trainer.resume must be 'auto', 'never' or a checkpoint path")
         _check(self.total_steps >= 0, "trainer.total_steps must be >= 0")
         _check(self.save_every >= 0, "trainer.save_every must be >= 0")
         _check(self.keep_checkpoints >= 1, "trainer.keep_checkpoints must be >= 1")
+        _at_least("trainer", self, 0, "seed", "eval_every", "eval_max_questions", "warm_start_steps")
+        _positive("trainer", self, "warm_start_lr")
+        _optional_text("trainer", self, "wandb_project")
 
     @property
     def run_dir(self) -> Path:
@@ -347,6 +403,7 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             except ValueError:
                 pass
         _check(isinstance(value, (int, float)) and not isinstance(value, bool), f"{where}: expected a number, got {value!r}")
+        _check(math.isfinite(value), f"{where}: expected a finite number, got {value!r}")
         return float(value)
     if annotation is str:
         _check(isinstance(value, (str, int, float)) and not isinstance(value, bool), f"{where}: expected a string, got {value!r}")
@@ -384,19 +441,56 @@ def _merge(base: dict, override: dict) -> dict:
     return merged
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key repeated in one mapping is an error (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                if key in first_line:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} (first at line {first_line[key]})", key_node.start_mark)
+                first_line[key] = key_node.start_mark.line + 1
+            except TypeError:  # an unhashable key: the base class reports it
+                continue
+        return super().construct_mapping(node, deep=deep)
+
+
+def _parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     """Read a preset, resolving `base:` chains (relative to the file)."""
     path = path.resolve()
     _check(path.exists(), f"config file not found: {path}")
+    _check(not path.is_dir(), f"config path {path} is a directory, not a YAML file")
     _check(path not in seen, f"{path}: circular 'base:' chain")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = path.read_bytes()
+        data = _parse_yaml(raw.decode("utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(f"{path}:{line}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        raise ConfigError(f"{where}: invalid YAML: {exc.problem or exc.context}") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: invalid YAML: {exc}") from None
+        raise ConfigError(f"{path}: invalid YAML: {' '.join(str(exc).split())}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: invalid YAML: nested too deeply") from None
     _check(isinstance(data, dict), f"{path}: top level must be a mapping of sections")
     base = data.pop("base", None)
     if base is None:
         return data
+    _check(isinstance(base, str) and base.strip() != "", f"{path}: 'base' must be the path of another preset")
     return _merge(_read_yaml(path.parent / base, seen + (path,)), data)
 
 
@@ -407,8 +501,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     parts = key.strip().split(".")
     _check(all(parts), f"command-line override '{text}': empty key part")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
+        value = _parse_yaml(raw) if raw.strip() else None
+    except (yaml.YAMLError, RecursionError):
         value = raw
     return parts, value
 

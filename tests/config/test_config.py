@@ -79,3 +79,80 @@ def test_bare_on_off_reach_on_off_fields():
     assert load_config(None, ["deepspeed.enabled=on"]).deepspeed.enabled == "on"
     with pytest.raises(ConfigError, match="deepspeed.enabled: 'yes please' is not one of"):
         load_config(None, ["deepspeed.enabled=yes please"])
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("ppo.micro_batch_size=0", "ppo.micro_batch_size must be >= 1, got 0"),
+    ("ppo.mini_batch_size=0", "ppo.mini_batch_size must be >= 1, got 0"),
+    ("ppo.rollout_batch_size=0", "ppo.rollout_batch_size must be >= 1, got 0"),
+    ("model.tiny_num_heads=0", "model.tiny_num_heads must be >= 1, got 0"),
+    ("model.tiny_num_kv_heads=0", "model.tiny_num_kv_heads must be >= 1, got 0"),
+    ("model.tiny_num_layers=0", "model.tiny_num_layers must be >= 1, got 0"),
+    ("model.tiny_hidden_size=12", "head size) must be even"),  # 12 / 4 heads = 3
+    ("ppo.kl_coef=.nan", "ppo.kl_coef: expected a finite number, got nan"),
+    ("ppo.actor_lr=.inf", "ppo.actor_lr: expected a finite number, got inf"),
+    ("reward.format_penalty=-.inf", "reward.format_penalty: expected a finite number, got -inf"),
+    ("ppo.gamma=nan", "ppo.gamma: expected a finite number"),
+    ("ppo.grad_clip=-1", "ppo.grad_clip must be > 0, got -1.0"),
+    ("ppo.kl_coef=-0.1", "ppo.kl_coef must be >= 0, got -0.1"),
+    ("ppo.value_clip=0", "ppo.value_clip must be > 0"),
+    ("ppo.entropy_coef=-1", "ppo.entropy_coef must be >= 0"),
+    ("ppo.warmup_steps=-5", "ppo.warmup_steps must be >= 0"),
+    ("rollout.max_information_tokens=0", "rollout.max_information_tokens must be >= 1"),
+    ("rollout.sglang_mem_fraction=1.5", "rollout.sglang_mem_fraction must be in (0, 1)"),
+    ("retriever.max_query_chars=0", "retriever.max_query_chars must be >= 1"),
+    ("retriever.url=localhost:8000", "retriever.url must start with http:// or https://"),
+    ("kernels.logprob_chunk_size=0", "kernels.logprob_chunk_size must be >= 1"),
+    ("deepspeed.offload_params=true", "deepspeed.offload_params needs zero_stage 3"),
+    ("trainer.run_name=a/b", "trainer.run_name must be one directory name"),
+    ("trainer.seed=-1", "trainer.seed must be >= 0"),
+    ("trainer.warm_start_lr=0", "trainer.warm_start_lr must be > 0"),
+    ("trainer.eval_every=-1", "trainer.eval_every must be >= 0"),
+    ("trainer.resume=' '", "trainer.resume must be 'auto', 'never' or a checkpoint path"),
+    ("data.shuffle_seed=-3", "data.shuffle_seed must be >= 0"),
+    ("model.actor_path=' '", "model.actor_path must be null or a non-empty string"),
+])
+def test_every_field_is_validated(override, needle):
+    overrides = [override, "deepspeed.zero_stage=2"] if override.startswith("deepspeed.offload") else [override]
+    with pytest.raises(ConfigError) as info:
+        load_config(None, overrides)
+    assert needle in str(info.value) and str(info.value).startswith("defaults + command line: ")
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("ppo:\n  kl_coef: 0.1\n  kl_coef: 0.2\n", "bad.yaml:3:3: invalid YAML: duplicate key 'kl_coef' (first at line 2)"),
+    ("ppo:\n  kl_coef: 0.1\nreward: {}\nppo:\n  gamma: 1\n", "bad.yaml:4:1: invalid YAML: duplicate key 'ppo' (first at line 1)"),
+    ("ppo: {kl_coef: .nan}\n", "ppo.kl_coef: expected a finite number, got nan"),
+    ("ppo:\n  kl_coef: [1\n", "bad.yaml:3:1: invalid YAML:"),
+    ("base: 3\n", "'base' must be the path of another preset"),
+])
+def test_yaml_problems_name_the_file_and_line(tmp_path, text, needle):
+    path = write(tmp_path, "bad.yaml", text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert needle in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_merge_key_is_not_a_duplicate(tmp_path):
+    path = write(tmp_path, "anchors.yaml", "ppo: &p\n  kl_coef: 0.1\n  gamma: 0.9\nreward: {}\n"
+                                           "x_unused: &q {}\n")
+    with pytest.raises(ConfigError, match="unknown config key 'x_unused'"):
+        load_config(path)
+    merged = write(tmp_path, "merged.yaml", "defaults: &d {kl_coef: 0.1, gamma: 0.9}\n")
+    with pytest.raises(ConfigError, match="unknown config key 'defaults'"):
+        load_config(merged)
+    ok = write(tmp_path, "ok.yaml", "ppo:\n  <<: {kl_coef: 0.1, gamma: 0.9}\n  gamma: 0.5\n")
+    cfg = load_config(ok)
+    assert (cfg.ppo.kl_coef, cfg.ppo.gamma) == (0.1, 0.5)
+
+
+def test_unreadable_config_files_are_one_line_errors(tmp_path):
+    with pytest.raises(ConfigError, match=r"config path .* is a directory, not a YAML file"):
+        load_config(tmp_path)
+    latin = tmp_path / "latin1.yaml"
+    latin.write_bytes("trainer:\n  run_name: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1\.yaml:2: not valid UTF-8 \(invalid continuation byte at byte 24\)"):
+        load_config(latin)
+    deep = write(tmp_path, "deep.yaml", "a: " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(ConfigError, match=r"deep\.yaml: invalid YAML: nested too deeply"):
+        load_config(deep)

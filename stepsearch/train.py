@@ -434,19 +434,26 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", default=None, help="YAML preset (default: the built-in defaults)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
                         help="set by the deepspeed launcher; the rank is read from the environment")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of a user error too (or set STEPSEARCH_DEBUG=1)")
     parser.add_argument("overrides", nargs="*", help="section.field=value overrides, e.g. trainer.total_steps=10")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """A user error (config, paths, checkpoint, data) prints one line and exits 2; a bug keeps its traceback."""
+    from stepsearch.errors import report_user_errors
+    from stepsearch.trainer.preflight import check_before_training
+
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
-    try:
+
+    def run() -> int:
         cfg = load_config(args.config, args.overrides)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    train(cfg)
-    return 0
+        check_before_training(cfg)
+        train(cfg)
+        return 0
+
+    return report_user_errors("stepsearch train", run, debug=args.debug)
 
 
 if __name__ == "__main__":

@@ -30,11 +30,12 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from stepsearch.data.records import QARecord, SupportDoc
+from stepsearch.errors import UserError
 
 FORMATS = ("stepsearch", "searchr1", "flashrag", "musique", "hotpotqa", "2wiki")
 
 
-class DataFormatError(ValueError):
+class DataFormatError(UserError, ValueError):
     """A dataset file or row that cannot be read; the message names the file and line/index."""
 
 

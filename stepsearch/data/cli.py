@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
+from pathlib import Path
 
 from stepsearch.data.loaders import FORMATS, DataFormatError, load_records
 
@@ -68,19 +70,34 @@ def _synth(args: argparse.Namespace) -> int:
     return 0
 
 
-def _report_skips(result) -> None:
+def _load(args: argparse.Namespace):
+    """The input's records; skipped rows are summarised by kind on stderr, and an input without one good row fails."""
+    result = load_records(args.input, args.format, args.skip_bad_rows)
     if result.skipped:
-        print(f"skipped {result.skipped} bad rows, first: {result.bad_rows[0]}", file=sys.stderr)
+        print(f"skipped {result.skipped} bad rows of {args.input}:", file=sys.stderr)
+        for line in result.skip_summary():
+            print(f"  {line}", file=sys.stderr)
+    if not result.records:
+        reason = f"all {result.skipped} rows are bad" if result.skipped else "it holds no rows"
+        raise DataFormatError(f"{args.input}: no records to write ({reason})")
+    return result
 
 
 def _convert(args: argparse.Namespace) -> int:
     from stepsearch.data.loaders import to_stepsearch_row
 
-    result = load_records(args.input, args.format, args.skip_bad_rows)
-    _report_skips(result)
-    with open(args.out, "w", encoding="utf-8") as out:
-        for record in result.records:
-            out.write(json.dumps(to_stepsearch_row(record), ensure_ascii=False) + "\n")
+    result = _load(args)
+    out = Path(args.out)
+    # Written beside the output and renamed over it: a failure leaves no partial file (nor a truncated old one).
+    temp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        with open(temp, "w", encoding="utf-8") as handle:
+            for record in result.records:
+                handle.write(json.dumps(to_stepsearch_row(record), ensure_ascii=False) + "\n")
+        os.replace(temp, out)
+    finally:
+        if temp.exists():
+            temp.unlink()
     print(f"wrote {len(result.records)} records to {args.out}")
     return 0
 
@@ -91,8 +108,7 @@ def _pipeline(args: argparse.Namespace) -> int:
     if args.llm_url and not args.llm_model:
         print("stepsearch data pipeline: --llm-model is required with --llm-url", file=sys.stderr)
         return 2
-    result = load_records(args.input, args.format, args.skip_bad_rows)
-    _report_skips(result)
+    result = _load(args)
     records = result.records[: args.limit] if args.limit is not None else result.records
     writer = (LLMQueryWriter(args.llm_url, args.llm_model, args.prompt or PROMPT_PATH, temperature=args.temperature)
               if args.llm_url else RuleQueryWriter())

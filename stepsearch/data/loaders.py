@@ -18,11 +18,13 @@ Formats (`load_records(path, format=...)`; `auto` looks at the first row):
   gives one sub-question search key "subject relation".
 
 Errors name the file and line (jsonl) or index (json, parquet). With `skip_bad_rows=True` bad rows are skipped,
-counted in `LoadResult.skipped`, and described in `LoadResult.bad_rows`.
+counted in `LoadResult.skipped`, and described in `LoadResult.bad_rows`. Rows must be strict JSON (no NaN or
+Infinity), their strings valid Unicode (no lone surrogates), and nested no deeper than Python's parser allows.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -48,6 +50,29 @@ class LoadResult:
     records: list[QARecord]
     skipped: int = 0
     bad_rows: list[str] = field(default_factory=list)  # "file:line: what is wrong", one per skipped row
+
+    def skip_summary(self, first: int = 3) -> list[str]:
+        """One line per kind of problem, most frequent first: how many rows, the first one in full, the next few
+        locations."""
+        kinds: dict[str, list[str]] = {}
+        for line in self.bad_rows:
+            problem = line.partition(_LOCATION_END)[2] or line
+            kinds.setdefault(_problem_kind(problem), []).append(line)
+        lines = []
+        for rows in sorted(kinds.values(), key=len, reverse=True):
+            others = [row.partition(_LOCATION_END)[0] for row in rows[1:first]]
+            also = f"; also {', '.join(others)}" if others else ""
+            more = f" and {len(rows) - first} more" if len(rows) > first else ""
+            lines.append(f"{len(rows)} x {rows[0]}{also}{more}")
+        return lines
+
+
+_LOCATION_END = ": "  # bad_rows are "location: problem"
+
+
+def _problem_kind(problem: str) -> str:
+    """A problem without its row-specific numbers (columns, list indices), so rows broken alike count together."""
+    return re.sub(r"\b\d+\b", "N", problem)
 
 
 def detect_format(row: Any) -> str | None:
@@ -85,15 +110,31 @@ def _text(row: dict, name: str) -> str:
     return value.strip()
 
 
+def _string(value: Any, name: str) -> str | None:
+    """The text of a string or a finite number (years, counts are answers too); None for anything else."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise _RowError(f"field '{name}' is {value}, not an answer or a text")
+        return str(value)
+    return None
+
+
 def _strings(value: Any, name: str) -> list[str]:
     """A string or a list of strings (numbers are accepted as their text: years, counts)."""
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return [str(value)]
-    if isinstance(value, (list, tuple)) and all(isinstance(v, (str, int, float)) for v in value):
-        return [str(v) for v in value]
-    raise _RowError(f"field '{name}' must be a string or a list of strings, got {type(value).__name__}")
+    single = _string(value, name)
+    if single is not None:
+        return [single]
+    if not isinstance(value, (list, tuple)):
+        raise _RowError(f"field '{name}' must be a string or a list of strings, got {type(value).__name__}")
+    texts = []
+    for index, item in enumerate(value):
+        text = _string(item, f"{name}[{index}]")
+        if text is None:
+            raise _RowError(f"field '{name}[{index}]' must be a string, got {type(item).__name__}")
+        texts.append(text)
+    return texts
 
 
 def _answers(primary: list[str], aliases: list[str]) -> list[str]:
@@ -133,8 +174,8 @@ def _from_stepsearch(row: dict, default_id: str) -> QARecord:
         support_docs.append(SupportDoc(title=doc.get("title", ""), text=text))
     sub_questions = _strings(row.get("sub_questions") or [], "sub_questions")
     hops = row.get("hops")
-    if hops is not None and not isinstance(hops, int):
-        raise _RowError(f"field 'hops' must be an integer, got {type(hops).__name__}")
+    if hops is not None and (isinstance(hops, bool) or not isinstance(hops, int) or hops < 1):
+        raise _RowError(f"field 'hops' must be a positive integer, got {hops!r}")
     metadata = {k: row[k] for k in ("type", "sub_answers", "data_source") if k in row}
     return QARecord(id=str(row.get("id", default_id)), question=question, answers=answers,
                     sub_questions=sub_questions, search_keys=search_keys, support_docs=support_docs,
@@ -311,6 +352,60 @@ def _container(path: Path) -> str:
     return "json" if stripped.startswith(b"[") else "jsonl"
 
 
+class _NotJSON(ValueError):
+    """NaN / Infinity: Python's json module reads them, the JSON standard has no such values."""
+
+
+def _reject_constant(name: str) -> Any:
+    raise _NotJSON(f"{name} is not a JSON value")
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _parse_json(text: str) -> Any:
+    """Strict JSON: NaN/Infinity raise `_NotJSON`; nesting too deep for the parser raises `_RowError`."""
+    try:
+        return json.loads(text, parse_constant=_reject_constant)
+    except RecursionError:
+        raise _RowError("nested too deeply") from None
+
+
+def _lone_surrogate(value: Any, where: str = "") -> str | None:
+    """Where the first lone surrogate (a "\\ud800" escape: not encodable Unicode) sits in a parsed row, or None."""
+    if isinstance(value, str):
+        found = _LONE_SURROGATE.search(value)
+        return f"field '{where or 'the row'}' holds the lone surrogate \\u{ord(found.group()):04x}" if found else None
+    if isinstance(value, dict):
+        items = [(f"{where}.{key}" if where else str(key), key, item) for key, item in value.items()]
+    elif isinstance(value, list):
+        items = [(f"{where}[{index}]", None, item) for index, item in enumerate(value)]
+    else:
+        return None
+    for name, key, item in items:
+        if key is not None and _LONE_SURROGATE.search(key):
+            return f"a key inside '{where or 'the row'}' holds a lone surrogate"
+        problem = _lone_surrogate(item, name)
+        if problem:
+            return problem
+    return None
+
+
+def _parsed_row(text: str, location: str) -> tuple[str, Any, str | None]:
+    """(location, row, error) of one JSON row's text."""
+    try:
+        row = _parse_json(text)
+    except json.JSONDecodeError as err:
+        return location, None, f"invalid JSON ({err.msg}, column {err.colno})"
+    except (_NotJSON, _RowError) as err:
+        return location, None, f"invalid JSON ({err})"
+    problem = _lone_surrogate(row) if _SURROGATE_ESCAPE.search(text) else None
+    if problem:
+        return location, None, f"not valid Unicode: {problem}"
+    return location, row, None
+
+
 def _iter_rows(path: Path) -> Iterator[tuple[str, Any, str | None]]:
     """(location, row, error) for every row; a row that cannot even be parsed comes with its error."""
     container = _container(path)
@@ -325,21 +420,24 @@ def _iter_rows(path: Path) -> Iterator[tuple[str, Any, str | None]]:
                     continue
                 if not line.strip():
                     continue
-                try:
-                    yield location, json.loads(line), None
-                except json.JSONDecodeError as err:
-                    yield location, None, f"invalid JSON ({err.msg}, column {err.colno})"
+                # without its line break, a row cut short is reported where it breaks, not at "line 2 column 1"
+                yield _parsed_row(line.rstrip("\r\n"), location)
     elif container == "json":
         try:
-            data = json.loads(path.read_bytes().decode("utf-8"))
+            text = path.read_bytes().decode("utf-8")
+            data = _parse_json(text)
         except UnicodeDecodeError as err:
             raise DataFormatError(f"{path}: not valid UTF-8 ({err.reason} at byte {err.start})") from None
         except json.JSONDecodeError as err:
             raise DataFormatError(f"{path}: invalid JSON ({err.msg}, line {err.lineno} column {err.colno})") from None
+        except (_NotJSON, _RowError) as err:
+            raise DataFormatError(f"{path}: invalid JSON ({err})") from None
         if not isinstance(data, list):
             raise DataFormatError(f"{path}: expected a JSON list of questions, got {type(data).__name__}")
+        check_surrogates = _SURROGATE_ESCAPE.search(text) is not None
         for index, row in enumerate(data):
-            yield f"{path}[{index}]", row, None
+            problem = _lone_surrogate(row) if check_surrogates else None
+            yield f"{path}[{index}]", (None if problem else row), (f"not valid Unicode: {problem}" if problem else None)
     else:
         try:
             import pyarrow.parquet as pq
@@ -374,6 +472,9 @@ def load_records(path: str | os.PathLike, format: str = "auto", skip_bad_rows: b
             bad(location, parse_error)
             continue
         if chosen is None:
+            if not isinstance(row, dict) and skip_bad_rows:
+                bad(location, f"expected a JSON object, got {type(row).__name__}")
+                continue
             chosen = detect_format(row)
             if chosen is None:
                 keys = sorted(row) if isinstance(row, dict) else type(row).__name__

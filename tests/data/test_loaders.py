@@ -132,7 +132,7 @@ def test_bad_jsonl_rows_name_file_and_line_or_are_skipped_and_counted(tmp_path):
     assert "missing field 'golden_answers'" in result.bad_rows[1]
     assert "not valid UTF-8" in result.bad_rows[2]
     assert "field 'question' is empty" in result.bad_rows[3]
-    assert "list of strings" in result.bad_rows[4]
+    assert "field 'golden_answers[0]' must be a string, got list" in result.bad_rows[4]
 
 
 def test_bad_json_and_parquet_rows_name_the_index(tmp_path, fixtures_dir):

@@ -32,7 +32,7 @@ def run_interpreter_cases(test_file: str, cases: list, work_dir: Path, timeout: 
     torch.save(cases, inputs_path)
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
     _run(test_file, [str(inputs_path), str(outputs_path)], env, timeout, "interpreter run")
-    return torch.load(outputs_path)
+    return torch.load(outputs_path, weights_only=True)
 
 
 def compile_for_hopper(test_file: str, timeout: int) -> list[str]:

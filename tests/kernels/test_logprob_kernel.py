@@ -97,7 +97,7 @@ def _interpreter_main(inputs_path: str, outputs_path: str) -> None:
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
     from stepsearch.kernels.logprob import logprob_entropy
 
-    cases = torch.load(inputs_path)
+    cases = torch.load(inputs_path, weights_only=True)
     torch.save({case["name"]: _run_case(logprob_entropy, case) for case in cases}, outputs_path)
 
 

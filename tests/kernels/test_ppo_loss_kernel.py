@@ -130,7 +130,7 @@ def _interpreter_main(inputs_path: str, outputs_path: str) -> None:
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
     from stepsearch.kernels import ppo_loss as kernels
 
-    cases = torch.load(inputs_path)
+    cases = torch.load(inputs_path, weights_only=True)
     torch.save({case["name"]: _run_kernel(kernels, case) for case in cases}, outputs_path)
 
 

@@ -193,7 +193,8 @@ open(os.path.join(run_dir, f"ok_rank{torch.distributed.get_rank()}"), "w").close
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_deepspeed_zero3_two_ranks_round_trip_and_hf_export(tmp_path):
+@pytest.mark.timeout(1800)  # the launch, and the comm op's first build (conftest)
+def test_deepspeed_zero3_two_ranks_round_trip_and_hf_export(tmp_path, deepspeed_cpu_comm_op):
     import os
     import subprocess
     import sys
@@ -205,7 +206,7 @@ def test_deepspeed_zero3_two_ranks_round_trip_and_hf_export(tmp_path):
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                "--master_port", str(29900 + os.getpid() % 90), str(worker), str(tmp_path / "run")]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)  # a hang guard
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     assert (tmp_path / "run" / "ok_rank0").is_file() and (tmp_path / "run" / "ok_rank1").is_file()
     checkpoint = tmp_path / "run" / "checkpoints" / "step_00000002"

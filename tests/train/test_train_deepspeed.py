@@ -19,6 +19,9 @@ DEEPSPEED_RUN = ["ppo.actor_lr=1e-3", "ppo.critic_lr=1e-3", "trainer.warm_start_
                  "trainer.save_every=1", "trainer.keep_checkpoints=1"]
 
 
+LAUNCH_HANG_GUARD_S = 600  # a hang guard, not a speed limit: one launch takes ~1 min on a quiet 2-core machine
+
+
 def launch(tmp_path, toy_overrides: list[str], steps: int) -> subprocess.CompletedProcess:
     launcher = shutil.which("deepspeed")
     if launcher is None:
@@ -27,12 +30,13 @@ def launch(tmp_path, toy_overrides: list[str], steps: int) -> subprocess.Complet
     command = [launcher, "--num_gpus", "2", "--master_port", str(29600 + os.getpid() % 300), "stepsearch/train.py",
                "--config", "configs/tiny_cpu.yaml", *toy_overrides, *DEEPSPEED_RUN, f"trainer.output_dir={tmp_path}",
                f"trainer.total_steps={steps}"]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=170)
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=LAUNCH_HANG_GUARD_S)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     return result
 
 
-def test_zero3_two_ranks_train_checkpoint_and_resume(tmp_path, toy_overrides):
+@pytest.mark.timeout(2 * LAUNCH_HANG_GUARD_S + 1200)  # two launches, and the comm op's first build (conftest)
+def test_zero3_two_ranks_train_checkpoint_and_resume(tmp_path, toy_overrides, deepspeed_cpu_comm_op):
     launch(tmp_path, toy_overrides, steps=2)
     run_dir = tmp_path / "tiny_cpu"
     checkpoint = run_dir / "checkpoints" / "step_00000002"

@@ -1,12 +1,15 @@
 """The `stepsearch` command: a thin dispatcher to the sub-commands, each owned by the module that implements it.
 
 Only the chosen sub-command's module is imported, so `stepsearch data synth` does not pay for transformers.
-Each module exposes `main(argv: list[str]) -> int`.
+Each module exposes `main(argv: list[str]) -> int`. A user error (`stepsearch.errors.UserError`) ends any command
+with one line and exit status 2.
 """
 from __future__ import annotations
 
 import importlib
 import sys
+
+from stepsearch.errors import report_user_errors
 
 COMMANDS = {
     "train": ("stepsearch.train", "StePPO training (same as `python -m stepsearch.train`)"),
@@ -32,7 +35,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"stepsearch: unknown command '{argv[0]}'\n\n{_usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[argv[0]][0])
-    return int(module.main(argv[1:]) or 0)
+    # Sub-commands report their own user errors; this catches one that escapes them, so no command ends a user's
+    # mistake in a traceback (unless `--debug` or STEPSEARCH_DEBUG=1 asks for it).
+    return report_user_errors(f"stepsearch {argv[0]}", lambda: int(module.main(argv[1:]) or 0),
+                              debug="--debug" in argv[1:])
 
 
 if __name__ == "__main__":

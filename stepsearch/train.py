@@ -65,7 +65,7 @@ if __package__ in (None, ""):
     _choose_package_for_script()
 
 from stepsearch import ops  # noqa: E402
-from stepsearch.config import Config, ConfigError, load_config  # noqa: E402
+from stepsearch.config import Config, load_config  # noqa: E402
 from stepsearch.models.actor_critic import SequenceBatch, build_sequences  # noqa: E402
 from stepsearch.seeds import derive_seed  # noqa: E402
 from stepsearch.trainer import build, ranks  # noqa: E402

@@ -9,6 +9,7 @@
 #include <pybind11/stl.h>
 
 #include <algorithm>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -78,8 +79,11 @@ struct FlatBatch {
   }
 };
 
+using Int64Array = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
+
 py::dict segment_batch(const TokenTable& table, py::array_t<int32_t, py::array::c_style> ids,
-                       py::array_t<int64_t, py::array::c_style> offsets) {
+                       py::array_t<int64_t, py::array::c_style> offsets, std::optional<Int64Array> span_start,
+                       std::optional<Int64Array> span_end, std::optional<Int64Array> span_offsets) {
   if (ids.ndim() != 1) throw py::value_error("ids must be a 1-D int32 array, got " + std::to_string(ids.ndim()) + "-D");
   if (offsets.ndim() != 1) {
     throw py::value_error("offsets must be a 1-D int64 array, got " + std::to_string(offsets.ndim()) + "-D");
@@ -89,6 +93,32 @@ py::dict segment_batch(const TokenTable& table, py::array_t<int32_t, py::array::
   const int32_t* id_data = ids.data();
   const int64_t* offset_data = offsets.data();
   check_offsets(offset_data, offsets.size(), num_ids);
+  const bool spans_given = span_start.has_value();
+  if (spans_given != span_end.has_value() || spans_given != span_offsets.has_value()) {
+    throw py::value_error("span_start, span_end and span_offsets are given together or not at all");
+  }
+  const int64_t* start_data = nullptr;
+  const int64_t* end_data = nullptr;
+  const int64_t* span_offset_data = nullptr;
+  if (spans_given) {
+    if (span_offsets->size() != offsets.size()) {
+      throw py::value_error("span_offsets must hold one entry per sequence plus one");
+    }
+    check_offsets(span_offsets->data(), span_offsets->size(), span_start->size());
+    if (span_end->size() != span_start->size()) throw py::value_error("span_start and span_end differ in length");
+    start_data = span_start->data();
+    end_data = span_end->data();
+    span_offset_data = span_offsets->data();
+    for (int64_t b = 0; b < num_sequences; ++b) {
+      const stepsearch::InsertedSpans spans{true, start_data + span_offset_data[b], end_data + span_offset_data[b],
+                                            span_offset_data[b + 1] - span_offset_data[b]};
+      const int64_t bad = stepsearch::check_spans(spans, offset_data[b + 1] - offset_data[b]);
+      if (bad >= 0) {
+        throw py::value_error("inserted span " + std::to_string(bad) + " of sequence " + std::to_string(b) +
+                              " must be non-empty, sorted, disjoint and inside the sequence");
+      }
+    }
+  }
 
   py::array_t<uint8_t> loss_mask(static_cast<py::ssize_t>(num_ids));
   py::array_t<bool> valid_format(static_cast<py::ssize_t>(num_sequences));
@@ -109,8 +139,13 @@ py::dict segment_batch(const TokenTable& table, py::array_t<int32_t, py::array::
       stepsearch::Scratch scratch;
       for (int64_t b = 0; b < num_sequences; ++b) {
         const int64_t begin = offset_data[b];
-        stepsearch::segment_sequence(table, id_data + begin, offset_data[b + 1] - begin, mask_data + begin, result,
-                                     scratch);
+        stepsearch::InsertedSpans spans;
+        if (spans_given) {
+          spans = stepsearch::InsertedSpans{true, start_data + span_offset_data[b], end_data + span_offset_data[b],
+                                            span_offset_data[b + 1] - span_offset_data[b]};
+        }
+        stepsearch::segment_sequence(table, id_data + begin, offset_data[b + 1] - begin, spans, mask_data + begin,
+                                     result, scratch);
         valid_data[b] = result.valid_format;
         bytes_data[b] = result.num_bytes;
         flat.append(result);
@@ -176,5 +211,8 @@ PYBIND11_MODULE(_segmenter, m) {
       .def("__len__", &TokenTable::size);
 
   m.def("segment_batch", &segment_batch, py::arg("table"), py::arg("ids"), py::arg("offsets"),
-        "Segment the ragged batch ids[offsets[b]:offsets[b+1]] (int32 ids, int64 offsets); returns flat arrays.");
+        py::arg("span_start") = py::none(), py::arg("span_end") = py::none(), py::arg("span_offsets") = py::none(),
+        "Segment the ragged batch ids[offsets[b]:offsets[b+1]] (int32 ids, int64 offsets), with the inserted token "
+        "spans [span_start[k], span_end[k]) of sequence b at k in span_offsets[b]:span_offsets[b+1] when given "
+        "(span rule) or without them (text rule); returns flat arrays.");
 }

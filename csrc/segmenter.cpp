@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <array>
+#include <climits>
 #include <cstring>
 #include <stdexcept>
 
@@ -258,18 +259,38 @@ bool is_python_whitespace(std::string_view bytes) {
   return true;
 }
 
-void segment_sequence(const TokenTable& table, const int32_t* ids, int64_t length, uint8_t* loss_mask,
-                      SequenceResult& result, Scratch& scratch) {
-  result.clear();
-  std::vector<int64_t>& starts = scratch.token_starts;
-  scan_tags(table, ids, length, starts, result.tags);
-  result.num_bytes = starts[length];
-  const StreamReader reader(table, ids, starts, length);
-  const std::vector<Tag>& tags = result.tags;
-  if (length > 0) std::memset(loss_mask, 1, static_cast<size_t>(length));
+int64_t check_spans(const InsertedSpans& inserted, int64_t length) {
+  int64_t previous_end = 0;
+  for (int64_t k = 0; k < inserted.count; ++k) {
+    if (inserted.start[k] < previous_end || inserted.start[k] >= inserted.end[k] || inserted.end[k] > length) {
+      return k;
+    }
+    previous_end = inserted.end[k];
+  }
+  return -1;
+}
 
-  // Information blocks, search blocks and steps. Inside an information block only `</information>` counts: the
-  // retrieved text is data, so a tag quoted by a document neither closes a search nor makes a step.
+namespace {
+
+bool whitespace_only_token(const TokenTable& table, const int32_t* ids, int64_t token) {
+  const std::string_view bytes = table.bytes(ids[token], token);
+  if (bytes.empty()) return false;
+  for (const char c : bytes) {
+    if (!is_ascii_whitespace(static_cast<uint8_t>(c))) return false;
+  }
+  return true;
+}
+
+// Text rule: tags find the information blocks; a whitespace-only token on either side belongs to the block (the
+// agent loop inserts "\n" on both sides).
+void text_rule(const TokenTable& table, const int32_t* ids, int64_t length, const StreamReader& reader,
+               uint8_t* loss_mask, SequenceResult& result, Scratch& scratch) {
+  const std::vector<Tag>& tags = result.tags;
+  auto mask_block = [&](int64_t first, int64_t last) {
+    if (first > 0 && whitespace_only_token(table, ids, first - 1)) --first;
+    if (last + 1 < length && whitespace_only_token(table, ids, last + 1)) ++last;
+    std::memset(loss_mask + first, 0, static_cast<size_t>(last - first + 1));
+  };
   bool in_information = false;
   int64_t information_first_token = 0;
   int64_t open_search = -1;  // index of the unclosed `<search>` tag, if any
@@ -277,8 +298,7 @@ void segment_sequence(const TokenTable& table, const int32_t* ids, int64_t lengt
     const Tag& tag = tags[index];
     if (in_information) {
       if (tag.kind == kInformationClose) {
-        std::memset(loss_mask + information_first_token, 0,
-                    static_cast<size_t>(tag.end_token - information_first_token + 1));
+        mask_block(information_first_token, tag.end_token);
         in_information = false;
       }
       continue;
@@ -308,24 +328,96 @@ void segment_sequence(const TokenTable& table, const int32_t* ids, int64_t lengt
         }
         break;
       }
+      case kAnswerOpen:
+      case kAnswerClose:
+        scratch.answer_tags.push_back(index);
+        break;
       default:
         break;
     }
   }
-  if (in_information) {
-    std::memset(loss_mask + information_first_token, 0, static_cast<size_t>(length - information_first_token));
+  if (in_information) mask_block(information_first_token, length - 1);
+}
+
+// Span rule: the inserted spans are the information blocks; a step is a span right after the token completing a
+// generated `</search>`.
+void span_rule(const InsertedSpans& inserted, const StreamReader& reader, uint8_t* loss_mask,
+               SequenceResult& result, Scratch& scratch) {
+  for (int64_t k = 0; k < inserted.count; ++k) {
+    std::memset(loss_mask + inserted.start[k], 0, static_cast<size_t>(inserted.end[k] - inserted.start[k]));
+  }
+  const std::vector<Tag>& tags = result.tags;
+  int64_t next_span = 0;
+  int64_t open_search = -1;
+  int64_t last_close_token = -1;  // end token and query of the latest generated `</search>`, -1 when none
+  int64_t last_close_query = -1;
+  auto enter_spans_up_to = [&](int64_t token) {
+    while (next_span < inserted.count && inserted.start[next_span] <= token) {
+      if (last_close_token >= 0 && last_close_token == inserted.start[next_span] - 1) {
+        result.step_ends.push_back(last_close_token);
+        result.step_query.push_back(last_close_query);
+      }
+      last_close_token = -1;
+      open_search = -1;
+      ++next_span;
+    }
+  };
+  for (size_t index = 0; index < tags.size(); ++index) {
+    const Tag& tag = tags[index];
+    enter_spans_up_to(tag.start_token);
+    if (next_span > 0 && tag.start_token < inserted.end[next_span - 1]) continue;  // retrieved text is data
+    switch (tag.kind) {
+      case kSearchOpen:
+        open_search = static_cast<int64_t>(index);
+        break;
+      case kSearchClose:
+        last_close_query = -1;
+        if (open_search >= 0) {
+          last_close_query = static_cast<int64_t>(result.queries.size());
+          result.queries.push_back(reader.copy(tags[open_search].end_byte, tag.start_byte));
+          open_search = -1;
+        }
+        last_close_token = tag.end_token;
+        break;
+      case kAnswerOpen:
+      case kAnswerClose:
+        scratch.answer_tags.push_back(index);
+        break;
+      default:
+        break;
+    }
+  }
+  enter_spans_up_to(INT64_MAX);
+}
+
+}  // namespace
+
+void segment_sequence(const TokenTable& table, const int32_t* ids, int64_t length, const InsertedSpans& inserted,
+                      uint8_t* loss_mask, SequenceResult& result, Scratch& scratch) {
+  result.clear();
+  scratch.answer_tags.clear();
+  std::vector<int64_t>& starts = scratch.token_starts;
+  scan_tags(table, ids, length, starts, result.tags);
+  result.num_bytes = starts[length];
+  const StreamReader reader(table, ids, starts, length);
+  if (length > 0) std::memset(loss_mask, 1, static_cast<size_t>(length));
+  if (inserted.given) {
+    span_rule(inserted, reader, loss_mask, result, scratch);
+  } else {
+    text_rule(table, ids, length, reader, loss_mask, result, scratch);
   }
 
-  // The answer follows the rewards module's rule on the whole text: a block is an `<answer>` whose next answer tag
-  // (of either kind) is an `</answer>`; the last block holds the answer; the format is valid when only whitespace
-  // follows that block.
+  // The answer: among the answer tags outside information blocks, a block is an `<answer>` whose next answer tag
+  // is an `</answer>`; the last block holds the answer; the format is valid when that answer is not empty (after
+  // stripping) and only whitespace follows the block.
   const Tag* last_open = nullptr;
   const Tag* block_open = nullptr;
   const Tag* block_close = nullptr;
-  for (const Tag& tag : tags) {
+  for (const size_t index : scratch.answer_tags) {
+    const Tag& tag = result.tags[index];
     if (tag.kind == kAnswerOpen) {
       last_open = &tag;
-    } else if (tag.kind == kAnswerClose) {
+    } else {
       if (last_open != nullptr) {
         block_open = last_open;
         block_close = &tag;
@@ -336,7 +428,8 @@ void segment_sequence(const TokenTable& table, const int32_t* ids, int64_t lengt
   if (block_close != nullptr) {
     result.has_answer = true;
     result.answer = reader.copy(block_open->end_byte, block_close->start_byte);
-    result.valid_format = reader.is_python_whitespace(block_close->end_byte, result.num_bytes);
+    result.valid_format = !stepsearch::is_python_whitespace(result.answer) &&
+                          reader.is_python_whitespace(block_close->end_byte, result.num_bytes);
   }
 }
 

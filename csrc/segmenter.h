@@ -89,12 +89,25 @@ struct SequenceResult {
 // Reusable per-thread buffers, so a batch does not allocate per sequence.
 struct Scratch {
   std::vector<int64_t> token_starts;     // byte offset of each token, plus the total at the end
+  std::vector<size_t> answer_tags;       // indices of the answer tags that count (outside information blocks)
+};
+
+// The token ranges [start[k], end[k]) the environment inserted into one sequence, sorted and disjoint. With
+// `given` false the text rule applies instead (information blocks are found by their tags).
+struct InsertedSpans {
+  bool given = false;
+  const int64_t* start = nullptr;
+  const int64_t* end = nullptr;
+  int64_t count = 0;
 };
 
 // Segments `ids[0..length)`; writes 0/1 into `loss_mask[0..length)`. Ids must already be checked against the
-// table (see `first_out_of_range`).
-void segment_sequence(const TokenTable& table, const int32_t* ids, int64_t length, uint8_t* loss_mask,
-                      SequenceResult& result, Scratch& scratch);
+// table (see `first_out_of_range`), spans against the length (see `check_spans`).
+void segment_sequence(const TokenTable& table, const int32_t* ids, int64_t length, const InsertedSpans& inserted,
+                      uint8_t* loss_mask, SequenceResult& result, Scratch& scratch);
+
+// Index of the first span that is empty, unsorted, overlapping or outside [0, length), or -1 when all are valid.
+int64_t check_spans(const InsertedSpans& inserted, int64_t length);
 
 // Index of the first id outside [0, table_size), or -1 when all are valid.
 int64_t first_out_of_range(const int32_t* ids, int64_t length, int64_t table_size);

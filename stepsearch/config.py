@@ -192,12 +192,18 @@ class RolloutConfig:
 
 @dataclass
 class RewardConfig:
+    """The StePPO reward (`stepsearch.rewards`); every deviation of the parity preset is listed in its YAML."""
+
     format_penalty: float = 0.0
     """Outcome reward when the format is invalid (paper 0.0; released code -1.0)."""
+    invalid_format: Literal["penalty_plus_rewards", "penalty_only"] = "penalty_plus_rewards"
+    """What else an invalid format earns: `penalty_plus_rewards` (paper: the key term and step rewards still
+    count) or `penalty_only` (released code: exactly `format_penalty`, no key term, no step rewards)."""
     key_weight: float = 0.618
     """Weight of the search-key reward r_key added to the outcome reward (0 disables it)."""
-    key_aggregation: Literal["max", "last"] = "max"
-    """Over emitted queries: `max` (paper) or `last` (released code overwrites per group)."""
+    key_aggregation: Literal["max", "released"] = "max"
+    """Over emitted queries: `max` (paper: best query per sub-question) or `released` (released code: each query
+    overwrites the slot of the group it matches best; see `stepsearch.rewards.search_key`)."""
     step_weight: float = 1.0
     """Scale of the step reward s^t = G^t - P^t (0 disables step rewards; released code effectively 1.6)."""
     redundancy_identity: Literal["doc_id", "text"] = "doc_id"

@@ -6,10 +6,12 @@
 when those names appear in the file names, and writes `results.json`, `results.md` and one
 `trajectories/<dataset>.jsonl` per file (every response, query and retrieved document id).
 
-Metrics are the reward's own functions (`stepsearch.rewards.answer`: the last `<answer>` block, SQuAD
-normalisation, max over aliases). Also reported: searches per question, the fraction of responses with a valid
-answer format, information gain per search and redundancy (the step reward's G^t and P^t averaged over search
-rounds of questions that have golden docs), and EM/F1 per number of hops when records carry it.
+Trajectories are scored by the trainer's own reward function (`stepsearch.rewards.score_rollout`, with the reward
+section of `--config` or the defaults): the answer is the last `<answer>` block of the generated tokens only (a
+retrieved document that holds an answer block is never read as the answer), SQuAD normalisation, max over aliases.
+Also reported: searches per question, the fraction of responses with a valid answer format, information gain per
+search and redundancy (the step reward's G^t and P^t, with the configured redundancy identity, averaged over
+search rounds of questions that have golden docs), and EM/F1 per number of hops when records carry it.
 `evaluate(...)` is the same in Python, for the trainer's before/after evaluation.
 """
 from __future__ import annotations
@@ -23,13 +25,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from stepsearch.rewards.answer import exact_match, extract_answer, f1_score, is_valid_format
-from stepsearch.rewards.step import step_rewards
+from stepsearch.rewards import TrajectoryReward, score_rollout
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from stepsearch.config import RolloutConfig
+    from stepsearch.config import RewardConfig, RolloutConfig
     from stepsearch.data.records import QARecord
     from stepsearch.retrieval.base import Retriever
     from stepsearch.rollout.engine import Engine
@@ -120,10 +121,13 @@ def _maybe(value: float | None) -> str:
 def evaluate(engine: "Engine", retriever: "Retriever", tokenizer: "PreTrainedTokenizerBase",
              records_by_name: Mapping[str, Sequence["QARecord"]], rollout_cfg: "RolloutConfig", topk: int,
              max_questions: int | None = None, *, batch_size: int = 64, max_query_chars: int = 512,
-             progress: bool = True) -> EvalResult:
-    """Greedy agent rollouts on the first `max_questions` records of each dataset, scored per dataset."""
+             progress: bool = True, reward_cfg: "RewardConfig | None" = None) -> EvalResult:
+    """Greedy agent rollouts on the first `max_questions` records of each dataset, scored per dataset by
+    `score_rollout` under `reward_cfg` (default: the built-in reward section)."""
+    from stepsearch.config import RewardConfig
     from stepsearch.rollout.agent_loop import run_agent_loop
 
+    reward_cfg = RewardConfig() if reward_cfg is None else reward_cfg
     datasets, trajectories = {}, {}
     for name, records in records_by_name.items():
         records = list(records)[:max_questions] if max_questions is not None else list(records)
@@ -137,8 +141,9 @@ def evaluate(engine: "Engine", retriever: "Retriever", tokenizer: "PreTrainedTok
             chunk = records[start:start + batch_size]
             batch = run_agent_loop(engine, retriever, tokenizer, chunk, rollout_cfg, topk=topk, greedy=True,
                                    samples_per_prompt=1, max_query_chars=max_query_chars)
-            for row in range(len(batch)):
-                rows.append(_score(chunk[batch.record_indices[row]], batch, row))
+            rewards = score_rollout(batch, chunk, reward_cfg)
+            for row, reward in enumerate(rewards.trajectories):
+                rows.append(_score(chunk[batch.record_indices[row]], batch, row, reward))
             if bar is not None:
                 bar.update(len(chunk))
         if bar is not None:
@@ -148,21 +153,17 @@ def evaluate(engine: "Engine", retriever: "Retriever", tokenizer: "PreTrainedTok
     return EvalResult(datasets, trajectories)
 
 
-def _score(record: "QARecord", batch: Any, row: int) -> dict[str, Any]:
-    text = batch.response_texts[row]
-    prediction = extract_answer(text)
+def _score(record: "QARecord", batch: Any, row: int, reward: TrajectoryReward) -> dict[str, Any]:
     retrieved = batch.retrieved[row]
     scored = {"id": record.id, "question": record.question, "answers": list(record.answers), "hops": record.hops,
-              "prediction": prediction, "em": exact_match(prediction, record.answers),
-              "f1": f1_score(prediction, record.answers), "valid_format": is_valid_format(text),
-              "num_searches": batch.num_searches[row], "queries": list(batch.queries[row]),
-              "retrieved_ids": [[doc.id for doc in docs] for docs in retrieved],
-              "finish_reason": batch.finish_reasons[row] if batch.finish_reasons else None, "response": text}
-    searched = [docs for docs in retrieved if docs]
-    if record.support_docs and searched:
-        gains, penalties = step_rewards([[(doc.id, doc.text) for doc in docs] for docs in searched],
-                                        [doc.text for doc in record.support_docs])
-        scored["step_gains"], scored["step_penalties"] = gains, penalties
+              "prediction": batch.answers[row], "em": reward.outcome.em, "f1": reward.outcome.f1,
+              "valid_format": reward.outcome.valid_format, "num_searches": batch.num_searches[row],
+              "queries": list(batch.queries[row]), "retrieved_ids": [[doc.id for doc in docs] for docs in retrieved],
+              "finish_reason": batch.finish_reasons[row] if batch.finish_reasons else None,
+              "response": batch.response_texts[row]}
+    if reward.has_golden and any(reward.searched):
+        scored["step_gains"] = [g for g, searched in zip(reward.gains, reward.searched) if searched]
+        scored["step_penalties"] = [p for p, searched in zip(reward.penalties, reward.searched) if searched]
     return scored
 
 
@@ -223,6 +224,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--sglang-url", default=None, help="use a running SGLang server instead of loading --model")
     parser.add_argument("--batch-size", type=int, default=64, help="questions per rollout batch")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--config", default=None,
+                        help="YAML preset whose `reward` section scores the trajectories (default: built-in defaults)")
     return parser
 
 
@@ -245,10 +248,15 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from stepsearch.config import RolloutConfig
+    from stepsearch.config import ConfigError, RolloutConfig, load_config
     from stepsearch.data.loaders import DataFormatError, load_records
     from stepsearch.rollout.engine import make_engine
 
+    try:
+        reward_cfg = load_config(args.config).reward
+    except ConfigError as exc:
+        print(f"stepsearch eval: {exc}", file=sys.stderr)
+        return 2
     out_dir = Path(args.out)
     files = [Path(p) for p in args.data.split(",") if p.strip()]
     records_by_name: dict[str, list] = {}
@@ -276,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     engine = make_engine(rollout_cfg, model, tokenizer, device, model_path=str(model_dir))
     retriever = _retriever_from_arg(args.retriever, out_dir)
     result = evaluate(engine, retriever, tokenizer, records_by_name, rollout_cfg, args.topk, args.max_questions,
-                      batch_size=args.batch_size)
+                      batch_size=args.batch_size, reward_cfg=reward_cfg)
     write_results(result, out_dir)
     print(result.markdown())
     print(f"wrote {out_dir / 'results.json'}, {out_dir / 'results.md'} and {out_dir / 'trajectories'}/")

@@ -9,9 +9,11 @@ policy (warm start for the tiny model), actor / critic engines, frozen reference
 
 Each StePPO step (`train_step`); every stage is a function that returns what the next ones read:
     rollout          sync weights to the rollout engine; multi-turn generate <-> search      -> RolloutBatch
-    segment          the C++ segmenter re-derives the step ends from the token ids (cross-check)
+    segment          the sequences of the rollout's one segmentation of its token ids (C++ segmenter, run by the
+                     agent loop: loss mask, step ends, queries, answer, format)              -> SequenceBatch
     score_tokens     no grad: old_logp, ref_logp (actor / reference), values (critic)        -> TokenScores
-    rewards          outcome (F1 or format penalty + key reward) (B,), step scores (B, S)    -> Rewards
+    rewards          `rewards.score_rollout`: outcome (F1 or format penalty + key reward) (B,), step scores
+                     (B, S)                                                                  -> Rewards
     advantages       ops.scatter_rewards_and_gae (KL penalty included), whitening            -> Advantages
     update           PPO epochs x mini-batches x micro-batches through ops.ppo_loss over the Experience; a
                      non-finite loss skips the mini-batch's update with a logged reason
@@ -121,25 +123,21 @@ class Experience:
 # one StePPO step
 
 
-def rollout_stage(ctx: Context, models: Models, retriever, tokenizer, records: list, step: int):
+def rollout_stage(ctx: Context, models: Models, retriever, tokenizer, tag_table, records: list, step: int):
     from stepsearch.rollout.agent_loop import run_agent_loop
 
     models.sync_rollout_weights()
     seed = derive_seed(ctx.cfg.trainer.seed, "rollout", step, ctx.rank)
     with torch.no_grad():
         return run_agent_loop(models.rollout, retriever, tokenizer, records, ctx.cfg.rollout,
-                              topk=ctx.cfg.retriever.topk, seed=seed, max_query_chars=ctx.cfg.retriever.max_query_chars)
+                              topk=ctx.cfg.retriever.topk, seed=seed, max_query_chars=ctx.cfg.retriever.max_query_chars,
+                              tag_table=tag_table)
 
 
-def segment_stage(rollout, tag_table) -> float:
-    """Fraction of trajectories whose step ends the C++ segmenter re-derives exactly from the token ids."""
-    from stepsearch.rollout.segmenter import segment_batch
-
-    lengths = rollout.response_lengths.tolist()
-    segmentations = segment_batch([rollout.response_ids[b, :n] for b, n in enumerate(lengths)], tag_table)
-    agree = sum(list(seg.step_ends) == [s for s in rollout.step_ends[b].tolist() if s >= 0]
-                for b, seg in enumerate(segmentations))
-    return agree / max(len(lengths), 1)
+def segment_stage(rollout, tokenizer) -> SequenceBatch:
+    """Prompt + response sequences for the forward passes. Loss mask and step ends stay the rollout's: the agent
+    loop segmented its token ids once with the C++ segmenter (its time is `time/segmenter_s`)."""
+    return build_sequences(rollout.prompt_ids, rollout.response_ids, rollout.response_mask, tokenizer.pad_token_id)
 
 
 def _micro_batches(size: int, micro: int) -> list[slice]:
@@ -163,50 +161,12 @@ def score_tokens_stage(ctx: Context, models: Models, sequences: SequenceBatch, l
 
 
 def reward_stage(ctx: Context, rollout, records: list, metrics: StepMetrics) -> Rewards:
-    """Outcome reward (B,) and step scores s^t = step_weight (G^t - P^t) (B, S) for every trajectory."""
-    from stepsearch.rewards import outcome_reward_from_config, step_rewards_group
+    """Outcome reward (B,) and step scores s^t = step_weight (G^t - P^t) (B, S): `stepsearch.rewards.score_rollout`."""
+    from stepsearch.rewards import score_rollout
 
-    reward_cfg = ctx.cfg.reward
-    batch_size, num_steps = rollout.step_ends.shape
-    outcome = torch.zeros(batch_size)
-    step_scores = torch.zeros((batch_size, num_steps))  # (B, S)
-    by_record: dict[int, list[int]] = {}
-    for row, record_index in enumerate(rollout.record_indices):
-        by_record.setdefault(record_index, []).append(row)
-    gains_all, penalties_all, details = [], [], [None] * batch_size
-    scores = [None] * batch_size
-    for record_index, rows in by_record.items():
-        record = records[record_index]
-        rounds = [[[(doc.id, doc.text) for doc in docs] for docs in rollout.retrieved[row]] for row in rows]
-        golden = [doc.text for doc in record.support_docs]
-        for row, (gains, penalties) in zip(rows, step_rewards_group(rounds, golden, reward_cfg.redundancy_identity)):
-            score = outcome_reward_from_config(rollout.response_texts[row], record.answers,
-                                               [q for q in rollout.queries[row] if q], record.search_keys, reward_cfg)
-            scores[row] = score
-            outcome[row] = score.reward
-            step_values = [reward_cfg.step_weight * (g - p) for g, p in zip(gains, penalties)]
-            step_scores[row, :len(step_values)] = torch.tensor(step_values)
-            searched = [t for t, docs in enumerate(rollout.retrieved[row]) if docs]
-            if golden:
-                gains_all += [gains[t] for t in searched]
-                penalties_all += [penalties[t] for t in searched]
-            details[row] = {"question": record.question, "answers": list(record.answers),
-                            "response": rollout.response_texts[row], "queries": list(rollout.queries[row]),
-                            "retrieved": [[doc.id for doc in docs] for docs in rollout.retrieved[row]],
-                            "gains": gains, "penalties": penalties, "step_scores": step_values,
-                            "outcome": score.reward, "f1": score.f1, "em": score.em, "key_reward": score.key_reward,
-                            "valid_format": score.valid_format}
-    metrics.update({
-        "reward/outcome": outcome.mean().item(),
-        "reward/f1": float(np.mean([s.f1 for s in scores])),
-        "reward/em": float(np.mean([s.em for s in scores])),
-        "reward/key_reward": float(np.mean([s.key_reward for s in scores])),
-        "reward/valid_format": float(np.mean([s.valid_format for s in scores])),
-        "reward/step_reward": step_scores.sum(dim=1).mean().item(),
-        "reward/info_gain": float(np.mean(gains_all)) if gains_all else 0.0,
-        "reward/redundancy": float(np.mean(penalties_all)) if penalties_all else 0.0,
-    })
-    return Rewards(outcome, step_scores, details)
+    rewards = score_rollout(rollout, records, ctx.cfg.reward)
+    metrics.update(rewards.metrics)
+    return Rewards(rewards.outcome, rewards.step_scores, rewards.details)
 
 
 def advantage_stage(ctx: Context, rollout, scores: TokenScores, rewards: Rewards) -> Advantages:
@@ -302,11 +262,9 @@ def train_step(run: Run) -> tuple[dict[str, float], list[dict]]:
         tick = now
 
     records = run.cursor.take(state.data_position, cfg.ppo.rollout_batch_size)
-    rollout = rollout_stage(ctx, models, run.retriever, tokenizer, records, state.step)
+    rollout = rollout_stage(ctx, models, run.retriever, tokenizer, run.tag_table, records, state.step)
     lap("rollout")
-    metrics.add("segment/step_end_agreement", segment_stage(rollout, run.tag_table))
-    sequences = build_sequences(rollout.prompt_ids, rollout.response_ids, rollout.response_mask,
-                                tokenizer.pad_token_id)
+    sequences = segment_stage(rollout, tokenizer)
     lap("segment")
     scores = score_tokens_stage(ctx, models, sequences, rollout.loss_mask)
     lap("score_tokens")
@@ -336,6 +294,7 @@ def train_step(run: Run) -> tuple[dict[str, float], list[dict]]:
     values = metrics.means()  # device tensors stay unresolved until the logger's one transfer
     values.update(timings)
     values["time/step_s"] = sum(timings.values())
+    values["time/segmenter_s"] = rollout.timings["segment_s"]
     values["throughput/tokens_per_s"] = float(rollout.response_mask.sum()) / max(values["time/step_s"], 1e-9)
     if ctx.distributed:  # every rank saw its own trajectories: report the mean over ranks (one all-reduce)
         names = sorted(values)
@@ -360,7 +319,7 @@ def evaluate_stage(run: Run, which: str) -> dict[str, float]:
     if ctx.is_main:
         result = evaluate(run.models.rollout, run.retriever, run.tokenizer, run.data.tests, ctx.cfg.rollout,
                           ctx.cfg.retriever.topk, ctx.cfg.trainer.eval_max_questions,
-                          max_query_chars=ctx.cfg.retriever.max_query_chars)
+                          max_query_chars=ctx.cfg.retriever.max_query_chars, reward_cfg=ctx.cfg.reward)
         write_results(result, ctx.paths.eval_dir(which))
         flat = result.metrics()
         log.info("evaluation %s: %s", which, json.dumps({k: round(v, 4) for k, v in flat.items()}))

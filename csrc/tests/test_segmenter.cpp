@@ -27,7 +27,8 @@ struct Segmented {
   std::vector<uint8_t> mask;
 };
 
-Segmented segment_pieces(const std::vector<std::string>& pieces, const std::vector<uint8_t>& strips = {}) {
+Segmented segment_pieces(const std::vector<std::string>& pieces, const std::vector<uint8_t>& strips = {},
+                         const InsertedSpans& spans = InsertedSpans{}) {
   const std::vector<uint8_t> flags = strips.empty() ? std::vector<uint8_t>(pieces.size(), 0) : strips;
   const TokenTable table(pieces, flags);
   std::vector<int32_t> ids(pieces.size());
@@ -35,7 +36,7 @@ Segmented segment_pieces(const std::vector<std::string>& pieces, const std::vect
   Segmented out;
   out.mask.assign(ids.size(), 7);
   Scratch scratch;
-  segment_sequence(table, ids.data(), static_cast<int64_t>(ids.size()), out.mask.data(), out.result, scratch);
+  segment_sequence(table, ids.data(), static_cast<int64_t>(ids.size()), spans, out.mask.data(), out.result, scratch);
   return out;
 }
 
@@ -79,7 +80,8 @@ void test_steps_masks_and_queries() {
   CHECK(s.result.step_ends[1] == 7);           // the unpaired `</search>` in the last token
   CHECK(s.result.step_query.size() == 2 && s.result.step_query[0] == 0 && s.result.step_query[1] == -1);
   CHECK(s.result.queries.size() == 2 && s.result.queries[0] == " q1 " && s.result.queries[1] == "q2");
-  const std::vector<uint8_t> expected = {1, 1, 1, 0, 0, 0, 0, 0};  // token 6 overlaps a block; 7's block is unclosed
+  // token 2 is whitespace next to a block; token 6 overlaps a block; 7's block is unclosed
+  const std::vector<uint8_t> expected = {1, 1, 0, 0, 0, 0, 0, 0};
   CHECK(s.mask == expected);
 }
 
@@ -115,6 +117,33 @@ void test_answer_rules() {
   CHECK(r.has_answer && !r.valid_format);
   r = answer_of("</answer>x<answer>");
   CHECK(!r.has_answer && !r.valid_format);
+  r = answer_of("<answer> \n</answer>");  // an empty answer is an invalid format
+  CHECK(r.has_answer && r.answer == " \n" && !r.valid_format);
+  r = answer_of("<answer>a</answer><information><answer>doc</answer></information>");
+  CHECK(r.has_answer && r.answer == "a" && !r.valid_format);  // a retrieved answer block is data
+}
+
+void test_span_rule() {
+  // Tokens: 0 generated search, 1-3 inserted "\n", block, "\n"; 4 generated text that quotes an information
+  // block (trained on, no step); 5 search; 6 inserted notice; 7 answer; 8 inserted span with an answer block.
+  const std::vector<std::string> pieces = {"<search>q</search>", "\n", "<information>d<answer>x</answer></information>",
+                                           "\n", "<information>own</information>", "<search>r</search>",
+                                           "\n<information>n</information>\n", "<answer>y</answer>",
+                                           "<answer>z</answer>"};
+  const std::vector<int64_t> starts = {1, 6, 8};
+  const std::vector<int64_t> ends = {4, 7, 9};
+  InsertedSpans spans{true, starts.data(), ends.data(), 3};
+  CHECK(check_spans(spans, 9) == -1);
+  const Segmented s = segment_pieces(pieces, {}, spans);
+  const std::vector<uint8_t> expected = {1, 0, 0, 0, 1, 1, 0, 1, 0};
+  CHECK(s.mask == expected);
+  CHECK(s.result.step_ends.size() == 2 && s.result.step_ends[0] == 0 && s.result.step_ends[1] == 5);
+  CHECK(s.result.queries.size() == 2 && s.result.queries[1] == "r");
+  CHECK(s.result.has_answer && s.result.answer == "y" && !s.result.valid_format);  // an inserted span follows
+  const std::vector<int64_t> bad_starts = {0, 2};
+  const std::vector<int64_t> bad_ends = {3, 4};
+  CHECK(check_spans(InsertedSpans{true, bad_starts.data(), bad_ends.data(), 2}, 9) == 1);  // overlapping
+  CHECK(check_spans(InsertedSpans{true, starts.data(), ends.data(), 3}, 8) == 2);  // past the end
 }
 
 void test_strip_leading_space_only_at_position_zero() {
@@ -126,7 +155,7 @@ void test_strip_leading_space_only_at_position_zero() {
   std::vector<uint8_t> mask(3);
   SequenceResult result;
   Scratch scratch;
-  segment_sequence(table, ids.data(), 3, mask.data(), result, scratch);
+  segment_sequence(table, ids.data(), 3, InsertedSpans{}, mask.data(), result, scratch);
   CHECK(result.num_bytes == 17);
   CHECK(result.tags.size() == 2 && result.tags[0].start_byte == 2 && result.tags[0].start_token == 1);
 }
@@ -220,6 +249,7 @@ int main() {
   test_tags_inside_information_are_data();
   test_information_resets_open_search();
   test_answer_rules();
+  test_span_rule();
   test_strip_leading_space_only_at_position_zero();
   test_empty_tokens_and_sequences();
   test_garbage_bytes();

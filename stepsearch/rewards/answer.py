@@ -1,17 +1,19 @@
-"""Answer metrics and answer-format checks (DESIGN.md, "Semantics": answer metrics and outcome reward).
+"""Answer metrics (DESIGN.md, "Semantics": answer metrics): SQuAD normalisation, exact match and token F1.
 
 Normalisation is SQuAD's: lower-case, delete ASCII punctuation (`string.punctuation`, without inserting a space:
 "U.S." -> "us"), drop the words a/an/the, collapse whitespace. EM and token F1 are the SQuAD v1.1 definitions,
-taking the maximum over gold aliases; as in SQuAD v1.1, two texts with no tokens in common score F1 0 (so an empty
-prediction never earns F1, even against a gold alias that normalises to the empty string).
+taking the maximum over gold aliases.
 
-Tags: the answer is the content of the last `<answer>…</answer>` block, where a block is an `<answer>` followed by
-its `</answer>` with no other `<answer>` or `</answer>` between them (so `<answer>a<answer>b</answer>` holds the
-block `b`, and an `<answer>` never closed is not a block). The content is returned with surrounding whitespace
-stripped. A response has a valid format when it has such a block and that block ends the response, ignoring
-trailing whitespace; a caller whose text ends with an end-of-sequence string (`<|im_end|>`, `</s>`, ...) strips it
-first. Text after the last block, an unclosed `<answer>`, or a stray `</answer>` after the block makes the format
-invalid.
+Edge cases, decided here:
+- A gold alias that normalises to the empty string (e.g. "the", "?") is ignored: nothing can match it, so an
+  empty prediction never earns EM from it. A question whose every alias normalises to empty scores EM = F1 = 0.
+- An empty prediction ("" or whitespace) scores EM 0 and F1 0 against every non-empty alias; no prediction (None)
+  scores 0 as well. The format rule treats an empty `<answer></answer>` as invalid (see
+  `stepsearch.rollout.segmenter`), so it cannot dodge the format penalty either.
+- F1 is not rounded (the released StepSearch code rounds it to 4 decimals; differences are below 5e-5).
+
+Where the answer comes from: the segmenter (`stepsearch.rollout.segmenter`) extracts it from the generated tokens
+of a trajectory only (never from a retrieved document), for training and evaluation alike.
 """
 from __future__ import annotations
 
@@ -22,7 +24,6 @@ from collections.abc import Sequence
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
 _PUNCTUATION_TABLE = str.maketrans("", "", string.punctuation)
-_ANSWER_BLOCK = re.compile(r"<answer>((?:(?!</?answer>).)*)</answer>", re.DOTALL)
 
 
 def normalize_answer(s: str) -> str:
@@ -31,17 +32,18 @@ def normalize_answer(s: str) -> str:
     return " ".join(_ARTICLES.sub(" ", without_punctuation).split())
 
 
-def _as_list(golds: str | Sequence[str]) -> Sequence[str]:
-    # A bare string is one gold alias, not a sequence of one-character aliases.
-    return [golds] if isinstance(golds, str) else golds
+def _normalized_golds(golds: str | Sequence[str]) -> list[str]:
+    # A bare string is one gold alias, not a sequence of one-character aliases; empty aliases are ignored.
+    aliases = [golds] if isinstance(golds, str) else golds
+    return [normalized for normalized in map(normalize_answer, aliases) if normalized]
 
 
 def exact_match(pred: str | None, golds: str | Sequence[str]) -> float:
-    """1.0 if the normalised prediction equals any normalised gold alias, else 0.0 (also for no prediction)."""
+    """1.0 if the normalised prediction equals a non-empty normalised gold alias, else 0.0 (also for None)."""
     if pred is None:
         return 0.0
     normalized_pred = normalize_answer(pred)
-    return float(any(normalized_pred == normalize_answer(gold) for gold in _as_list(golds)))
+    return float(any(normalized_pred == gold for gold in _normalized_golds(golds)))
 
 
 def _token_f1(pred_tokens: list[str], gold_tokens: list[str]) -> float:
@@ -55,30 +57,8 @@ def _token_f1(pred_tokens: list[str], gold_tokens: list[str]) -> float:
 
 
 def f1_score(pred: str | None, golds: str | Sequence[str]) -> float:
-    """SQuAD token F1 of the normalised prediction, maximised over gold aliases; 0.0 for no prediction or golds."""
+    """SQuAD token F1 of the normalised prediction, max over non-empty gold aliases; 0.0 for None or no alias."""
     if pred is None:
         return 0.0
     pred_tokens = normalize_answer(pred).split()
-    return max((_token_f1(pred_tokens, normalize_answer(gold).split()) for gold in _as_list(golds)), default=0.0)
-
-
-def _last_answer_block(text: str) -> re.Match[str] | None:
-    last_block = None
-    for block in _ANSWER_BLOCK.finditer(text):
-        last_block = block
-    return last_block
-
-
-def extract_answer(text: str) -> str | None:
-    """Stripped content of the last `<answer>…</answer>` block (see module docstring), or None if there is none."""
-    last_block = _last_answer_block(text)
-    return None if last_block is None else last_block.group(1).strip()
-
-
-def is_valid_format(text: str) -> bool:
-    """True when the last `<answer>…</answer>` block ends the response, ignoring trailing whitespace.
-
-    The caller strips any end-of-sequence string before calling (see module docstring for the exact rule).
-    """
-    last_block = _last_answer_block(text)
-    return last_block is not None and last_block.end() == len(text.rstrip())
+    return max((_token_f1(pred_tokens, gold.split()) for gold in _normalized_golds(golds)), default=0.0)

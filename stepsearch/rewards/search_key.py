@@ -1,18 +1,17 @@
 """Search-key reward r_key: how well the emitted search queries match the reference keys of each sub-question.
 
-    r_key = (1/M) * sum_i  agg_{q in queries}  max_j F1(q, k_ij)
+Sub-question i has reference search keys k_i1, k_i2, … (alternative phrasings); F1 is the SQuAD token F1 of
+`stepsearch.rewards.answer` (normalised text, so an empty query scores 0 against every key), and
+f(q, i) = max_j F1(q, k_ij) is the best alternative of group i for query q. Over the M groups:
 
-over the M sub-questions, with k_ij the reference search keys of sub-question i and F1 the SQuAD token F1 of
-`stepsearch.rewards.answer` (normalised text, so an empty query scores 0 against every key).
-
-`agg` is chosen by `aggregation`:
-- "max" (paper): the best emitted query for each sub-question.
-- "last" (released code): the released code loops over the emitted queries and, for each sub-question (group),
-  assigns that query's score, overwriting the previous one instead of keeping the best; the score that survives is
-  the last emitted query's. So "last" scores every sub-question with the last emitted query only.
+- "max" (paper): r_key = (1/M) * sum_i max_q f(q, i), the best emitted query for each sub-question.
+- "released" (the released StepSearch code's `step_search_keys_match`): the queries are visited in emission
+  order; each query is credited to the one group where f(q, i) is highest (ties to the first such group) and
+  *overwrites* that group's slot with f(q, i), so a later, weaker query for the same group lowers it; a query
+  with f = 0 for every group changes nothing. r_key = (sum of slots) / M, slots starting at 0.
 
 M counts every sub-question, including one with no reference keys (which contributes 0). No queries, or no
-sub-questions, give 0.0.
+sub-questions, give 0.0. Unlike the released code, F1 is not rounded to 4 decimals.
 """
 from __future__ import annotations
 
@@ -20,7 +19,17 @@ from collections.abc import Sequence
 
 from stepsearch.rewards.answer import f1_score
 
-KEY_AGGREGATIONS = ("max", "last")
+KEY_AGGREGATIONS = ("max", "released")
+
+
+def _released_slots(queries: Sequence[str], search_keys: Sequence[Sequence[str]]) -> list[float]:
+    slots = [0.0] * len(search_keys)
+    for query in queries:
+        scores = [f1_score(query, keys) for keys in search_keys]
+        best = max(scores)
+        if best > 0:
+            slots[scores.index(best)] = best  # index() is the first group holding the maximum
+    return slots
 
 
 def search_key_reward(
@@ -31,8 +40,6 @@ def search_key_reward(
         raise ValueError(f"search-key aggregation must be one of {KEY_AGGREGATIONS}, got {aggregation!r}")
     if not queries or not search_keys:
         return 0.0
-    scored_queries = queries if aggregation == "max" else queries[-1:]
-    total = 0.0
-    for keys in search_keys:
-        total += max((f1_score(query, keys) for query in scored_queries), default=0.0)
-    return total / len(search_keys)
+    if aggregation == "released":
+        return sum(_released_slots(queries, search_keys)) / len(search_keys)
+    return sum(max(f1_score(query, keys) for query in queries) for keys in search_keys) / len(search_keys)

@@ -5,14 +5,20 @@ ids are kept from sampling to loss: the prompt plus the response so far is fed b
 is tokenized on its own, never the trajectory. Outcomes of a turn, decided here and pinned by tests:
 
 - `</answer>` closes the turn: the trajectory is done ("answer").
-- `</search>` closes the turn: the query is the text after the last `<search>` of the turn (stripped, cut to
-  `max_query_chars`). A non-empty query is searched (all queries of a turn in one `retriever.search` call) and
+- `</search>` closes the turn: the query is the content of the search block it closes, as the segmenter reads it
+  from the turn's token ids (stripped; the retriever gets its first `max_query_chars` characters). A non-empty
+  query is searched (all queries of a turn in one `retriever.search` call) and
   "\\n<information>Doc 1(Title: t) text\\nDoc 2(Title: …) …</information>\\n" is appended with loss mask 0. An
   empty query gets an information block holding a short notice instead of documents. After `max_turns`
   information blocks, a further search is refused with a notice block, and the turn after the refusal is the
-  last one. Every `</search>` that received an information block (notices included) is a step: its closing token
-  is a `step_ends` entry, `queries`/`retrieved` have one entry per step (a notice step retrieved nothing, which
-  gives step reward 0), and `num_searches` counts only the steps that searched.
+  last one. Every `</search>` that received an information block (notices included) is a step; `retrieved` has
+  one entry per step (a notice step retrieved nothing, which gives step reward 0), and `num_searches` counts only
+  the steps that searched.
+- Segmentation: which token spans were inserted is known only here, so the finished trajectories are segmented
+  here, once, by the C++ segmenter (`stepsearch.rollout.segmenter`, span rule): the loss mask (0 exactly on the
+  inserted spans, newlines around each block included), the step ends, the step queries, the answer and the format
+  verdict of the `RolloutBatch` all come from that one segmentation of the token ids, for training and evaluation.
+  Which tag closed a turn, and its query, come from the segmenter too (on the turn's ids).
 - The end-of-sequence token: done ("eos"). The per-turn token budget without a closing tag (a model that never
   closes a tag): done ("turn_budget"); the round is dropped and the format reward applies.
 - Budgets (`stepsearch.rollout.render`, shared with the warm start): `max_new_tokens_per_turn`,
@@ -26,6 +32,7 @@ is tokenized on its own, never the trajectory. Outcomes of a turn, decided here 
 from __future__ import annotations
 
 import time
+import weakref
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -36,6 +43,7 @@ import torch
 from stepsearch.retrieval.base import Document, RetrieverError
 from stepsearch.rollout.prompts import build_prompt_ids
 from stepsearch.rollout.render import TrajectoryRenderer, format_documents
+from stepsearch.rollout.segmenter import Segmentation, TagTable, segment_batch
 from stepsearch.rollout.types import RolloutBatch
 from stepsearch.seeds import derive_seed
 
@@ -55,29 +63,38 @@ EMPTY_QUERY_NOTICE = "The search query was empty: write the query text between t
 SEARCH_REFUSED_NOTICE = "Search limit reached: no more searches are allowed. Give the final answer now."
 
 
+_TAG_TABLES: "weakref.WeakKeyDictionary[PreTrainedTokenizerBase, TagTable]" = weakref.WeakKeyDictionary()
+
+
+def agent_tag_table(tokenizer: "PreTrainedTokenizerBase") -> TagTable:
+    """The segmenter's table of `tokenizer` (built once per tokenizer). Special tokens contribute no bytes, so an
+    end-of-sequence token after `</answer>` leaves the format valid, as in the decoded response text."""
+    table = _TAG_TABLES.get(tokenizer)
+    if table is None:
+        table = _TAG_TABLES[tokenizer] = TagTable.from_tokenizer(tokenizer, skip_special_tokens=True)
+    return table
+
+
 @dataclass
 class _Trajectory:
     record_index: int
     prompt_ids: list[int]
     ids: list[int] = field(default_factory=list)
-    loss_mask: list[float] = field(default_factory=list)
     logp: list[float] = field(default_factory=list)
-    step_ends: list[int] = field(default_factory=list)
-    queries: list[str] = field(default_factory=list)
+    inserted: list[tuple[int, int]] = field(default_factory=list)  # token spans [start, end) of the blocks
     retrieved: list[list[Document]] = field(default_factory=list)
     num_searches: int = 0
     refused: bool = False
     finish_reason: str | None = None
 
     def extend(self, token_ids: list[int], logprobs: list[float] | None) -> None:
-        """Generated tokens (logprobs given, loss mask 1) or inserted tokens (None: loss mask 0, logp 0)."""
-        self.ids.extend(token_ids)
+        """Generated tokens (logprobs given) or an inserted block (None: logp 0, span recorded)."""
         if logprobs is None:
-            self.loss_mask.extend([0.0] * len(token_ids))
+            self.inserted.append((len(self.ids), len(self.ids) + len(token_ids)))
             self.logp.extend([0.0] * len(token_ids))
         else:
-            self.loss_mask.extend([1.0] * len(token_ids))
             self.logp.extend(logprobs)
+        self.ids.extend(token_ids)
 
 
 @dataclass
@@ -86,35 +103,36 @@ class _PendingBlock:
 
     trajectory: _Trajectory
     query: str
-    step_end: int
     notice: str | None  # set for empty-query and refused searches; None = search `query`
     docs: list[Document] = field(default_factory=list)
 
 
-def _closing_tag(turn_text: str) -> str | None:
-    """Which stop string ended the turn: the one whose first occurrence ends first (the engine stops there)."""
-    ends = {tag: turn_text.find(tag) + len(tag) for tag in STOP_STRINGS if tag in turn_text}
-    return min(ends, key=ends.get) if ends else None
-
-
-def extract_query(turn_text: str) -> str:
-    """Text between the last `<search>` before the first `</search>` and that `</search>`, stripped ("" if none)."""
-    before_close = turn_text[: turn_text.find(SEARCH_CLOSE)] if SEARCH_CLOSE in turn_text else turn_text
-    opening = before_close.rfind(SEARCH_OPEN)
-    return before_close[opening + len(SEARCH_OPEN):].strip() if opening >= 0 else ""
+def closing_tag_and_query(turn: Segmentation) -> tuple[str | None, str]:
+    """Which stop string ended a turn (the first `</search>` or `</answer>` tag of its segmentation: the engine
+    stops there) and, for `</search>`, the query of the search block it closes ("" when it closes none)."""
+    opened = False
+    for tag in turn.tags:
+        if tag.name == SEARCH_OPEN:
+            opened = True
+        elif tag.name in STOP_STRINGS:
+            # Queries are numbered in closing order, so the first `</search>` closes queries[0] when it pairs.
+            return tag.name, (turn.queries[0] if tag.name == SEARCH_CLOSE and opened else "")
+    return None, ""
 
 
 def run_agent_loop(engine: "Engine", retriever: "Retriever", tokenizer: "PreTrainedTokenizerBase",
                    records: Sequence["QARecord"], rollout_cfg: "RolloutConfig", *, topk: int, greedy: bool = False,
                    seed: int | None = None, samples_per_prompt: int | None = None, max_query_chars: int = 512,
-                   progress: bool = False) -> RolloutBatch:
+                   progress: bool = False, tag_table: TagTable | None = None) -> RolloutBatch:
     """Roll out `samples_per_prompt` (default `rollout_cfg.samples_per_prompt`) trajectories per record.
 
     Trajectories are record-major (`record_indices` = 0,0,…,1,1,…). `greedy` decodes with temperature 0; otherwise
-    `rollout_cfg.temperature`/`top_p`. `seed` makes sampling reproducible for a given engine.
+    `rollout_cfg.temperature`/`top_p`. `seed` makes sampling reproducible for a given engine. `tag_table`: the
+    segmenter's table of `tokenizer` (default `agent_tag_table(tokenizer)`).
     """
+    table = agent_tag_table(tokenizer) if tag_table is None else tag_table
     start = time.perf_counter()
-    timings = {"generate_s": 0.0, "retrieve_s": 0.0}
+    timings = {"generate_s": 0.0, "retrieve_s": 0.0, "segment_s": 0.0}
     samples = rollout_cfg.samples_per_prompt if samples_per_prompt is None else samples_per_prompt
     if samples < 1:
         raise ValueError(f"samples_per_prompt must be >= 1, got {samples}")
@@ -150,10 +168,14 @@ def run_agent_loop(engine: "Engine", retriever: "Retriever", tokenizer: "PreTrai
             )
             timings["generate_s"] += time.perf_counter() - tick
             call_index += 1
-            for trajectory, generation in zip(group, generations):
+            tick = time.perf_counter()
+            turns = segment_batch([generation.token_ids for generation in generations], table,
+                                  inserted=[[] for _ in generations])
+            timings["segment_s"] += time.perf_counter() - tick
+            for trajectory, generation, turn_segmentation in zip(group, generations, turns):
                 trajectory.extend(generation.token_ids, generation.logprobs)
-                block = _end_of_turn(trajectory, generation.token_ids, generation.finish_reason, tokenizer,
-                                     rollout_cfg, budget, max_query_chars)
+                block = _end_of_turn(trajectory, turn_segmentation, generation.finish_reason, rollout_cfg, budget,
+                                     max_query_chars)
                 if block is not None:
                     pending.append(block)
 
@@ -186,20 +208,19 @@ def run_agent_loop(engine: "Engine", retriever: "Retriever", tokenizer: "PreTrai
         bar.close()
 
     tick = time.perf_counter()
-    batch = _to_batch(trajectories, tokenizer, timings)
-    batch.timings["bookkeeping_s"] = max(time.perf_counter() - start - timings["generate_s"] - timings["retrieve_s"], 0.0)
+    batch = _to_batch(trajectories, tokenizer, table, timings)
+    batch.timings["bookkeeping_s"] = max(time.perf_counter() - start - timings["generate_s"] - timings["retrieve_s"]
+                                         - batch.timings["segment_s"], 0.0)
     batch.timings["total_s"] = time.perf_counter() - start
     batch.timings["collate_s"] = time.perf_counter() - tick
     batch.timings["turns"] = float(turn)
     return batch
 
 
-def _end_of_turn(trajectory: _Trajectory, turn_ids: list[int], finish_reason: str,
-                 tokenizer: "PreTrainedTokenizerBase", rollout_cfg: "RolloutConfig", budget: int,
-                 max_query_chars: int) -> _PendingBlock | None:
+def _end_of_turn(trajectory: _Trajectory, turn: Segmentation, finish_reason: str, rollout_cfg: "RolloutConfig",
+                 budget: int, max_query_chars: int) -> _PendingBlock | None:
     """Decide what follows a turn: done (sets finish_reason) or an information block owed (returned)."""
-    turn_text = tokenizer.decode(turn_ids, skip_special_tokens=False) if finish_reason == "stop" else ""
-    closing = _closing_tag(turn_text)
+    closing, query = closing_tag_and_query(turn) if finish_reason == "stop" else (None, "")
     if closing == ANSWER_CLOSE:
         trajectory.finish_reason = "answer"
         return None
@@ -212,14 +233,13 @@ def _end_of_turn(trajectory: _Trajectory, turn_ids: list[int], finish_reason: st
     if trajectory.refused:
         trajectory.finish_reason = "search_limit"
         return None
-    query = extract_query(turn_text)[:max_query_chars].strip()
-    step_end = len(trajectory.ids) - 1  # the engine stops at the token completing "</search>"
-    if len(trajectory.step_ends) >= rollout_cfg.max_turns:
+    query = query[:max_query_chars].strip()
+    if len(trajectory.inserted) >= rollout_cfg.max_turns:
         trajectory.refused = True
-        return _PendingBlock(trajectory, query, step_end, notice=SEARCH_REFUSED_NOTICE)
+        return _PendingBlock(trajectory, query, notice=SEARCH_REFUSED_NOTICE)
     if not query:
-        return _PendingBlock(trajectory, query, step_end, notice=EMPTY_QUERY_NOTICE)
-    return _PendingBlock(trajectory, query, step_end, notice=None)
+        return _PendingBlock(trajectory, query, notice=EMPTY_QUERY_NOTICE)
+    return _PendingBlock(trajectory, query, notice=None)
 
 
 def _insert_blocks(pending: list[_PendingBlock], renderer: TrajectoryRenderer) -> None:
@@ -235,38 +255,44 @@ def _insert_blocks(pending: list[_PendingBlock], renderer: TrajectoryRenderer) -
     for block, tokens in zip(fitting, renderer.blocks(bodies, body_budgets)):
         trajectory = block.trajectory
         trajectory.extend(tokens, None)
-        trajectory.step_ends.append(block.step_end)
-        trajectory.queries.append(block.query)
         trajectory.retrieved.append(block.docs)
         trajectory.num_searches += block.notice is None
 
 
-def _to_batch(trajectories: list[_Trajectory], tokenizer: "PreTrainedTokenizerBase",
+def _to_batch(trajectories: list[_Trajectory], tokenizer: "PreTrainedTokenizerBase", table: TagTable,
               timings: dict[str, float]) -> RolloutBatch:
+    tick = time.perf_counter()
+    segmentation = segment_batch([t.ids for t in trajectories], table, inserted=[t.inserted for t in trajectories])
+    timings["segment_s"] += time.perf_counter() - tick
     batch_size = len(trajectories)
     width = max((len(t.ids) for t in trajectories), default=0)
-    steps = max((len(t.step_ends) for t in trajectories), default=0)
+    step_ends = torch.from_numpy(segmentation.padded_step_ends())  # (B, S)
+    loss_mask = torch.from_numpy(segmentation.padded_loss_mask(width)).float()  # (B, T)
     response_ids = torch.full((batch_size, width), tokenizer.pad_token_id, dtype=torch.long)  # (B, T)
     response_mask = torch.zeros((batch_size, width), dtype=torch.long)  # (B, T)
-    loss_mask = torch.zeros((batch_size, width), dtype=torch.float32)  # (B, T)
     rollout_logp = torch.zeros((batch_size, width), dtype=torch.float32)  # (B, T)
-    step_ends = torch.full((batch_size, steps), -1, dtype=torch.long)  # (B, S)
+    sequences = segmentation.to_list()
     for row, trajectory in enumerate(trajectories):
+        if len(sequences[row].step_ends) != len(trajectory.inserted):
+            raise RuntimeError(f"trajectory {row}: the segmenter found {len(sequences[row].step_ends)} steps for "
+                               f"{len(trajectory.inserted)} inserted blocks; every block must follow the token "
+                               "completing a `</search>`")
         length = len(trajectory.ids)
         response_ids[row, :length] = torch.tensor(trajectory.ids, dtype=torch.long)
         response_mask[row, :length] = 1
-        loss_mask[row, :length] = torch.tensor(trajectory.loss_mask)
         rollout_logp[row, :length] = torch.tensor(trajectory.logp)
-        step_ends[row, :len(trajectory.step_ends)] = torch.tensor(trajectory.step_ends, dtype=torch.long)
     return RolloutBatch(
         prompt_ids=[t.prompt_ids for t in trajectories],
         response_ids=response_ids,
         response_mask=response_mask,
         loss_mask=loss_mask,
         step_ends=step_ends,
-        queries=[t.queries for t in trajectories],
+        queries=[sequence.step_queries for sequence in sequences],
         retrieved=[t.retrieved for t in trajectories],
         response_texts=tokenizer.batch_decode([t.ids for t in trajectories], skip_special_tokens=True),
+        answers=[sequence.answer for sequence in sequences],
+        valid_format=[sequence.valid_format for sequence in sequences],
+        inserted_spans=[list(t.inserted) for t in trajectories],
         num_searches=[t.num_searches for t in trajectories],
         record_indices=[t.record_index for t in trajectories],
         rollout_logp=rollout_logp,

@@ -281,9 +281,17 @@ def _text(data: bytes) -> str:
 # Python reference (the specification; the C++ implementation must agree with it on every input).
 
 
-def segment_reference(token_ids: Sequence[int], table: TagTable, *, sequence_index: int = 0,
-                      flat_offset: int = 0) -> Segmentation:
-    """Segment one sequence in plain Python (`sequence_index`/`flat_offset` only name positions in errors)."""
+def _whitespace_only(piece: bytes) -> bool:
+    return bool(piece) and not piece.strip(_ASCII_WHITESPACE)
+
+
+def segment_reference(token_ids: Sequence[int], table: TagTable, *, inserted: Sequence[tuple[int, int]] | None = None,
+                      sequence_index: int = 0, flat_offset: int = 0) -> Segmentation:
+    """Segment one sequence in plain Python (`sequence_index`/`flat_offset` only name positions in errors).
+
+    `inserted`: the token ranges [start, end) the environment inserted (sorted, disjoint), or None for the text
+    rule (module docstring).
+    """
     token_starts: list[int] = []
     pieces: list[bytes] = []
     position = 0
@@ -309,34 +317,78 @@ def segment_reference(token_ids: Sequence[int], table: TagTable, *, sequence_ind
     queries: list[str] = []
     step_ends: list[int] = []
     step_query_index: list[int] = []
-    information_start: TagSpan | None = None
+    answer_tags: list[TagSpan] = []
     open_search: TagSpan | None = None
-    for index, tag in enumerate(tags):
-        if information_start is not None:
-            if tag.name == "</information>":
-                loss_mask[information_start.start_token: tag.end_token + 1] = 0
-                information_start = None
-            continue
-        if tag.name == "<information>":
-            information_start = tag
-            open_search = None
-        elif tag.name == "<search>":
-            open_search = tag
-        elif tag.name == "</search>":
-            query_index = -1
-            if open_search is not None:
-                query_index = len(queries)
-                queries.append(_text(stream[open_search.end_byte: tag.start_byte]))
-                open_search = None
-            following = tags[index + 1] if index + 1 < len(tags) else None
-            if (following is not None and following.name == "<information>"
-                    and not stream[tag.end_byte: following.start_byte].strip(_ASCII_WHITESPACE)):
-                step_ends.append(tag.end_token)
-                step_query_index.append(query_index)
-    if information_start is not None:
-        loss_mask[information_start.start_token:] = 0
 
-    answer_tags = [tag for tag in tags if tag.name in ("<answer>", "</answer>")]
+    def close_search(tag: TagSpan) -> int:
+        nonlocal open_search
+        if open_search is None:
+            return -1
+        queries.append(_text(stream[open_search.end_byte: tag.start_byte]))
+        open_search = None
+        return len(queries) - 1
+
+    if inserted is not None:
+        spans = list(inserted)
+        for start, end in spans:
+            loss_mask[start:end] = 0
+        next_span = 0
+        last_close: tuple[int, int] | None = None  # (end token, query index) of the latest generated `</search>`
+
+        def enter_spans_up_to(token: int) -> None:
+            nonlocal next_span, open_search, last_close
+            while next_span < len(spans) and spans[next_span][0] <= token:
+                span_start = spans[next_span][0]
+                if last_close is not None and last_close[0] == span_start - 1:
+                    step_ends.append(last_close[0])
+                    step_query_index.append(last_close[1])
+                last_close, open_search = None, None
+                next_span += 1
+
+        for tag in tags:
+            enter_spans_up_to(tag.start_token)
+            if next_span > 0 and tag.start_token < spans[next_span - 1][1]:
+                continue  # inside an inserted block: retrieved text is data
+            if tag.name == "<search>":
+                open_search = tag
+            elif tag.name == "</search>":
+                last_close = (tag.end_token, close_search(tag))
+            elif tag.name in ("<answer>", "</answer>"):
+                answer_tags.append(tag)
+        enter_spans_up_to(num_tokens)
+    else:
+        def mask_block(first: int, last: int) -> None:
+            # The agent loop inserts "\n" on both sides of a block: a whitespace-only token next to it is part of it.
+            if first > 0 and _whitespace_only(pieces[first - 1]):
+                first -= 1
+            if last + 1 < num_tokens and _whitespace_only(pieces[last + 1]):
+                last += 1
+            loss_mask[first: last + 1] = 0
+
+        information_start: TagSpan | None = None
+        for index, tag in enumerate(tags):
+            if information_start is not None:
+                if tag.name == "</information>":
+                    mask_block(information_start.start_token, tag.end_token)
+                    information_start = None
+                continue
+            if tag.name == "<information>":
+                information_start = tag
+                open_search = None
+            elif tag.name == "<search>":
+                open_search = tag
+            elif tag.name == "</search>":
+                query_index = close_search(tag)
+                following = tags[index + 1] if index + 1 < len(tags) else None
+                if (following is not None and following.name == "<information>"
+                        and not stream[tag.end_byte: following.start_byte].strip(_ASCII_WHITESPACE)):
+                    step_ends.append(tag.end_token)
+                    step_query_index.append(query_index)
+            elif tag.name in ("<answer>", "</answer>"):
+                answer_tags.append(tag)
+        if information_start is not None:
+            mask_block(information_start.start_token, num_tokens - 1)
+
     blocks = [(opening, closing) for opening, closing in zip(answer_tags, answer_tags[1:])
               if opening.name == "<answer>" and closing.name == "</answer>"]
     answer = None
@@ -344,7 +396,7 @@ def segment_reference(token_ids: Sequence[int], table: TagTable, *, sequence_ind
     if blocks:
         opening, closing = blocks[-1]
         answer = _text(stream[opening.end_byte: closing.start_byte])
-        valid_format = stream[closing.end_byte:].decode("utf-8", errors="replace").strip() == ""
+        valid_format = answer != "" and stream[closing.end_byte:].decode("utf-8", errors="replace").strip() == ""
     return Segmentation(tags=tags, step_ends=step_ends, step_query_index=step_query_index, queries=queries,
                         answer=answer, valid_format=valid_format, loss_mask=loss_mask, num_bytes=len(stream))
 
@@ -531,31 +583,71 @@ def _checked_int32(flat: np.ndarray, offsets: np.ndarray, size: int) -> np.ndarr
     return np.ascontiguousarray(flat)
 
 
-def segment_batch(batch: Any, table: TagTable, impl: str = "cpp") -> BatchSegmentation:
+def _flat_spans(inserted: Sequence[Sequence[tuple[int, int]]], offsets: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Inserted spans of every sequence as flat (starts, ends, span_offsets) int64 arrays, checked."""
+    num_sequences = len(offsets) - 1
+    if len(inserted) != num_sequences:
+        raise ValueError(f"inserted must hold one span list per sequence: {len(inserted)} lists for "
+                         f"{num_sequences} sequences")
+    starts: list[int] = []
+    ends: list[int] = []
+    span_offsets = np.zeros(num_sequences + 1, dtype=np.int64)
+    for b, spans in enumerate(inserted):
+        length = int(offsets[b + 1] - offsets[b])
+        previous_end = 0
+        for k, (start, end) in enumerate(spans):
+            start, end = int(start), int(end)
+            if not previous_end <= start < end <= length:
+                raise ValueError(f"inserted span {k} of sequence {b} is [{start}, {end}): spans must be non-empty, "
+                                 f"sorted, disjoint and inside the sequence's {length} tokens")
+            starts.append(start)
+            ends.append(end)
+            previous_end = end
+        span_offsets[b + 1] = len(starts)
+    return np.array(starts, dtype=np.int64), np.array(ends, dtype=np.int64), span_offsets
+
+
+def segment_batch(batch: Any, table: TagTable, impl: str = "cpp",
+                  inserted: Sequence[Sequence[tuple[int, int]]] | None = None) -> BatchSegmentation:
     """Segment many sequences: `batch` is a list of 1-D id sequences (lists, numpy arrays, CPU tensors) or a
     tuple `(flat_ids, offsets)` of numpy arrays, sequence b being flat_ids[offsets[b]:offsets[b+1]] (int32 ids and
     int64 offsets are used without a copy).
 
-    `impl="cpp"` runs the C++ extension with the GIL released; `impl="python"` the reference. Raises ValueError
-    for an id outside the table, naming the sequence and index.
+    `inserted[b]`: the token ranges [start, end) the environment inserted into sequence b (sorted, disjoint); with
+    it the span rule applies, without it (None) the text rule (module docstring). `impl="cpp"` runs the C++
+    extension with the GIL released; `impl="python"` the reference. Raises ValueError for an id outside the table
+    or a malformed span, naming the sequence and index.
     """
     _check_impl(impl)
     flat, offsets = _flat_batch(batch)
     if impl == "python":
         if offsets[0] != 0 or np.any(np.diff(offsets) < 0) or offsets[-1] != len(flat):
             raise ValueError(f"offsets must start at 0, be non-decreasing and end at the number of ids ({len(flat)})")
+        if inserted is not None:
+            _flat_spans(inserted, offsets)  # the same checks as the C++ path
         return BatchSegmentation.from_segmentations([
-            segment_reference(flat[offsets[b]: offsets[b + 1]].tolist(), table, sequence_index=b,
+            segment_reference(flat[offsets[b]: offsets[b + 1]].tolist(), table,
+                              inserted=None if inserted is None else inserted[b], sequence_index=b,
                               flat_offset=int(offsets[b]))
             for b in range(len(offsets) - 1)])
     native = table.native()
-    result = _extension().segment_batch(native, _checked_int32(flat, offsets, len(table)), offsets)
+    ids = _checked_int32(flat, offsets, len(table))
+    if inserted is None:
+        result = _extension().segment_batch(native, ids, offsets)
+    else:
+        result = _extension().segment_batch(native, ids, offsets, *_flat_spans(inserted, offsets))
     return BatchSegmentation(offsets=offsets, **result)
 
 
-def segment(token_ids: Any, table: TagTable, impl: str = "cpp") -> Segmentation:
-    """Segment one sequence of token ids (list, numpy array or CPU tensor) with the chosen implementation."""
+def segment(token_ids: Any, table: TagTable, impl: str = "cpp",
+            inserted: Sequence[tuple[int, int]] | None = None) -> Segmentation:
+    """Segment one sequence of token ids (list, numpy array or CPU tensor) with the chosen implementation;
+    `inserted` as one entry of `segment_batch`'s."""
     _check_impl(impl)
     if impl == "python":
-        return segment_reference(_as_ids(token_ids, "token_ids").tolist(), table)
-    return segment_batch([token_ids], table, impl="cpp")[0]
+        ids = _as_ids(token_ids, "token_ids")
+        if inserted is not None:
+            _flat_spans([inserted], np.array([0, len(ids)], dtype=np.int64))
+        return segment_reference(ids.tolist(), table, inserted=inserted)
+    return segment_batch([token_ids], table, impl="cpp", inserted=None if inserted is None else [inserted])[0]

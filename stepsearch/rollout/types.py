@@ -35,14 +35,18 @@ class RolloutBatch:
     Tensors:
       response_ids  (B, T) long   generated and inserted information tokens, right-padded with the pad id
       response_mask (B, T) long   1 on real tokens (generated + information), 0 on padding
-      loss_mask     (B, T) float  1 on generated tokens; 0 on information tokens (including the inserted
+      loss_mask     (B, T) float  1 on generated tokens; 0 on the inserted information blocks (the whole
                                   "\\n<information>…</information>\\n" text) and padding
       step_ends     (B, S) long   response index of the token closing each `</search>` that received an
                                   `<information>` block, in round order; -1 padded
       rollout_logp  (B, T) fp32   engine log-probs of the sampled tokens at the sampling temperature; 0 off loss_mask
+    loss_mask, step_ends, queries, answers and valid_format come from one segmentation of the token ids by the
+    segmenter (`stepsearch.rollout.segmenter`, span rule with `inserted_spans`).
     Per trajectory and step s (one per `step_ends` entry): `queries[b][s]` the query, `retrieved[b][s]` its K
     documents (empty for a notice step: an empty query or a refused search); `response_texts[b]` the decoded
-    response (special tokens skipped); `num_searches[b]` the steps that actually searched; `record_indices[b]` the
+    response (special tokens skipped; for reading, never parsed); `answers[b]` the last answer block of the
+    generated text (None without one); `valid_format[b]` the segmenter's format verdict; `inserted_spans[b]` the
+    token ranges [start, end) of the inserted blocks; `num_searches[b]` the steps that actually searched; `record_indices[b]` the
     input record answered; `finish_reasons[b]` how the trajectory ended ("answer", "eos", "turn_budget",
     "budget", "search_limit"; see `stepsearch.rollout.agent_loop`). `timings`: seconds per stage of the whole
     rollout (generate_s, retrieve_s, bookkeeping_s, total_s) and the number of turns.
@@ -56,6 +60,9 @@ class RolloutBatch:
     queries: list[list[str]]
     retrieved: list[list[list["Document"]]]
     response_texts: list[str]
+    answers: list[str | None]
+    valid_format: list[bool]
+    inserted_spans: list[list[tuple[int, int]]]
     num_searches: list[int]
     record_indices: list[int]
     rollout_logp: torch.Tensor  # (B, T)

@@ -343,12 +343,12 @@ class Run:
     models: Models
     state: TrainState
     cursor: DataCursor
-    tag_table: Any  # stepsearch.rollout.segmenter.TagTable
+    tag_table: Any  # stepsearch.rollout.segmenter.TagTable of `agent_tag_table`
 
 
 def build_run(cfg: Config) -> Run:
     """Set up the process, data, retriever, tokenizer, models and (per `trainer.resume`) the loop state."""
-    from stepsearch.rollout.segmenter import TagTable
+    from stepsearch.rollout.agent_loop import agent_tag_table
 
     ctx = setup(cfg)
     data = prepare_data(ctx)
@@ -359,4 +359,4 @@ def build_run(cfg: Config) -> Run:
     models = build_models(ctx, actor_lm, tokenizer)
     state = resume(ctx, models)
     cursor = DataCursor(data.train, cfg.data.shuffle_seed, ctx.rank, ctx.world_size)
-    return Run(ctx, data, retriever, tokenizer, models, state, cursor, TagTable.from_tokenizer(tokenizer))
+    return Run(ctx, data, retriever, tokenizer, models, state, cursor, agent_tag_table(tokenizer))

@@ -1,8 +1,9 @@
 """Step segmenter: C++ and the Python reference agree on texts tokenized by real tokenizers (byte-level BPE, WordPiece,
-Metaspace with byte fallback) with tags split in every way; hand cases pin each rule of the module docstring; the
-answer and format match `stepsearch.rewards.answer` on the byte stream."""
+Metaspace with byte fallback) with tags split in every way; hand cases pin each rule of the module docstring (text rule and span rule); the answer and format match a regex
+oracle of the rule on the text."""
 from __future__ import annotations
 
+import re
 import sys
 
 import numpy as np
@@ -10,7 +11,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from stepsearch.rewards.answer import extract_answer, is_valid_format
 from stepsearch.rollout.render import INFORMATION_PREFIX, INFORMATION_SUFFIX
 from stepsearch.rollout.segmenter import (TAG_NAMES, BatchSegmentation, TagSpan, TagTable, segment, segment_batch,
                                           segment_reference)
@@ -23,6 +23,21 @@ FRAGMENTS = list(TAG_NAMES) + ["<", ">", "/", "</", "<sea", "rch>", "<informat",
                                "  ", "\t", "\u3000", "🙂"] + WORDS + PUNCTUATION
 HYPOTHESIS = settings(max_examples=150, deadline=None, derandomize=True,
                       suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+_INFORMATION_BLOCK = re.compile(r"<information>.*?(?:</information>|\Z)", re.DOTALL)
+_ANSWER_BLOCK = re.compile(r"<answer>((?:(?!</?answer>).)*)</answer>", re.DOTALL)
+
+
+def oracle_answer_and_format(text: str) -> tuple[str | None, bool]:
+    """The answer rule on text (test oracle): information blocks are data (replaced by a non-blank mark), the
+    answer is the last innermost block, the format is valid when it is non-empty and only whitespace follows."""
+    outside = _INFORMATION_BLOCK.sub("#", text)
+    blocks = list(_ANSWER_BLOCK.finditer(outside))
+    if not blocks:
+        return None, False
+    answer = blocks[-1].group(1).strip()
+    return answer, answer != "" and outside[blocks[-1].end():].strip() == ""
 
 
 def _corpus() -> list[str]:
@@ -129,8 +144,7 @@ def test_byte_level_stream_is_the_text_and_results_match_text_rules(byte_level_b
     expected = [(m.group(), m.start(), m.end())
                 for m in re.finditer("</?(?:think|search|information|answer)>", text.encode().decode("latin-1"))]
     assert [(tag.name, tag.start_byte, tag.end_byte) for tag in result.tags] == expected
-    assert result.answer == extract_answer(text)
-    assert result.valid_format == is_valid_format(text)
+    assert (result.answer, result.valid_format) == oracle_answer_and_format(text)
     for tag in result.tags:  # the tokens named hold the tag's first and last byte
         starts = np.cumsum([0] + [len(table.token_bytes[i]) for i in ids])
         assert starts[tag.start_token] <= tag.start_byte < starts[tag.start_token + 1]
@@ -195,6 +209,59 @@ def test_agent_rollout_shape(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+def test_span_rule_on_an_agent_rollout(impl):
+    # The agent loop's tokens: generated pieces, and inserted blocks as separate "\n" / tag / "\n" tokens.
+    ids, table = _pieces("<think>t</think><search> q1 ", "</search>", "\n", "<information>Doc 1 <answer>gold",
+                         "</answer></information>", "\n", "<information>mine</information>", "<search>q2</search>",
+                         INFORMATION_PREFIX + "notice" + INFORMATION_SUFFIX, "<answer> x </answer>")
+    result = segment(ids, table, impl=impl, inserted=[(2, 6), (8, 9)])
+    assert result.loss_mask.tolist() == [1, 1, 0, 0, 0, 0, 1, 1, 0, 1]  # the newlines around a block included
+    assert result.step_ends == [1, 7] and result.step_queries == ["q1", "q2"]
+    assert result.answer == "x" and result.valid_format  # the answer block inside a retrieved document is data
+    # Without the spans (text rule) the model's own "<information>" text would be masked as retrieved.
+    assert segment(ids, table, impl=impl).loss_mask.tolist() == [1, 1, 0, 0, 0, 0, 0, 1, 0, 1]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_span_rule_step_needs_the_search_close_right_before_the_span(impl):
+    ids, table = _pieces("<search>a</search>", " x", "<information>d</information>", "<search>b</search>",
+                         "<information>e</information>", "<answer>y</answer>", "<information>late</information>")
+    result = segment(ids, table, impl=impl, inserted=[(2, 3), (4, 5), (6, 7)])
+    assert result.step_ends == [3] and result.step_queries == ["b"]
+    assert result.queries == ["a", "b"]
+    assert result.answer == "y" and not result.valid_format  # an inserted block after the answer
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("spans", [[(0, 0)], [(2, 1)], [(0, 2), (1, 3)], [(0, 9)], [(-1, 1)]])
+def test_malformed_spans_are_rejected(impl, spans):
+    ids, table = _pieces("a", "b", "c")
+    with pytest.raises(ValueError, match="inserted span"):
+        segment(ids, table, impl=impl, inserted=spans)
+    with pytest.raises(ValueError, match="one span list per sequence"):
+        segment_batch([ids, ids], table, impl=impl, inserted=[spans])
+
+
+@HYPOTHESIS
+@given(data=st.data())
+def test_cpp_and_python_agree_with_inserted_spans(tokenizer_and_table, data):
+    _, table = tokenizer_and_table
+    ids = data.draw(st.lists(st.integers(0, len(table) - 1), max_size=60))
+    cuts = sorted(set(data.draw(st.lists(st.integers(0, len(ids)), max_size=8))))
+    spans = [(start, end) for start, end in zip(cuts[::2], cuts[1::2]) if start < end]
+    assert segment(ids, table, impl="cpp", inserted=spans) == segment(ids, table, impl="python", inserted=spans)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_text_rule_masks_the_newline_tokens_around_a_block(impl):
+    ids, table = _pieces("<search>q</search>", "\n", "<information>d</information>", "\n", "x\n",
+                         "<information>e</information>", "\n\n")
+    result = segment(ids, table, impl=impl)
+    assert result.loss_mask.tolist() == [1, 0, 0, 0, 1, 0, 0]
+    assert result.step_ends == [0]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_step_needs_information_next_with_only_whitespace_between(impl):
     ids, table = _pieces("<search>a</search> x <information>d</information>", "<search>b</search>",
                          "<think>", "</think><information>e</information>", "<search>c</search>  \r\n\t",
@@ -226,6 +293,9 @@ def test_unclosed_and_nested_tags(impl):
     ("<answer>unclosed", None, False),
     ("", None, False),
     ("<answer>\xff\xfe</answer>\x85", "\ufffd\ufffd", False),
+    ("<answer> \n </answer>", "", False),  # an empty answer is an invalid format
+    ("<answer>a</answer><information><answer>gold</answer></information>", "a", False),  # retrieved: data
+    ("<information><answer>gold</answer></information>", None, False),
 ])
 def test_answer_and_format_follow_the_rewards_rule(impl, text, answer, valid):
     data = text.encode("latin-1") if "\xff" in text else text.encode()
@@ -233,8 +303,7 @@ def test_answer_and_format_follow_the_rewards_rule(impl, text, answer, valid):
     result = segment(ids, table, impl=impl)
     assert result.answer == answer
     assert result.valid_format is valid
-    decoded = data.decode("utf-8", errors="replace")
-    assert (extract_answer(decoded), is_valid_format(decoded)) == (answer, valid)
+    assert oracle_answer_and_format(data.decode("utf-8", errors="replace")) == (answer, valid)
 
 
 @pytest.mark.parametrize("impl", IMPLS)

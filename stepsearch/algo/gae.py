@@ -17,8 +17,13 @@ scans of the form x_t = a_t + c_t * x_(t+1):
     W_t = V_t if m_t else W_(t+1)             (c = 1 - m, a = m * V)  -> W_(t+1) = V_n(t), the next value
     A_t = delta_t if m_t ... + c_t A_(t+1)    (c = gamma*lam on masked-in tokens, 1 on masked-out; a = m * delta)
 
-each evaluated with log2(T) doubling steps of whole-tensor torch ops (`reverse_linear_scan`), so the reference is
-fast on CPU and GPU alike instead of T dependent Python steps. `gae_python_loop` is the straightforward loop the
+each evaluated with log2(T) doubling steps of whole-tensor torch ops (`reverse_linear_scan`) instead of T dependent
+Python steps. That wins where launches are expensive and bandwidth is plentiful (GPU), but it does O(T log T) work
+against the loop's O(T): on CPU it is faster than the loop only at small shapes. Measured with
+`benchmarks/bench_gae.py --quick` on a shared 2-core x86 machine (`benchmarks/results/gae_quick.csv`): with one
+thread 8.2x / 2.8x / 1.6x faster at B x T = 64x512 / 256x1024 / 512x4096; with two threads 3.6x faster at 64x512
+but slower at 256x1024 (0.2x) and 512x4096 (0.7x). On CPU the trainer's scan is therefore no faster than the
+peers' loop for long batches; it is the specification and the kernel's twin, not a CPU optimisation. `gae_python_loop` is the straightforward loop the
 peers (verl, OpenRLHF, TRL, Search-R1) use: the readable statement of the semantics, the referee in the tests and
 the baseline in `benchmarks/bench_gae.py`. `scatter_rewards_and_gae` composes `scatter_rewards` and `compute_gae`
 (the fused Triton kernel computes the same without writing the rewards to memory).

@@ -6,10 +6,13 @@ With the log-ratio `x = old_logp - ref_logp` of a token sampled from the old pol
     k2 = x^2 / 2                    biased, non-negative ("mse")
     k3 = exp(-x) - 1 + x            unbiased, non-negative, low variance ("low_var_kl")
 
-Clamps, both taken from verl so runs stay comparable with it:
-- the log-ratio is clamped to [-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP] = [-20, 20] before any estimator (the same clamp
-  the PPO ratio uses): one pathological token cannot make exp() overflow or dominate the penalty;
-- k3 is then clamped to [-K3_CLAMP, K3_CLAMP] = [-10, 10] (k3 >= 0, so in effect an upper bound of 10).
+Clamps:
+- the log-ratio is clamped to [-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP] = [-20, 20] before any estimator. This is this
+  project's choice (the same bound its PPO ratio uses), not verl's: verl clamps the log-ratio only inside k3. It
+  keeps one pathological token from making exp() overflow or dominating the penalty; k1 and k2 therefore differ
+  from verl's on tokens whose |log-ratio| exceeds 20;
+- k3 is then clamped to [-K3_CLAMP, K3_CLAMP] = [-10, 10] (k3 >= 0, so in effect an upper bound of 10), as verl
+  does for its "low_var_kl".
 
 All functions are elementwise, keep the input shape and compute in the inputs' floating dtype.
 """

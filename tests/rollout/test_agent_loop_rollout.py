@@ -147,6 +147,8 @@ def test_two_hop_trajectory_ids_masks_step_ends_and_documents(world):
 
     spans = _block_ranges(batch.loss_mask[0].tolist(), length)
     assert len(spans) == 2
+    assert batch.inserted_spans[0] == spans  # the segmenter's loss mask is 0 exactly on the inserted blocks
+    assert batch.answers == ["Mara Vell"] and batch.valid_format == [True]
     for (start, end), step_end in zip(spans, batch.step_ends[0].tolist()):
         assert step_end == start - 1
         assert tokenizer.decode(ids[: step_end + 1]).endswith("</search>")

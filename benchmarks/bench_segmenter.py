@@ -8,15 +8,21 @@ tokenizer's canonical split), cut to length, ending in an `<answer>` block. Two 
 offline (vocab 2048): `tag_tokens` (ours: each tag is one added token) and `plain` (no tag tokens, as Qwen2.5's:
 tags are split across tokens and fused with text).
 
-Methods (one core; the C++ path is single-threaded):
-- cpp: `segment_batch((flat int32 ids, int64 offsets), table)` -> BatchSegmentation (flat arrays + strings).
-- cpp_objects: the same plus materialising one `Segmentation` object per sequence.
+Methods (one core; the C++ path is single-threaded). Ours run the span rule the trainer uses: the agent loop passes
+the token spans it inserted (`inserted=`), so the loss mask is 0 exactly on them, newlines included.
+- cpp: `segment_batch((flat int32 ids, int64 offsets), table, inserted=spans)` -> BatchSegmentation.
+- cpp_objects: the same plus materialising one `Segmentation` object per sequence (what the agent loop does).
 - python: the Python reference `impl="python"` (same results, checked).
 - peers: decode the sequence, find tags with a regex, re-tokenize the text prefix before every `</search>` and
   information boundary to find token indices (Search-R1 / verl-style bookkeeping); run on `--peer-sequences`
   sequences. The fraction of sequences where its step_ends / loss_mask equal ours is reported: on canonical ids
   it agrees with ours, but re-tokenizing a prefix of sampled non-canonical ids gives other ids than the ones
   sampled, and every token index after that point is off.
+
+Share of a training step: the agent loop segments every finished batch once (and every turn's new ids, a fraction
+of that). `step_share` rows time `cpp_objects` on the tiny_cpu preset's batch (64 trajectories x 900 tokens) and
+divide by the tiny_cpu step time that `bench_step.py` measured (benchmarks/results/step.csv); a paper-sized batch
+(256 x 4096 tokens, the 3B preset) is timed too, its GPU step time is not yet measured.
 
 Prints a table and writes long-format CSV to benchmarks/results/segmenter.csv. `--quick` runs in seconds.
 """
@@ -33,14 +39,15 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from stepsearch.rewards.answer import extract_answer, is_valid_format
 from stepsearch.rollout.render import INFORMATION_PREFIX, INFORMATION_SUFFIX
 from stepsearch.rollout.segmenter import TagTable, segment_batch
 
 RESULTS = Path(__file__).parent / "results" / "segmenter.csv"
+STEP_RESULTS = Path(__file__).parent / "results" / "step.csv"
 _STEP = re.compile(r"(</search>)\s*<information>")
-_INFORMATION = re.compile(r"<information>.*?(?:</information>|\Z)", re.DOTALL)
+_INFORMATION = re.compile(r"\n?<information>.*?(?:</information>\n?|\Z)", re.DOTALL)  # the inserted text
 _QUERY = re.compile(r"<search>(.*?)</search>", re.DOTALL)
+_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 
 
 def _words(rng: np.random.Generator, count: int) -> str:
@@ -82,8 +89,9 @@ def _sampled_ids(tokenizer, text: str, rng: np.random.Generator) -> list[int]:
             for token in tokenizer.encode(text[start:end], add_special_tokens=False)]
 
 
-def make_workload(tokenizer, num_sequences: int, num_tokens: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """(flat int32 ids, int64 offsets) of `num_sequences` trajectories of exactly `num_tokens` ids."""
+def make_workload(tokenizer, num_sequences: int, num_tokens: int, seed: int = 0
+                  ) -> tuple[np.ndarray, np.ndarray, list[list[tuple[int, int]]]]:
+    """(flat int32 ids, int64 offsets, inserted spans) of `num_sequences` trajectories of exactly `num_tokens` ids."""
     rng = np.random.default_rng(seed)
     pool = []
     for _ in range(128):
@@ -92,14 +100,25 @@ def make_workload(tokenizer, num_sequences: int, num_tokens: int, seed: int = 0)
     answers = [tokenizer.encode(f"<think>{_words(rng, 6)}</think>\n<answer>{_words(rng, 2)}</answer>",
                                 add_special_tokens=False) for _ in range(32)]
     flat = np.empty(num_sequences * num_tokens, dtype=np.int32)
+    inserted: list[list[tuple[int, int]]] = []
     for b in range(num_sequences):
         answer = answers[int(rng.integers(len(answers)))]
         body: list[int] = []
+        spans: list[tuple[int, int]] = []
         while len(body) + len(answer) < num_tokens:
-            for piece in pool[int(rng.integers(len(pool)))]:
-                body += piece
-        flat[b * num_tokens: (b + 1) * num_tokens] = body[: num_tokens - len(answer)] + answer
-    return flat, np.arange(0, flat.size + 1, num_tokens, dtype=np.int64)
+            generated, information = pool[int(rng.integers(len(pool)))]
+            body += generated
+            spans.append((len(body), len(body) + len(information)))
+            body += information
+        keep = num_tokens - len(answer)
+        # A block cut by the answer's room is dropped whole: the agent loop never inserts part of one.
+        while spans and spans[-1][1] > keep:
+            keep = min(keep, spans.pop()[0])
+        body = body[:keep]
+        body += [token for _ in range(num_tokens) for token in answer][: num_tokens - len(body)]
+        flat[b * num_tokens: (b + 1) * num_tokens] = body
+        inserted.append(spans)
+    return flat, np.arange(0, flat.size + 1, num_tokens, dtype=np.int64), inserted
 
 
 def peers_segment(ids: list[int], tokenizer) -> tuple[list[int], np.ndarray, list[str], str | None, bool]:
@@ -114,7 +133,9 @@ def peers_segment(ids: list[int], tokenizer) -> tuple[list[int], np.ndarray, lis
     for match in _INFORMATION.finditer(text):
         loss_mask[tokens_before(match.start()): tokens_before(match.end())] = 0
     queries = [query.strip() for query in _QUERY.findall(text)]
-    return step_ends, loss_mask, queries, extract_answer(text), is_valid_format(text)
+    answers = _ANSWER.findall(text)
+    answer = answers[-1].strip() if answers else None
+    return step_ends, loss_mask, queries, answer, bool(answers) and text.rstrip().endswith("</answer>")
 
 
 def _timed(function, repeats: int = 1) -> tuple[float, object]:
@@ -136,16 +157,18 @@ def _timed(function, repeats: int = 1) -> tuple[float, object]:
 
 def run(name: str, tokenizer, num_sequences: int, num_tokens: int, repeats: int, reference_sequences: int,
         peer_sequences: int) -> list[dict]:
-    flat, offsets = make_workload(tokenizer, num_sequences, num_tokens)
+    flat, offsets, inserted = make_workload(tokenizer, num_sequences, num_tokens)
     table = TagTable.from_tokenizer(tokenizer)
     table.native()  # built once per tokenizer, not part of the per-batch cost
-    cpp_seconds, batch = _timed(lambda: segment_batch((flat, offsets), table, impl="cpp"), repeats)
-    objects_seconds, objects = _timed(lambda: list(segment_batch((flat, offsets), table, impl="cpp")), repeats)
+    cpp_seconds, batch = _timed(lambda: segment_batch((flat, offsets), table, impl="cpp", inserted=inserted),
+                                repeats)
+    objects_seconds, objects = _timed(lambda: segment_batch((flat, offsets), table, impl="cpp",
+                                                            inserted=inserted).to_list(), repeats)
 
     reference_count = min(reference_sequences, num_sequences)
     reference_flat, reference_offsets = flat[: reference_count * num_tokens], offsets[: reference_count + 1]
     python_seconds, reference = _timed(lambda: segment_batch((reference_flat, reference_offsets), table,
-                                                             impl="python"))
+                                                             impl="python", inserted=inserted[:reference_count]))
     assert list(reference) == objects[:reference_count], "C++ and the Python reference disagree"
 
     peer_count = min(peer_sequences, num_sequences)
@@ -175,6 +198,36 @@ def run(name: str, tokenizer, num_sequences: int, num_tokens: int, repeats: int,
     rows.append({"benchmark": "segmenter", "tokenizer": name, "sequences": num_sequences, "tokens": num_tokens,
                  "method": "cpp", "metric": "steps_per_sequence",
                  "value": len(batch.step_ends) / num_sequences})
+    return rows
+
+
+def _tiny_cpu_step_seconds() -> float | None:
+    """The tiny_cpu preset's step time measured by bench_step.py ("ours"), if its results are present."""
+    if not STEP_RESULTS.is_file():
+        return None
+    with STEP_RESULTS.open(newline="") as handle:
+        for row in csv.DictReader(handle):
+            if (row["workload"], row["method"], row["stage"]) == ("tiny_cpu", "ours", "step"):
+                return float(row["seconds"])
+    return None
+
+
+def step_share(tokenizer, repeats: int) -> list[dict]:
+    """Seconds to segment a tiny_cpu batch and a paper-sized batch (span rule, objects materialised), and the share
+    of the measured tiny_cpu step the first one is."""
+    table = TagTable.from_tokenizer(tokenizer)
+    table.native()
+    rows = []
+    step_seconds = _tiny_cpu_step_seconds()
+    for workload, num_sequences, num_tokens in (("tiny_cpu", 64, 900), ("paper_3b", 256, 4096)):
+        flat, offsets, inserted = make_workload(tokenizer, num_sequences, num_tokens, seed=1)
+        seconds, _ = _timed(lambda: segment_batch((flat, offsets), table, inserted=inserted).to_list(), repeats)
+        metrics = {"seconds": seconds}
+        if workload == "tiny_cpu" and step_seconds is not None:
+            metrics.update(step_seconds=step_seconds, share_of_step=seconds / step_seconds)
+        rows += [{"benchmark": "segmenter_step_share", "tokenizer": "tag_tokens", "sequences": num_sequences,
+                  "tokens": num_tokens, "method": workload, "metric": metric, "value": value}
+                 for metric, value in metrics.items()]
     return rows
 
 
@@ -209,6 +262,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:<11} {method:<12} {value('sequences_timed'):>6} {value('seconds'):>9.3f} "
                   f"{value('tokens_per_s') / 1e6:>9.2f} {value('cpp_speedup'):>11.1f}x "
                   f"{value('step_ends_agreement'):>11.2f} {value('loss_mask_agreement'):>10.2f}")
+    shares = step_share(tokenizers["tag_tokens"], args.repeats)
+    rows += shares
+    for row in shares:
+        print(f"step share: {row['method']:<9} {row['sequences']} x {row['tokens']} tokens: {row['metric']} = "
+              f"{row['value']:.6g}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with args.out.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))

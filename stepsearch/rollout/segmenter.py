@@ -4,8 +4,8 @@ Peers find where a `</search>` ended by decoding, running a regex and re-tokeniz
 prefix tokenizes differently from the sampled tokens. Here the tags are found in the *byte stream of the sampled
 token ids*: every token id maps to the bytes it contributes (a `TagTable`, built once per tokenizer), and a tag is
 found even when it is split across tokens or fused with text inside one token. Two implementations give identical
-results: the C++ extension `stepsearch._segmenter` (`impl="cpp"`, GIL released over a batch) and the readable
-Python reference below (`impl="python"`), which is the specification.
+results: the C++ extension `stepsearch._segmenter` (`impl="cpp"`, GIL released over a batch), which every caller
+uses, and the readable Python reference below (`impl="python"`), which is the specification and the test oracle.
 
 Byte stream of a sequence: the concatenation of its tokens' bytes (`TagTable.stream`). How token bytes are
 reconstructed, per tokenizer family (`TagTable.from_tokenizer`):
@@ -26,22 +26,34 @@ Semantics of one sequence (`Segmentation`), on that stream:
 - tags: every occurrence of the eight tags `<think> </think> <search> </search> <information> </information>
   <answer> </answer>`, in order, with the tokens holding the tag's first and last byte (inclusive) and its bytes
   [start_byte, end_byte). Tags cannot overlap (each holds a single `<`).
-- information blocks: an `<information>` opens a block that the next `</information>` closes; a block never
-  closed runs to the end of the sequence. Inside a block only `</information>` is a tag for the rules below (a
-  retrieved document that quotes a tag is data). loss_mask is 0 on every token overlapping a block, tags
-  included (from the token holding the `<` of `<information>` to the token holding the `>` of `</information>`),
-  and 1 elsewhere.
+- information blocks, span rule (`inserted` given; what the trainer and evaluation use): the agent loop passes the
+  token ranges [start, end) it inserted ("\\n<information>…</information>\\n", notices included); those are the
+  information blocks. loss_mask is 0 exactly on them (the newlines around each block included) and 1 on every
+  generated token, even one that writes an information tag itself. Tags whose first token lies in a block are data
+  (a retrieved document that quotes a tag changes nothing).
+- information blocks, text rule (`inserted` is None, for token ids of unknown origin): an `<information>` opens a
+  block that the next `</information>` closes; a block never closed runs to the end of the sequence. Inside a
+  block only `</information>` is a tag. loss_mask is 0 on every token overlapping a block, tags included, and on a
+  token made only of ASCII whitespace right before or right after it (the newlines the agent loop inserts around
+  a block); 1 elsewhere.
 - search blocks (outside information blocks): a `</search>` pairs with the last `<search>` before it when no
   `</search>` and no information block lies between them; `queries` holds the content of every such pair.
-- steps: a `</search>` (paired or not, outside information blocks) whose next tag is `<information>` with only
-  ASCII whitespace between them is a step; `step_ends` holds the token completing that `</search>` and
-  `step_queries` its query ("" when unpaired) — the agent loop's steps, notices included.
-- answer and format follow `stepsearch.rewards.answer` exactly, on the whole stream: a block is an `<answer>`
-  whose next answer tag is an `</answer>`; `answer` is the last block's content (None without a block);
-  `valid_format` is True when that block is followed by whitespace only (Python's `str.isspace`).
+- steps: span rule: an inserted block that starts right after the token completing a `</search>`; text rule: a
+  `</search>` whose next tag is `<information>` with only ASCII whitespace between them. `step_ends` holds the
+  token completing that `</search>` and `step_query_index` its query (-1 when unpaired) — the agent loop's
+  steps, notices included.
+- answer and format, from the answer tags outside information blocks (so never from a retrieved document): a block
+  is an `<answer>` whose next answer tag is an `</answer>`; `answer` is the last block's content (None without a
+  block); `valid_format` is True when that content is not empty after stripping and only whitespace (Python's
+  `str.isspace`) follows the block in the stream. An empty `<answer></answer>` is therefore an invalid format: it
+  cannot dodge a format penalty. A table built with `skip_special_tokens=True` (as the agent loop's is) lets an
+  end-of-sequence token follow the answer.
 - strings are decoded as UTF-8 with replacement and stripped (`str.strip`). Empty sequences, garbage bytes,
   invalid UTF-8, unclosed and nested tags all give results by these rules; nothing raises except token ids
-  outside the table (ValueError naming the index).
+  outside the table or malformed spans (ValueError naming the sequence and index).
+
+The trainer, the rewards and evaluation read only the C++ results (through `stepsearch.rollout.agent_loop`); the
+Python reference is the specification and the tests' oracle.
 """
 from __future__ import annotations
 

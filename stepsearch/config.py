@@ -158,7 +158,17 @@ class RolloutConfig:
     sglang_url: str | None = None
     """SGLang HTTP server; None starts `sglang.Engine` in-process (engine=sglang only)."""
     sglang_mem_fraction: float = 0.4
-    """GPU memory fraction for an in-process SGLang engine (the rest is for training)."""
+    """GPU memory fraction for an in-process SGLang engine: its weights plus KV cache (the rest is for training)."""
+    sglang_base_port: int = 30000
+    """In-process SGLang on local rank r uses ports base + 2r (its own) and base + 2r + 1 (its NCCL group)."""
+    sglang_release_memory: bool = True
+    """Release the in-process SGLang engine's weights and KV cache while the trainer runs; resumed before the next
+    weight sync (needs SGLang's memory saver, started with the engine)."""
+    sglang_sync_dir: str | None = None
+    """HTTP SGLang only: where rank 0 writes the actor's weights for the server to load; must be readable by the
+    server (shared storage when it runs on another node). None: a temporary directory on this machine."""
+    sglang_sync_bucket_mb: int = 512
+    """Weight sync streams the gathered actor in buckets of this many MiB (never a full copy per rank)."""
     template: Literal["paper", "released"] = "paper"
     """Prompt template: the paper's think/search/information/answer, or the released code's plan/observation."""
     max_turns: int = 5
@@ -188,6 +198,9 @@ class RolloutConfig:
         _at_least("rollout", self, 1, "max_information_tokens")
         _check(self.max_response_tokens >= self.max_new_tokens_per_turn,
                "rollout.max_response_tokens must be >= max_new_tokens_per_turn")
+        _check(0 < self.sglang_mem_fraction < 1, "rollout.sglang_mem_fraction must be in (0, 1)")
+        _check(1024 <= self.sglang_base_port <= 65000, "rollout.sglang_base_port must be in [1024, 65000]")
+        _check(self.sglang_sync_bucket_mb >= 1, "rollout.sglang_sync_bucket_mb must be >= 1")
 
 
 @dataclass

@@ -16,13 +16,15 @@ started to return processed ones); they are informational, the trainer recompute
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, Union
 
@@ -261,28 +263,154 @@ class HFEngine:
 # ----------------------------------------------------------------------------------------------------------------
 # SGLang engine
 
+#: SGLang's memory-saver tags: the weights are resumed alone before a weight sync, the rest before generating.
+WEIGHT_MEMORY_TAGS = ["weights"]
+CACHE_MEMORY_TAGS = ["kv_cache", "cuda_graph"]
+
+
+def bucketed(named: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """Consecutive groups of named tensors of at most `bucket_bytes` each (a larger tensor is a group of its own).
+
+    It consumes `named` lazily, so a gathering iterator only ever holds one bucket of full tensors."""
+    bucket: list[tuple[str, torch.Tensor]] = []
+    size = 0
+    for name, tensor in named:
+        nbytes = tensor.numel() * tensor.element_size()
+        if bucket and size + nbytes > bucket_bytes:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append((name, tensor))
+        size += nbytes
+    if bucket:
+        yield bucket
+
+
+def reply_status(reply: Any) -> tuple[bool, str]:
+    """(success, message) of an SGLang control reply: the Engine API's `(success, message)` tuple, a JSON object
+    with `success`, or an output object with a `success` attribute; anything else counts as a failure."""
+    if isinstance(reply, (tuple, list)) and len(reply) >= 2 and isinstance(reply[0], bool):
+        return reply[0], str(reply[1])
+    if isinstance(reply, Mapping) and isinstance(reply.get("success"), bool):
+        return reply["success"], str(reply.get("message", ""))
+    if isinstance(getattr(reply, "success", None), bool):
+        return reply.success, str(getattr(reply, "message", ""))
+    return False, f"unexpected reply {reply!r}"
+
+
+@contextlib.contextmanager
+def _without_torchelastic_agent_store() -> Iterator[None]:
+    """SGLang's scheduler processes open their own process group with a TCP store on `nccl_port`. Under torchrun
+    they inherit TORCHELASTIC_USE_AGENT_STORE=True, with which torch only connects to that port as a client of the
+    launcher's store instead of hosting it, and the engine never comes up: the variable is hidden while they spawn."""
+    saved = os.environ.pop("TORCHELASTIC_USE_AGENT_STORE", None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ["TORCHELASTIC_USE_AGENT_STORE"] = saved
+
+
+def _port_is_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def in_process_engine_args(rollout_cfg: "RolloutConfig", model_path: str, device: torch.device | str, *,
+                           local_rank: int, seed: int) -> dict[str, Any]:
+    """The `sglang.Engine` arguments of one rank's engine: one GPU (the rank's own, `base_gpu_id`), no tensor
+    parallelism, ports of its own (`rollout.sglang_base_port` + 2 x local rank, NCCL on the next one) and the
+    rank's seed. The DeepSpeed launcher shows every rank all GPUs, so without `base_gpu_id` every engine would
+    land on GPU 0."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        raise EngineError(f"rollout.engine=sglang in-process runs on this rank's GPU, but the trainer's device is "
+                          f"{device}; set trainer.device=cuda (or rollout.sglang_url to a running server)")
+    port = rollout_cfg.sglang_base_port + 2 * local_rank
+    for candidate in (port, port + 1):
+        if not _port_is_free(candidate):
+            raise EngineError(f"rollout.sglang_base_port={rollout_cfg.sglang_base_port}: port {candidate} (local rank "
+                              f"{local_rank}) is in use; choose a base port with 2 x ranks-per-node free ports")
+    return {
+        "model_path": model_path,
+        "base_gpu_id": device.index if device.index is not None else 0,
+        "gpu_id_step": 1,
+        "tp_size": 1,
+        "dp_size": 1,
+        "port": port,
+        "nccl_port": port + 1,
+        "random_seed": seed,
+        "mem_fraction_static": rollout_cfg.sglang_mem_fraction,
+        "enable_memory_saver": rollout_cfg.sglang_release_memory,
+        "log_level": "error",
+    }
+
+
+def _distinct_storages(bucket: list[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Host copies of a bucket for safetensors, which refuses tensors sharing storage: of tied parameters
+    (lm_head = embed_tokens) only the first name is kept, as HF checkpoints of tied models store them."""
+    tensors, storages = {}, set()
+    for name, tensor in bucket:
+        storage = (tensor.device, tensor.untyped_storage().data_ptr())
+        if storage not in storages:
+            storages.add(storage)
+            tensors[name] = tensor.detach().to("cpu").contiguous()
+    return tensors
+
+
+def _collective_outcome(error: str | None) -> str | None:
+    """Rank 0's weight-sync outcome on every rank (it also makes them wait for the server to load the weights)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return error
+    box = [error]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
 
 class SGLangEngine:
     """SGLang behind the `Engine` interface: an in-process `sglang.Engine` (`model_path`) or an HTTP server (`url`).
 
     Requests use SGLang's native API: `input_ids`, `sampling_params` {temperature, top_p, max_new_tokens, stop,
     no_stop_trim, skip_special_tokens, sampling_seed}, `return_logprob`; the output ids and
-    `meta_info.output_token_logprobs` are truncated with the same stop rule as `HFEngine`. Weights: in-process,
-    named tensors go through `update_weights_from_tensor`; over HTTP they are written as safetensors into
-    `staging_dir` (next to the server model's config files) and loaded with `/update_weights_from_disk`, which
-    also flushes the prefix cache. A directory is loaded with `update_weights_from_disk` in both modes.
+    `meta_info.output_token_logprobs` are truncated with the same stop rule as `HFEngine`.
+
+    Weights (`update_weights`) are streamed in buckets of `bucket_bytes`, so a gathered ZeRO-3 actor never exists
+    as a full copy: in-process, each bucket goes through `update_weights_from_tensor` (CUDA IPC, no host copy) and
+    the prefix cache is flushed once at the end. Over HTTP one rank (`is_sync_rank`, rank 0) writes the buckets as
+    safetensors shards plus an index into a new directory under `sync_dir` (which the server must be able to read),
+    next to the config files of `config_source` (or of the served model when its path is readable here), and asks
+    the server to load it with `/update_weights_from_disk`; the previous directory is deleted once the new one is
+    loaded, and the outcome is shared with every rank. A directory is loaded with `update_weights_from_disk` in
+    both modes. Any reply without success raises `EngineError`: a failed sync stops the run.
+
+    Memory (in-process, `release_memory=True`; the engine must be started with `enable_memory_saver`):
+    `release_memory` frees the engine's weights and KV cache for training; the next `update_weights` resumes the
+    weights alone, the next `generate` the KV cache and CUDA graphs.
     """
 
     def __init__(self, tokenizer: "PreTrainedTokenizerBase", *, model_path: str | None = None, url: str | None = None,
-                 mem_fraction: float = 0.4, timeout_s: float = 3600.0, staging_dir: str | None = None,
-                 **engine_kwargs: Any) -> None:
+                 mem_fraction: float = 0.4, timeout_s: float = 3600.0, sync_dir: str | None = None,
+                 config_source: str | None = None, bucket_bytes: int = 512 << 20, release_memory: bool = False,
+                 is_sync_rank: bool = True, **engine_kwargs: Any) -> None:
         if (model_path is None) == (url is None):
             raise EngineError("SGLangEngine needs exactly one of model_path (in-process) or url (HTTP server)")
         self.tokenizer = tokenizer
         self.token_texts = TokenTexts(tokenizer)
         self.url = url.rstrip("/") if url else None
         self.timeout_s = timeout_s
-        self.staging_dir = staging_dir
+        self.sync_dir = sync_dir
+        self.config_source = config_source
+        self.bucket_bytes = bucket_bytes
+        self.release_memory_enabled = release_memory
+        self.is_sync_rank = is_sync_rank
+        self._released: set[str] = set()  # memory-saver tags currently released
+        self._synced_dir: Path | None = None  # the last weights directory the HTTP server loaded
+        self._sync_count = 0
         self._engine = None
         if model_path is not None:
             try:
@@ -290,7 +418,11 @@ class SGLangEngine:
             except ImportError as exc:
                 raise EngineError("rollout.engine=sglang needs SGLang: pip install 'stepsearch[sglang]' "
                                   "(or set rollout.sglang_url to a running SGLang server)") from exc
-            self._engine = sglang.Engine(model_path=model_path, mem_fraction_static=mem_fraction, **engine_kwargs)
+            if release_memory and not engine_kwargs.get("enable_memory_saver", False):
+                raise EngineError("SGLangEngine(release_memory=True) needs the engine started with "
+                                  "enable_memory_saver=True")
+            with _without_torchelastic_agent_store():
+                self._engine = sglang.Engine(model_path=model_path, mem_fraction_static=mem_fraction, **engine_kwargs)
 
     def _post(self, route: str, payload: dict) -> Any:
         request = urllib.request.Request(f"{self.url}{route}", data=json.dumps(payload).encode("utf-8"),
@@ -311,6 +443,23 @@ class SGLangEngine:
         except urllib.error.URLError as exc:
             raise EngineError(f"SGLang server {self.url}{route} failed: {exc}") from exc
 
+    # -- memory ------------------------------------------------------------------------------------------------
+
+    def release_memory(self) -> None:
+        """Free the in-process engine's GPU memory (weights, KV cache, CUDA graphs) until it is needed again."""
+        if self._engine is None or not self.release_memory_enabled or self._released:
+            return
+        self._engine.release_memory_occupation()
+        self._released = set(WEIGHT_MEMORY_TAGS + CACHE_MEMORY_TAGS)
+
+    def _resume(self, tags: list[str]) -> None:
+        wanted = [tag for tag in tags if tag in self._released]
+        if wanted:
+            self._engine.resume_memory_occupation(tags=wanted)
+            self._released.difference_update(wanted)
+
+    # -- generation --------------------------------------------------------------------------------------------
+
     def generate(self, prompts: list[list[int]], *, max_new_tokens: int, stop_strings: list[str],
                  temperature: float, top_p: float, seed: int | None = None) -> list[Generation]:
         if not prompts:
@@ -323,6 +472,7 @@ class SGLangEngine:
         if seed is not None:
             sampling_params["sampling_seed"] = seed
         if self._engine is not None:
+            self._resume(WEIGHT_MEMORY_TAGS + CACHE_MEMORY_TAGS)
             outputs = self._engine.generate(input_ids=prompts, sampling_params=sampling_params, return_logprob=True)
         else:
             outputs = self._post("/generate", {"input_ids": prompts, "sampling_params": sampling_params,
@@ -361,66 +511,132 @@ class SGLangEngine:
         else:
             self._post("/flush_cache", {})
 
+    # -- weights -----------------------------------------------------------------------------------------------
+
     def update_weights(self, weights: WeightsSource) -> None:
         if isinstance(weights, (str, os.PathLike)):
+            if self._engine is not None:
+                self._resume(WEIGHT_MEMORY_TAGS)
             self._update_from_disk(str(weights))
             return
-        named = list(weights.items() if isinstance(weights, Mapping) else weights)
-        named = [(name.removeprefix("module."), tensor) for name, tensor in named]
+        items = weights.items() if isinstance(weights, Mapping) else weights
+        named = ((name.removeprefix("module."), tensor) for name, tensor in items)
         if self._engine is not None:
-            self._engine.update_weights_from_tensor(named_tensors=named, flush_cache=True)
-            return
-        self._update_from_disk(self._stage(named))
+            self._update_in_process(named)
+        else:
+            self._update_over_http(named)
+
+    def _update_in_process(self, named: Iterator[tuple[str, torch.Tensor]]) -> None:
+        self._resume(WEIGHT_MEMORY_TAGS)
+        for bucket in bucketed(named, self.bucket_bytes):
+            success, message = reply_status(self._engine.update_weights_from_tensor(named_tensors=bucket,
+                                                                                    flush_cache=False))
+            if not success:
+                raise EngineError(f"SGLang rejected a weight update ({', '.join(n for n, _ in bucket[:3])}, ...): "
+                                  f"{message}")
+        self._engine.flush_cache()
 
     def _update_from_disk(self, path: str) -> None:
         if self._engine is not None:
-            result = self._engine.update_weights_from_disk(model_path=path)
-            success, message = result[0], result[1]
+            reply = self._engine.update_weights_from_disk(model_path=path)
         else:
             try:  # SGLang answers a failed load with HTTP 400 and {"success": false, "message": ...}
-                answer = self._post("/update_weights_from_disk", {"model_path": path, "flush_cache": True})
+                reply = self._post("/update_weights_from_disk", {"model_path": path, "flush_cache": True})
             except EngineError as exc:
                 raise EngineError(f"SGLang could not load weights from {path}: {exc}") from exc
-            success, message = answer.get("success", False), answer.get("message", "")
+        success, message = reply_status(reply)
         if not success:
             raise EngineError(f"SGLang could not load weights from {path}: {message}")
 
-    def _stage(self, named: list[tuple[str, torch.Tensor]]) -> str:
-        """Write the tensors as one safetensors file next to copies of the served model's config files."""
+    def _update_over_http(self, named: Iterator[tuple[str, torch.Tensor]]) -> None:
+        """Rank 0 stages and loads; every rank drains `named` (gathering is collective) and learns the outcome."""
+        error = None
+        if self.is_sync_rank:
+            error = self._stage_and_load(named)
+        else:
+            for _ in named:
+                pass
+        error = _collective_outcome(error)
+        if error is not None:
+            raise EngineError(error)
+
+    def _stage_and_load(self, named: Iterator[tuple[str, torch.Tensor]]) -> str | None:
+        """Write the weights into a new directory the server loads; returns the error, if any, after draining
+        `named` to the end (the other ranks are still gathering with this one)."""
         from safetensors.torch import save_file
 
-        staging = Path(self.staging_dir or tempfile.mkdtemp(prefix="stepsearch-sglang-weights-"))
-        staging.mkdir(parents=True, exist_ok=True)
-        served = Path(self._get("/model_info").get("model_path", ""))
-        if not (served / "config.json").exists():
-            raise EngineError(f"cannot stage weights for the SGLang server: its model path {served} is not readable "
-                              "here; save a checkpoint on shared storage and pass its directory to update_weights")
-        for config_file in served.iterdir():
+        root = Path(self.sync_dir) if self.sync_dir else Path(tempfile.gettempdir()) / "stepsearch-sglang-weights"
+        self._sync_count += 1
+        target = root / f"weights-{os.getpid()}-{self._sync_count:06d}"
+        error = None
+        weight_map: dict[str, str] = {}
+        total = 0
+        try:
+            target.mkdir(parents=True, exist_ok=False)
+            self._copy_config_files(target)
+        except (OSError, EngineError) as exc:
+            error = f"cannot stage weights for the SGLang server in {target}: {exc}"
+        for index, bucket in enumerate(bucketed(named, self.bucket_bytes)):
+            if error is not None:
+                continue
+            shard = f"model-{index + 1:05d}.safetensors"
+            tensors = _distinct_storages(bucket)
+            try:
+                save_file(tensors, str(target / shard))
+            except OSError as exc:
+                error = f"cannot write {target / shard} (rollout.sglang_sync_dir): {exc}"
+                continue
+            weight_map.update(dict.fromkeys(tensors, shard))
+            total += sum(t.numel() * t.element_size() for t in tensors.values())
+        if error is None:
+            index_json = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (target / "model.safetensors.index.json").write_text(json.dumps(index_json), encoding="utf-8")
+            try:
+                self._update_from_disk(str(target))
+            except EngineError as exc:
+                error = f"{exc} (rollout.sglang_sync_dir must be readable by the server)"
+        if error is not None:
+            shutil.rmtree(target, ignore_errors=True)
+            return error
+        if self._synced_dir is not None:
+            shutil.rmtree(self._synced_dir, ignore_errors=True)
+        self._synced_dir = target
+        return None
+
+    def _copy_config_files(self, target: Path) -> None:
+        """Config, generation config and tokenizer files (no weights) of `config_source`, or of the served model."""
+        source = Path(self.config_source) if self.config_source else Path(self.served_model_path())
+        if not (source / "config.json").is_file():
+            raise EngineError(f"no config.json in {source}: pass the actor's checkpoint directory as config_source "
+                              "(the served model's path is not readable here)")
+        for config_file in source.iterdir():
             if config_file.is_file() and not config_file.name.endswith((".safetensors", ".bin", ".pt", ".index.json")):
-                shutil.copy2(config_file, staging / config_file.name)
-        # Tied parameters (lm_head = embed_tokens) share storage, which safetensors refuses; the loader re-ties
-        # them from the first name, as HF checkpoints of tied models store it.
-        tensors, storages = {}, set()
-        for name, tensor in named:
-            storage = (tensor.device, tensor.untyped_storage().data_ptr())
-            if storage not in storages:
-                storages.add(storage)
-                tensors[name] = tensor.detach().to("cpu").contiguous()
-        save_file(tensors, str(staging / "model.safetensors"))
-        return str(staging)
+                shutil.copy2(config_file, target / config_file.name)
+
+    def served_model_path(self) -> str:
+        """The model path the HTTP server reports (`/get_model_info`)."""
+        return str(self._get("/get_model_info").get("model_path", ""))
 
 
 def make_engine(rollout_cfg: "RolloutConfig", model: "PreTrainedModel | None", tokenizer: "PreTrainedTokenizerBase",
-                device: torch.device | str | None = None, *, model_path: str | None = None) -> Engine:
+                device: torch.device | str | None = None, *, model_path: str | None = None, rank: int = 0,
+                local_rank: int = 0, seed: int = 0) -> Engine:
     """The engine `rollout_cfg.engine` names: `hf` wraps `model` on `device`; `sglang` connects to
-    `rollout_cfg.sglang_url` or starts an in-process engine on `model_path`."""
+    `rollout_cfg.sglang_url` (rank 0 syncs weights) or starts this rank's in-process engine on `model_path`, on
+    `device` (`in_process_engine_args`)."""
     if rollout_cfg.engine == "hf":
         if model is None:
             raise EngineError("rollout.engine=hf needs the model to wrap")
         return HFEngine(model, tokenizer, device)
+    bucket_bytes = rollout_cfg.sglang_sync_bucket_mb << 20
     if rollout_cfg.sglang_url:
-        return SGLangEngine(tokenizer, url=rollout_cfg.sglang_url)
+        return SGLangEngine(tokenizer, url=rollout_cfg.sglang_url, sync_dir=rollout_cfg.sglang_sync_dir,
+                            config_source=model_path, bucket_bytes=bucket_bytes, is_sync_rank=rank == 0)
     if model_path is None:
         raise EngineError("rollout.engine=sglang without rollout.sglang_url starts SGLang in-process, which needs a "
                           "model directory (model.actor_path); the tiny in-code model has none: use rollout.engine=hf")
-    return SGLangEngine(tokenizer, model_path=model_path, mem_fraction=rollout_cfg.sglang_mem_fraction)
+    engine_args = in_process_engine_args(rollout_cfg, model_path, device if device is not None else "cuda",
+                                         local_rank=local_rank, seed=seed)
+    mem_fraction = engine_args.pop("mem_fraction_static")
+    return SGLangEngine(tokenizer, mem_fraction=mem_fraction, bucket_bytes=bucket_bytes,
+                        release_memory=rollout_cfg.sglang_release_memory, **engine_args)

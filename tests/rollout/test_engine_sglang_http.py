@@ -1,10 +1,12 @@
 """SGLangEngine's HTTP client against a loopback server speaking SGLang's native /generate contract (request fields
 input_ids, sampling_params, return_logprob; response output_ids, meta_info.output_token_logprobs and finish_reason),
-answering with the tiny model through HFEngine, plus /model_info and /update_weights_from_disk for weight sync."""
+answering with the tiny model through HFEngine, plus /get_model_info and /update_weights_from_disk (JSON
+{"success", "message"}, HTTP 400 on failure) for weight sync."""
 from __future__ import annotations
 
 import json
 import threading
+from pathlib import Path
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -26,7 +28,7 @@ def served(tmp_path_factory):
                                          tiny_num_kv_heads=2, tiny_intermediate_size=96), tokenizer)
     model.save_pretrained(root / "served")
     backend = HFEngine(model, tokenizer, "cpu")
-    seen = {"requests": [], "loaded": []}
+    seen = {"requests": [], "loaded": [], "files": [], "refuse": None}
 
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, *args):
@@ -41,14 +43,19 @@ def served(tmp_path_factory):
             self.wfile.write(body)
 
         def do_GET(self):
-            self._reply(200, {"model_path": str(root / "served")})
+            if self.path != "/get_model_info":  # SGLang has no /model_info route
+                self._reply(404, {"detail": "Not Found"})
+                return
+            self._reply(200, {"model_path": str(root / "served"), "is_generation": True})
 
         def do_POST(self):
             payload = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             if self.path == "/update_weights_from_disk":
-                seen["loaded"].append(payload["model_path"])
-                ok = (root / "served").exists() and payload["model_path"] != "/bad"
-                self._reply(200 if ok else 400, {"success": ok, "message": "" if ok else "no such path"})
+                path = payload["model_path"]
+                seen["loaded"].append(path)
+                seen["files"].append(sorted(p.name for p in Path(path).iterdir()) if Path(path).is_dir() else [])
+                ok = (Path(path) / "config.json").is_file() and seen["refuse"] is None
+                self._reply(200 if ok else 400, {"success": ok, "message": "" if ok else seen["refuse"] or "no path"})
                 return
             seen["requests"].append(payload)
             params = payload["sampling_params"]
@@ -87,20 +94,77 @@ def test_generate_over_http_matches_the_local_engine_and_applies_the_stop_rule(s
     assert request["sampling_params"]["sampling_seed"] == 7 and request["sampling_params"]["skip_special_tokens"] is False
 
 
-def test_weight_sync_over_http_stages_safetensors_next_to_the_served_config(served, tmp_path):
+def test_weight_sync_over_http_streams_shards_into_a_new_directory_and_deletes_the_old_one(served, tmp_path):
     url, tokenizer, backend, seen, model = served
-    engine = SGLangEngine(tokenizer, url=url, staging_dir=str(tmp_path / "stage"))
-    engine.update_weights({f"module.{k}": v for k, v in model.state_dict().items()})
-    assert seen["loaded"][-1] == str(tmp_path / "stage")
+    engine = SGLangEngine(tokenizer, url=url, sync_dir=str(tmp_path / "sync"), bucket_bytes=20_000)
+    state = {f"module.{k}": v for k, v in model.state_dict().items()}
+    engine.update_weights(state)
+    first = Path(seen["loaded"][-1])
+    assert first.parent == tmp_path / "sync" and first.is_dir()
+    shards = [name for name in seen["files"][-1] if name.endswith(".safetensors")]
+    assert len(shards) > 1  # streamed in buckets, not one full copy
+    assert {"config.json", "model.safetensors.index.json"} <= set(seen["files"][-1])
+    index = json.loads((first / "model.safetensors.index.json").read_text())
     from safetensors.torch import load_file
 
-    staged = load_file(str(tmp_path / "stage" / "model.safetensors"))
-    assert set(staged) == set(model.state_dict()) - {"lm_head.weight"}  # tied to the embedding, stored once
-    assert (tmp_path / "stage" / "config.json").is_file()
-    engine.update_weights(str(tmp_path / "stage"))
-    assert seen["loaded"][-1] == str(tmp_path / "stage")
-    with pytest.raises(EngineError, match="could not load weights from /bad"):
-        engine.update_weights("/bad")
+    staged = {}
+    for shard in shards:
+        staged.update(load_file(str(first / shard)))
+    assert set(index["weight_map"]) == set(staged) and set(staged) <= set(model.state_dict())
+    for name, tensor in staged.items():
+        torch.testing.assert_close(tensor, model.state_dict()[name], rtol=0, atol=0)
+    assert set(model.state_dict()) - set(staged) <= {"lm_head.weight"}  # tied to the embedding
+
+    engine.update_weights(state)
+    second = Path(seen["loaded"][-1])
+    assert second != first and second.is_dir() and not first.exists()  # the old copy is deleted once replaced
+    engine.update_weights(str(second))
+    assert seen["loaded"][-1] == str(second)
+
+
+def test_a_refused_weight_sync_over_http_stops_with_the_servers_message(served, tmp_path):
+    url, tokenizer, backend, seen, model = served
+    engine = SGLangEngine(tokenizer, url=url, sync_dir=str(tmp_path / "sync"))
+    seen["refuse"] = "out of memory while loading"
+    try:
+        with pytest.raises(EngineError, match="out of memory while loading"):
+            engine.update_weights(model.state_dict())
+        with pytest.raises(EngineError, match="could not load weights from /bad"):
+            engine.update_weights("/bad")
+    finally:
+        seen["refuse"] = None
+    assert list((tmp_path / "sync").iterdir()) == []  # the refused copy is not left behind
+
+
+def test_config_files_come_from_config_source_when_the_served_path_is_not_readable(served, tmp_path):
+    url, tokenizer, backend, seen, model = served
+    source = tmp_path / "actor"
+    model.config.save_pretrained(source)
+    (source / "model.safetensors").write_bytes(b"not copied")
+    engine = SGLangEngine(tokenizer, url=url, sync_dir=str(tmp_path / "sync"), config_source=str(source))
+    engine.update_weights(model.named_parameters())
+    assert "config.json" in seen["files"][-1]
+    assert (Path(seen["loaded"][-1]) / "model.safetensors").exists() is False
+    assert engine.served_model_path().endswith("served")  # /get_model_info
+    bad = SGLangEngine(tokenizer, url=url, sync_dir=str(tmp_path / "sync2"), config_source=str(tmp_path / "none"))
+    with pytest.raises(EngineError, match="no config.json"):
+        bad.update_weights(model.named_parameters())
+
+
+def test_only_the_sync_rank_talks_to_the_server_but_every_rank_drains_the_gather(served, tmp_path):
+    url, tokenizer, backend, seen, model = served
+    engine = SGLangEngine(tokenizer, url=url, sync_dir=str(tmp_path / "sync"), is_sync_rank=False)
+    loads = len(seen["loaded"])
+    drained = []
+
+    def gathering():
+        for name, tensor in model.named_parameters():
+            drained.append(name)
+            yield name, tensor
+
+    engine.update_weights(gathering())
+    assert len(seen["loaded"]) == loads and not (tmp_path / "sync").exists()
+    assert drained == [name for name, _ in model.named_parameters()]
 
 
 def test_unreachable_server_is_a_clear_error(served):

@@ -19,7 +19,7 @@ with `GatheredParameters` inside forward would free the weight before backward n
 from __future__ import annotations
 
 import copy
-import importlib.util
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 
     from stepsearch.config import ModelConfig
 
+log = logging.getLogger("stepsearch.models")
+
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """`auto` = bf16 on GPU, fp32 on CPU."""
@@ -41,13 +43,38 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
 
 
+def flash_attention_2_status() -> tuple[bool, str]:
+    """Whether transformers can run `flash_attention_2` here, and why (not).
+
+    The test is FlashAttention-2's own entry point, `flash_attn.flash_attn_varlen_func`, and transformers'
+    acceptance of the installed distribution: a `flash_attn` package alone is not enough (flash-attn-4, which
+    SGLang installs, ships `flash_attn.cute` without it, and transformers would then fetch a kernel from the Hub).
+    """
+    try:
+        from flash_attn import flash_attn_func, flash_attn_varlen_func  # noqa: F401
+    except (ImportError, OSError) as exc:  # absent, FA4 only, or built against another torch (undefined symbol)
+        return False, f"no FlashAttention-2 entry point: {exc}"
+    from transformers.utils import is_flash_attn_2_available
+
+    if not is_flash_attn_2_available():
+        return False, "transformers does not accept the installed flash_attn as FlashAttention-2 (needs flash-attn>=2.3.3)"
+    return True, "flash_attn.flash_attn_varlen_func is importable and accepted by transformers"
+
+
 def resolve_attn_implementation(requested: str, device: torch.device, dtype: torch.dtype) -> str:
-    """`auto` = flash-attention 2 when installed, on a GPU, in a 16-bit dtype; SDPA otherwise."""
+    """`auto` = FlashAttention-2 when it really is installed (`flash_attention_2_status`), on a GPU, in a 16-bit
+    dtype; SDPA otherwise. The choice and its reason are logged."""
     if requested != "auto":
         return requested
-    flash_ok = (device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
-                and importlib.util.find_spec("flash_attn") is not None)
-    return "flash_attention_2" if flash_ok else "sdpa"
+    if device.type != "cuda":
+        choice, reason = "sdpa", f"device {device} is not a GPU"
+    elif dtype not in (torch.bfloat16, torch.float16):
+        choice, reason = "sdpa", f"FlashAttention-2 needs a 16-bit dtype, not {dtype}"
+    else:
+        available, reason = flash_attention_2_status()
+        choice = "flash_attention_2" if available else "sdpa"
+    log.info("model.attn_implementation=auto: %s (%s)", choice, reason)
+    return choice
 
 
 def load_tokenizer(path: str) -> "PreTrainedTokenizerBase":

@@ -455,6 +455,7 @@ class SGLangEngine:
     def _resume(self, tags: list[str]) -> None:
         wanted = [tag for tag in tags if tag in self._released]
         if wanted:
+            torch.cuda.empty_cache()  # the trainer's cached blocks would otherwise hold what SGLang takes back
             self._engine.resume_memory_occupation(tags=wanted)
             self._released.difference_update(wanted)
 

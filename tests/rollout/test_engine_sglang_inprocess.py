@@ -146,10 +146,11 @@ def test_weights_sync_in_buckets_and_a_refusal_stops_the_run(fake_sglang):
         engine.update_weights("/bad")
 
 
-def test_memory_is_released_for_training_and_resumed_weights_first(fake_sglang):
+def test_memory_is_released_for_training_and_resumed_weights_first(fake_sglang, monkeypatch):
     cfg = RolloutConfig(engine="sglang", sglang_base_port=free_base_port())
     engine = make_engine(cfg, None, FakeTokenizer(), torch.device("cuda", 0), model_path="/m")
     fake = engine._engine
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: fake.calls.append(("empty_cache",)))
     engine.generate([[3, 4]], max_new_tokens=2, stop_strings=[], temperature=1.0, top_p=1.0)
     assert [call[0] for call in fake.calls] == ["generate"]  # nothing to resume before the first release
     engine.release_memory()
@@ -158,9 +159,11 @@ def test_memory_is_released_for_training_and_resumed_weights_first(fake_sglang):
     out = engine.generate([[3, 4]], max_new_tokens=2, stop_strings=[], temperature=1.0, top_p=1.0)
     assert [call[:2] if call[0] != "update_weights_from_tensor" else call[0] for call in fake.calls[1:]] == [
         ("release_memory_occupation", None),
+        ("empty_cache",),
         ("resume_memory_occupation", ["weights"]),
         "update_weights_from_tensor",
         ("flush_cache",),
+        ("empty_cache",),
         ("resume_memory_occupation", ["kv_cache", "cuda_graph"]),
         ("generate", 1),
     ]

@@ -57,7 +57,8 @@ def flash_attention_2_status() -> tuple[bool, str]:
     from transformers.utils import is_flash_attn_2_available
 
     if not is_flash_attn_2_available():
-        return False, "transformers does not accept the installed flash_attn as FlashAttention-2 (needs flash-attn>=2.3.3)"
+        return False, ("transformers does not accept the installed flash_attn as FlashAttention-2 "
+                       "(needs flash-attn>=2.3.3)")
     return True, "flash_attn.flash_attn_varlen_func is importable and accepted by transformers"
 
 

@@ -55,7 +55,8 @@ def served(tmp_path_factory):
                 seen["loaded"].append(path)
                 seen["files"].append(sorted(p.name for p in Path(path).iterdir()) if Path(path).is_dir() else [])
                 ok = (Path(path) / "config.json").is_file() and seen["refuse"] is None
-                self._reply(200 if ok else 400, {"success": ok, "message": "" if ok else seen["refuse"] or "no path"})
+                message = "" if ok else seen["refuse"] or "no path"
+                self._reply(200 if ok else 400, {"success": ok, "message": message})
                 return
             seen["requests"].append(payload)
             params = payload["sampling_params"]

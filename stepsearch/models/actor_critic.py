@@ -18,8 +18,10 @@ with `GatheredParameters` inside forward would free the weight before backward n
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -209,23 +211,48 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
             return
 
 
-def build_critic(model_cfg: "ModelConfig", actor_lm: "PreTrainedModel", dtype: torch.dtype, attn_implementation: str,
-                 seed: int) -> Critic:
-    """The critic: `model.critic_path` (or `actor_path`) as backbone, or a copy of the in-code actor's backbone."""
-    path = model_cfg.critic_path or model_cfg.actor_path
-    if path is None:
-        backbone = copy.deepcopy(backbone_of(actor_lm))
-    else:
-        from transformers import AutoModel
+def load_backbone(path: str, dtype: torch.dtype, attn_implementation: str) -> "PreTrainedModel":
+    """The transformer body (no LM head) of a local HF checkpoint."""
+    from transformers import AutoModel
 
-        backbone = AutoModel.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation,
-                                             local_files_only=True)
-    backbone.to(dtype)
+    return AutoModel.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation, local_files_only=True)
+
+
+@contextlib.contextmanager
+def partitioned_loading(ds_config: dict | None) -> Iterator[None]:
+    """Models loaded with `from_pretrained` inside are built partitioned over the ranks, as ZeRO-3 will hold them
+    (transformers' DeepSpeed integration runs the construction under `deepspeed.zero.Init` and loads each rank's
+    shard): no full copy of a model ever lands on one GPU. Without a ZeRO-3 config it changes nothing."""
+    if not ds_config or ds_config.get("zero_optimization", {}).get("stage") != 3:
+        yield
+        return
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    hf_ds_config = HfDeepSpeedConfig(ds_config)  # transformers keeps only a weak reference: held while loading
+    try:
+        yield
+    finally:
+        del hf_ds_config
+        unset_hf_deepspeed_config()
+
+
+def build_critic(model_cfg: "ModelConfig", actor_lm: "PreTrainedModel", dtype: torch.dtype, attn_implementation: str,
+                 seed: int, initial_path: str | None = None) -> Critic:
+    """The critic: the backbone of `model.critic_path`, else `actor_path`, else `initial_path` (the initial policy
+    saved by the trainer), or else a copy of the in-code actor's backbone; a fresh value head on top."""
+    path = model_cfg.critic_path or model_cfg.actor_path or initial_path
+    if path is None:
+        backbone = copy.deepcopy(backbone_of(actor_lm)).to(dtype)
+    else:
+        backbone = load_backbone(path, dtype, attn_implementation)
     return Critic(backbone, backbone.config.hidden_size, seed=seed)
 
 
-def build_reference(actor_lm: "PreTrainedModel", chunk_size: int) -> PolicyModel:
-    """A frozen copy of the actor as it is now (before any RL update)."""
-    reference = PolicyModel(copy.deepcopy(actor_lm), chunk_size)
+def build_reference(actor_lm: "PreTrainedModel", chunk_size: int, path: str | None = None,
+                    dtype: torch.dtype | None = None, attn_implementation: str = "sdpa") -> PolicyModel:
+    """The frozen initial policy: the checkpoint at `path` loaded again (partitioned under `partitioned_loading`),
+    or a copy of `actor_lm` as it is now (before any RL update)."""
+    lm = copy.deepcopy(actor_lm) if path is None else load_causal_lm(path, dtype or torch.float32, attn_implementation)
+    reference = PolicyModel(lm, chunk_size)
     reference.requires_grad_(False)
     return reference.eval()

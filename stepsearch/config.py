@@ -198,7 +198,6 @@ class RolloutConfig:
         _at_least("rollout", self, 1, "max_information_tokens")
         _check(self.max_response_tokens >= self.max_new_tokens_per_turn,
                "rollout.max_response_tokens must be >= max_new_tokens_per_turn")
-        _check(0 < self.sglang_mem_fraction < 1, "rollout.sglang_mem_fraction must be in (0, 1)")
         _check(1024 <= self.sglang_base_port <= 65000, "rollout.sglang_base_port must be in [1024, 65000]")
         _check(self.sglang_sync_bucket_mb >= 1, "rollout.sglang_sync_bucket_mb must be >= 1")
 
@@ -307,6 +306,9 @@ class DeepSpeedConfig:
     """Keep optimiser states in CPU memory."""
     offload_params: bool = False
     """Keep parameters in CPU memory (ZeRO-3 only)."""
+    optimizer: Literal["torch", "fused"] = "torch"
+    """AdamW implementation: torch's (nothing compiled), or DeepSpeed's FusedAdam / CPU Adam (with
+    offload_optimizer), JIT-built at start-up: they need nvcc / a C++ compiler, checked before training starts."""
     config_path: str | None = None
     """A DeepSpeed JSON whose keys override the config built from ours."""
 
@@ -347,7 +349,10 @@ class TrainerConfig:
     report: bool = True
     """Write the run report (PNG plots + HTML trajectories) at the end."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    """Device for one-process runs; under DeepSpeed the local rank's GPU."""
+    """Device for one-process runs; under DeepSpeed the local rank's GPU. `cuda` without a usable CUDA device is an
+    error at start-up (never a silent CPU run); `auto` takes the GPU when there is one."""
+    dist_timeout_minutes: int = 60
+    """Process-group timeout: how long a collective may wait for a rank (index building, checkpoint writes)."""
 
     def __post_init__(self) -> None:
         _check(self.output_dir.strip() != "", "trainer.output_dir must not be empty")
@@ -360,6 +365,7 @@ class TrainerConfig:
         _at_least("trainer", self, 0, "seed", "eval_every", "eval_max_questions", "warm_start_steps")
         _positive("trainer", self, "warm_start_lr")
         _optional_text("trainer", self, "wandb_project")
+        _check(self.dist_timeout_minutes >= 1, "trainer.dist_timeout_minutes must be >= 1")
 
     @property
     def run_dir(self) -> Path:

@@ -153,6 +153,12 @@ def evaluate(engine: "Engine", retriever: "Retriever", tokenizer: "PreTrainedTok
     return EvalResult(datasets, trajectories)
 
 
+def results_from_trajectories(trajectories: Mapping[str, list[dict[str, Any]]]) -> EvalResult:
+    """An `EvalResult` from scored trajectories (`EvalResult.trajectories`), e.g. the shards of several ranks."""
+    return EvalResult({name: _summarise(name, rows) for name, rows in trajectories.items()},
+                      {name: list(rows) for name, rows in trajectories.items()})
+
+
 def _score(record: "QARecord", batch: Any, row: int, reward: TrajectoryReward) -> dict[str, Any]:
     retrieved = batch.retrieved[row]
     scored = {"id": record.id, "question": record.question, "answers": list(record.answers), "hops": record.hops,

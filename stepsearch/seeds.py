@@ -10,6 +10,7 @@ can (seed 1 at step 0 vs seed 0 at step 1). The streams of a training run:
     rollout       (step, rank)               sampling of one rank's rollout at a step
     generate      (call,)                    one engine call inside a rollout (from the rollout's seed)
     ppo_shuffle   (step, epoch, rank)        the order of the trajectories in one PPO epoch
+    rollout_engine (rank,)                   an in-process SGLang engine's own seed
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import random
 import numpy as np
 import torch
 
-STREAMS = ("process", "data_order", "rollout", "generate", "ppo_shuffle")
+STREAMS = ("process", "data_order", "rollout", "generate", "ppo_shuffle", "rollout_engine")
 
 
 def derive_seed(base: int, stream: str, *indices: int) -> int:

@@ -129,9 +129,11 @@ def rollout_stage(ctx: Context, models: Models, retriever, tokenizer, tag_table,
     models.sync_rollout_weights()
     seed = derive_seed(ctx.cfg.trainer.seed, "rollout", step, ctx.rank)
     with torch.no_grad():
-        return run_agent_loop(models.rollout, retriever, tokenizer, records, ctx.cfg.rollout,
-                              topk=ctx.cfg.retriever.topk, seed=seed, max_query_chars=ctx.cfg.retriever.max_query_chars,
-                              tag_table=tag_table)
+        rollout = run_agent_loop(models.rollout, retriever, tokenizer, records, ctx.cfg.rollout,
+                                 topk=ctx.cfg.retriever.topk, seed=seed,
+                                 max_query_chars=ctx.cfg.retriever.max_query_chars, tag_table=tag_table)
+    models.rollout.release_memory()  # SGLang's weights and KV cache make room for scoring and the update
+    return rollout
 
 
 def segment_stage(rollout, tokenizer) -> SequenceBatch:
@@ -144,6 +146,12 @@ def _micro_batches(size: int, micro: int) -> list[slice]:
     return [slice(start, min(start + micro, size)) for start in range(0, size, micro)]
 
 
+def micro_batch_rows(ctx: Context) -> int:
+    """Trajectories per forward pass on one rank, the same for scoring and the update: `ppo.micro_batch_size`,
+    at most this rank's share of a mini-batch."""
+    return min(ctx.cfg.ppo.micro_batch_size, max(ctx.cfg.ppo.mini_batch_size // ctx.world_size, 1))
+
+
 @torch.no_grad()
 def score_tokens_stage(ctx: Context, models: Models, sequences: SequenceBatch, loss_mask: torch.Tensor) -> TokenScores:
     """old_logp (actor), ref_logp (reference), values (critic) for every response token, without gradients."""
@@ -151,7 +159,7 @@ def score_tokens_stage(ctx: Context, models: Models, sequences: SequenceBatch, l
     models.actor.eval()
     models.critic.eval()
     old, ref, values = [], [], []
-    for rows in _micro_batches(len(loss_mask), ctx.cfg.ppo.micro_batch_size):
+    for rows in _micro_batches(len(loss_mask), micro_batch_rows(ctx)):
         micro = sequences.rows(rows).to(ctx.device)
         mask = loss_mask[rows].to(ctx.device)
         old.append(models.actor(micro, mask, temperature)[0])
@@ -195,7 +203,7 @@ def update_stage(ctx: Context, models: Models, experience: Experience, step: int
     update_actor = step >= ppo.critic_warmup_steps
     size = len(experience.loss_mask)
     mini = max(ppo.mini_batch_size // ctx.world_size, 1)
-    micro = min(ppo.micro_batch_size, mini)
+    micro = micro_batch_rows(ctx)
     models.actor.train()
     models.critic.train()
     skipped = 0
@@ -308,18 +316,27 @@ def train_step(run: Run) -> tuple[dict[str, float], list[dict]]:
 
 
 def evaluate_stage(run: Run, which: str) -> dict[str, float]:
-    """Greedy evaluation on the held-out files (rank 0), written to <run_dir>/eval_<which>/."""
-    from stepsearch.eval import evaluate, write_results
+    """Greedy evaluation on the held-out files, sharded over the ranks (rank r takes questions r, r + W, ...);
+    rank 0 gathers the trajectories and writes <run_dir>/eval_<which>/."""
+    from stepsearch.eval import evaluate, results_from_trajectories, write_results
 
     ctx = run.ctx
     if ctx.cfg.trainer.eval_max_questions <= 0 or not run.data.tests:
         return {}
     run.models.sync_rollout_weights()
+    shards = {name: list(records)[:ctx.cfg.trainer.eval_max_questions][ctx.rank::ctx.world_size]
+              for name, records in run.data.tests.items()}
+    result = evaluate(run.models.rollout, run.retriever, run.tokenizer, shards, ctx.cfg.rollout,
+                      ctx.cfg.retriever.topk, max_query_chars=ctx.cfg.retriever.max_query_chars,
+                      reward_cfg=ctx.cfg.reward, progress=ctx.is_main)
+    run.models.rollout.release_memory()
+    gathered = ranks.gather_objects(result.trajectories)
     flat: dict[str, float] = {}
     if ctx.is_main:
-        result = evaluate(run.models.rollout, run.retriever, run.tokenizer, run.data.tests, ctx.cfg.rollout,
-                          ctx.cfg.retriever.topk, ctx.cfg.trainer.eval_max_questions,
-                          max_query_chars=ctx.cfg.retriever.max_query_chars, reward_cfg=ctx.cfg.reward)
+        world = len(gathered)  # question i of a file sits at position i // world of rank i % world's shard
+        merged = {name: [gathered[i % world][name][i // world] for i in range(sum(len(g[name]) for g in gathered))]
+                  for name in shards}
+        result = results_from_trajectories(merged)
         write_results(result, ctx.paths.eval_dir(which))
         flat = result.metrics()
         log.info("evaluation %s: %s", which, json.dumps({k: round(v, 4) for k, v in flat.items()}))

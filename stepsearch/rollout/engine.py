@@ -55,6 +55,10 @@ class Engine(Protocol):
         """Load new policy weights: named tensors (the actor's state dict) or a saved HF checkpoint directory."""
         ...
 
+    def release_memory(self) -> None:
+        """Give the GPU memory the engine holds back to the trainer until its next call (may do nothing)."""
+        ...
+
 
 class TokenTexts:
     """Cached `decode([id])` per token id: the text the stop-string check sees."""
@@ -240,6 +244,9 @@ class HFEngine:
                                           logprobs=token_logp[row, :length].tolist(),
                                           finish_reason=stopper.reasons[row]))
         return generations
+
+    def release_memory(self) -> None:
+        """Nothing to release: the wrapped model is the trainer's own (or its copy), and generate frees its cache."""
 
     def update_weights(self, weights: WeightsSource) -> None:
         """Copy named tensors (or a saved checkpoint directory) into the wrapped model; tensors that already are

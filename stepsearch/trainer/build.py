@@ -8,15 +8,16 @@ built anywhere has the same data filter, the same models and the same resume rul
     prepare_retriever  BM25 index of the synthetic corpus (built once) or the configured index / server
     prepare_tokenizer  trained offline for the tiny model, or the checkpoint's
     drop_long_prompts  training questions whose prompt exceeds `data.max_prompt_tokens` are dropped
-    prepare_policy     the initial actor: a checkpoint, or the tiny Qwen2-shaped model + supervised warm start
-    build_models       actor / critic engines (DeepSpeed ZeRO-3 or plain AdamW), frozen reference, rollout engine
+    prepare_policy     the initial actor's directory: a checkpoint, or the tiny Qwen2-shaped model (+ warm start)
+    build_models       the rollout engine first (on a free GPU), then actor / critic engines (DeepSpeed ZeRO-3,
+                       built partitioned, or AdamW with fp32 parameters) and the frozen reference, all loaded
+                       from that directory
     resume             the last complete checkpoint (`trainer.resume=auto`) -> step, data position, RNG
 
 Files written on the way go where `stepsearch.trainer.run_dir.RunDir` says.
 """
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
@@ -30,7 +31,7 @@ from stepsearch import ops
 from stepsearch.config import Config, ConfigError, save_config
 from stepsearch.models.actor_critic import (
     PolicyModel, build_critic, build_reference, enable_gradient_checkpointing, load_causal_lm, load_tokenizer,
-    resolve_attn_implementation, resolve_dtype,
+    partitioned_loading, resolve_attn_implementation, resolve_dtype,
 )
 from stepsearch.trainer import engines, ranks
 from stepsearch.trainer.checkpoint import (
@@ -69,11 +70,9 @@ class Context:
 def setup(cfg: Config) -> Context:
     """Process group, device, seeds, run directory and the resolved config."""
     distributed = ranks.use_deepspeed(cfg.deepspeed)
-    rank, local_rank, world = ranks.init_process_group() if distributed else (0, 0, 1)
-    if cfg.trainer.device == "cuda" or (cfg.trainer.device == "auto" and torch.cuda.is_available()):
-        device = torch.device("cuda", local_rank if distributed else torch.cuda.current_device())
-    else:
-        device = torch.device("cpu")
+    device = resolve_device(cfg.trainer.device, int(os.environ.get("LOCAL_RANK", 0)) if distributed else None)
+    rank, local_rank, world = ranks.init_process_group(cfg.trainer.dist_timeout_minutes) if distributed else (0, 0, 1)
+    if device.type == "cpu":
         if distributed and "OMP_NUM_THREADS" not in os.environ:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
     if cfg.model.packing:
@@ -99,6 +98,24 @@ def setup(cfg: Config) -> Context:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s")
     return context
+
+
+def resolve_device(requested: str, local_rank: int | None) -> torch.device:
+    """`cuda`: this rank's GPU (`local_rank`, or the current one in a single process), or a `ConfigError` saying
+    why there is none; `auto`: the GPU when there is one; `cpu`. A GPU run never silently becomes a CPU run."""
+    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        reason = ("this torch is a CPU-only build" if torch.version.cuda is None else
+                  f"torch {torch.__version__} (built for CUDA {torch.version.cuda}) finds no usable GPU; check the "
+                  "driver (nvidia-smi) and CUDA_VISIBLE_DEVICES")
+        raise ConfigError(f"trainer.device=cuda, but {reason}")
+    if local_rank is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    if local_rank >= torch.cuda.device_count():
+        raise ConfigError(f"trainer.device=cuda: local rank {local_rank} has no GPU ({torch.cuda.device_count()} "
+                          "visible)")
+    return torch.device("cuda", local_rank)
 
 
 @dataclass
@@ -131,13 +148,34 @@ def prepare_data(ctx: Context) -> Data:
 
 
 def prepare_retriever(ctx: Context, data: Data):
+    """The configured retriever; an index to build is built by rank 0 while the others wait (under
+    `trainer.dist_timeout_minutes`), then loaded by every rank."""
     from stepsearch.retrieval.factory import make_retriever
 
+    _refuse_a_dense_index_per_gpu_rank(ctx)
     index_home = ctx.paths.world
     if ctx.is_main:
         make_retriever(ctx.cfg.retriever, data.corpus_path, index_home)
     ctx.barrier()
     return make_retriever(ctx.cfg.retriever, data.corpus_path, index_home)
+
+
+def _refuse_a_dense_index_per_gpu_rank(ctx: Context) -> None:
+    """A local FAISS index in a multi-rank GPU run would be loaded by every rank and sharded over all of the node's
+    GPUs by each: one copy per rank on every GPU. One retrieval server per node holds it once."""
+    cfg = ctx.cfg.retriever
+    if cfg.url or ctx.world_size == 1 or ctx.device.type != "cuda":
+        return
+    if cfg.index_dir:
+        from stepsearch.retrieval.index import read_index_meta
+
+        dense = read_index_meta(cfg.index_dir).get("method") == "dense"
+    else:
+        dense = cfg.method == "dense"
+    if dense:
+        raise ConfigError(f"retriever: a local dense index in a run of {ctx.world_size} GPU ranks would be loaded "
+                          "once per rank and GPU; serve it once per node (`stepsearch retriever serve --index DIR`) "
+                          "and set retriever.url")
 
 
 def prepare_tokenizer(ctx: Context, data: Data):
@@ -183,38 +221,41 @@ def _read_jsonl(path: Path) -> list[dict]:
         return [json.loads(line) for line in handle if line.strip()]
 
 
-def prepare_policy(ctx: Context, data: Data, retriever, tokenizer):
-    """The initial actor (before RL): a local checkpoint, or the tiny model warm-started on gold trajectories.
+def prepare_policy(ctx: Context, data: Data, retriever, tokenizer) -> str:
+    """The directory of the initial actor (before RL): a local checkpoint, or the tiny model (warm-started on gold
+    trajectories when `trainer.warm_start_steps` > 0) saved once by rank 0.
 
-    The warm start runs once (rank 0) and is saved to <run_dir>/warm_start, which every rank (and a resumed run)
-    then loads, so the reference model is always this same initial policy.
+    Every model of the run (rollout copy, actor, reference, critic backbone) is loaded from this directory, so
+    under ZeRO-3 each is built partitioned, and the reference is always this same initial policy (a resumed run
+    too). The tiny model goes to `RunDir.warm_start`, or `RunDir.initial_policy` without a warm start.
     """
     cfg = ctx.cfg
-    dtype = resolve_dtype(cfg.model.dtype, ctx.device)
-    attn = resolve_attn_implementation(cfg.model.attn_implementation, ctx.device, dtype)
     if cfg.model.actor_path is not None:
-        return load_causal_lm(cfg.model.actor_path, dtype, attn)
+        return cfg.model.actor_path
     from stepsearch.models.tiny import build_tiny_model
 
-    warm_dir = ctx.paths.warm_start
-    if cfg.trainer.warm_start_steps <= 0:
-        return build_tiny_model(cfg.model, tokenizer, seed=cfg.trainer.seed).to(dtype)
-    if ctx.is_main and not (warm_dir / "config.json").is_file():
-        from stepsearch.trainer.warm_start import render_gold_examples, supervised_warm_start
+    warm = cfg.trainer.warm_start_steps > 0
+    policy_dir = ctx.paths.warm_start if warm else ctx.paths.initial_policy
+    if ctx.is_main and not (policy_dir / "config.json").is_file():
+        model = build_tiny_model(cfg.model, tokenizer, seed=cfg.trainer.seed)
+        staging = policy_dir.with_name(policy_dir.name + ".tmp")
+        if warm:
+            from stepsearch.trainer.warm_start import render_gold_examples, supervised_warm_start
 
-        model = build_tiny_model(cfg.model, tokenizer, seed=cfg.trainer.seed).to(ctx.device)
-        examples = render_gold_examples(data.train, tokenizer, retriever, cfg.rollout, cfg.retriever.topk,
-                                        seed=cfg.trainer.seed)
-        losses = supervised_warm_start(model, examples, tokenizer.pad_token_id, steps=cfg.trainer.warm_start_steps,
-                                       lr=cfg.trainer.warm_start_lr, seed=cfg.trainer.seed)
-        log.info("warm start: %d gold trajectories, loss %.3f -> %.3f", len(examples), losses[0], losses[-1])
-        staging = warm_dir.with_name("warm_start.tmp")
+            model.to(ctx.device)
+            examples = render_gold_examples(data.train, tokenizer, retriever, cfg.rollout, cfg.retriever.topk,
+                                            seed=cfg.trainer.seed)
+            losses = supervised_warm_start(model, examples, tokenizer.pad_token_id,
+                                           steps=cfg.trainer.warm_start_steps, lr=cfg.trainer.warm_start_lr,
+                                           seed=cfg.trainer.seed)
+            log.info("warm start: %d gold trajectories, loss %.3f -> %.3f", len(examples), losses[0], losses[-1])
+            staging.mkdir(parents=True, exist_ok=True)
+            (staging / "losses.json").write_text(json.dumps(losses), encoding="utf-8")
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        (staging / "losses.json").write_text(json.dumps(losses), encoding="utf-8")
-        os.replace(staging, warm_dir)
+        os.replace(staging, policy_dir)
     ctx.barrier()
-    return load_causal_lm(str(warm_dir), dtype, attn)
+    return str(policy_dir)
 
 
 @dataclass
@@ -243,43 +284,65 @@ class Models:
             self.rollout.update_weights(engines.gathered_named_parameters(self.actor.module.lm))
 
 
-def build_models(ctx: Context, actor_lm, tokenizer) -> Models:
-    """Actor / critic training engines, the frozen reference and the rollout engine."""
+def build_models(ctx: Context, policy_dir: str, tokenizer) -> Models:
+    """The rollout engine, then the actor / critic training engines and the frozen reference, all from `policy_dir`.
+
+    An SGLang engine starts first, on a GPU that holds nothing yet: it sizes its KV cache from the memory free
+    when it starts. Under DeepSpeed ZeRO-3 every model is then built partitioned (`partitioned_loading`), never as
+    a full copy on one GPU; the HF engine (CPU, tests) generates with its own full copy there. In one process the
+    actor is the HF engine's model, and `LocalTrainEngine` trains 16-bit models with fp32 parameters.
+    """
     from stepsearch.rollout.engine import make_engine
 
-    cfg = ctx.cfg
+    cfg, ppo = ctx.cfg, ctx.cfg.ppo
     dtype = resolve_dtype(cfg.model.dtype, ctx.device)
     attn = resolve_attn_implementation(cfg.model.attn_implementation, ctx.device, dtype)
-    actor_lm.to(ctx.device)
-    reference = build_reference(actor_lm, cfg.kernels.logprob_chunk_size)
-    critic = build_critic(cfg.model, actor_lm, dtype, attn, seed=cfg.trainer.seed).to(ctx.device)
-    actor = PolicyModel(actor_lm, cfg.kernels.logprob_chunk_size)
-    if cfg.model.gradient_checkpointing:
-        enable_gradient_checkpointing(actor)
-        enable_gradient_checkpointing(critic)
-    ppo = cfg.ppo
+    chunk = cfg.kernels.logprob_chunk_size
+    rollout = None
+    if cfg.rollout.engine != "hf":
+        rollout = make_engine(cfg.rollout, None, tokenizer, ctx.device, model_path=policy_dir, rank=ctx.rank,
+                              local_rank=ctx.local_rank, seed=derive_seed(cfg.trainer.seed, "rollout_engine", ctx.rank))
+
+    def load_models() -> tuple[PolicyModel, PolicyModel, Any]:
+        actor = PolicyModel(load_causal_lm(policy_dir, dtype, attn), chunk)
+        reference = build_reference(None, chunk, path=policy_dir, dtype=dtype, attn_implementation=attn)
+        critic = build_critic(cfg.model, None, dtype, attn, seed=cfg.trainer.seed, initial_path=policy_dir)
+        if cfg.model.gradient_checkpointing:
+            enable_gradient_checkpointing(actor)
+            enable_gradient_checkpointing(critic)
+        return actor, reference, critic
+
     if not ctx.distributed:
-        rollout = make_engine(cfg.rollout, actor_lm, tokenizer, ctx.device, model_path=cfg.model.actor_path)
+        actor, reference, critic = (model.to(ctx.device) for model in load_models())
+        if rollout is None:
+            rollout = make_engine(cfg.rollout, actor.lm, tokenizer, ctx.device)
         return Models(
             engines.LocalTrainEngine(actor, ppo.actor_lr, ppo.weight_decay, ppo.warmup_steps, ppo.grad_clip),
             engines.LocalTrainEngine(critic, ppo.critic_lr, ppo.weight_decay, ppo.warmup_steps, ppo.grad_clip),
-            reference.to(ctx.device), rollout, actor_lm, separate_rollout_weights=cfg.rollout.engine != "hf")
+            reference, rollout, actor.lm, separate_rollout_weights=cfg.rollout.engine != "hf")
     # Under ZeRO-3 the actor's parameters are partitioned: the rollout engine generates with its own full copy,
     # refreshed from the gathered actor before every rollout.
-    rollout_lm = copy.deepcopy(actor_lm).eval() if cfg.rollout.engine == "hf" else None
-    rollout = make_engine(cfg.rollout, rollout_lm, tokenizer, ctx.device, model_path=cfg.model.actor_path)
+    rollout_lm = None
+    if rollout is None:
+        rollout_lm = load_causal_lm(policy_dir, dtype, attn).to(ctx.device).eval()
+        rollout = make_engine(cfg.rollout, rollout_lm, tokenizer, ctx.device)
     on_gpu = ctx.device.type == "cuda"
-    if cfg.deepspeed.zero_stage == 3:
-        actor.register_lm_head_for_zero3()
-        reference.register_lm_head_for_zero3()
+    engines.check_optimizer(cfg.deepspeed, on_gpu)
 
     def ds_config(lr: float, train: bool) -> dict:
         return engines.deepspeed_config(cfg, lr=lr, train=train, on_gpu=on_gpu, dp_size=ctx.world_size)
 
+    actor_config, critic_config, reference_config = (ds_config(ppo.actor_lr, True), ds_config(ppo.critic_lr, True),
+                                                     ds_config(ppo.actor_lr, False))
+    with partitioned_loading(actor_config):
+        actor, reference, critic = load_models()
+    if cfg.deepspeed.zero_stage == 3:
+        actor.register_lm_head_for_zero3()
+        reference.register_lm_head_for_zero3()
     return Models(
-        engines.DeepSpeedTrainEngine(actor, ds_config(ppo.actor_lr, True), ppo.warmup_steps),
-        engines.DeepSpeedTrainEngine(critic, ds_config(ppo.critic_lr, True), ppo.warmup_steps),
-        engines.DeepSpeedInferenceEngine(reference, ds_config(ppo.actor_lr, False)),
+        engines.DeepSpeedTrainEngine(actor, actor_config, ppo.warmup_steps),
+        engines.DeepSpeedTrainEngine(critic, critic_config, ppo.warmup_steps),
+        engines.DeepSpeedInferenceEngine(reference, reference_config),
         rollout, rollout_lm, separate_rollout_weights=True)
 
 
@@ -355,8 +418,8 @@ def build_run(cfg: Config) -> Run:
     retriever = prepare_retriever(ctx, data)
     tokenizer = prepare_tokenizer(ctx, data)
     data = drop_long_prompts(ctx, data, tokenizer)
-    actor_lm = prepare_policy(ctx, data, retriever, tokenizer)
-    models = build_models(ctx, actor_lm, tokenizer)
+    policy_dir = prepare_policy(ctx, data, retriever, tokenizer)
+    models = build_models(ctx, policy_dir, tokenizer)
     state = resume(ctx, models)
     cursor = DataCursor(data.train, cfg.data.shuffle_seed, ctx.rank, ctx.world_size)
     return Run(ctx, data, retriever, tokenizer, models, state, cursor, agent_tag_table(tokenizer))

@@ -39,6 +39,15 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def gather_objects(obj: object) -> list:
+    """Every rank's `obj` (picklable), in rank order, on every rank; `[obj]` in one process."""
+    if world_size() == 1:
+        return [obj]
+    gathered: list = [None] * world_size()
+    torch.distributed.all_gather_object(gathered, obj)
+    return gathered
+
+
 def use_deepspeed(ds_cfg: "DeepSpeedConfig") -> bool:
     """`on`, or `auto` under a launcher (WORLD_SIZE is set by deepspeed/torchrun)."""
     if ds_cfg.enabled == "on":
@@ -46,13 +55,16 @@ def use_deepspeed(ds_cfg: "DeepSpeedConfig") -> bool:
     return ds_cfg.enabled == "auto" and "WORLD_SIZE" in os.environ
 
 
-def init_process_group() -> tuple[int, int, int]:
-    """Start the process group (NCCL on GPUs, gloo on CPU); returns (rank, local_rank, world_size)."""
+def init_process_group(timeout_minutes: int = 60) -> tuple[int, int, int]:
+    """Start the process group (NCCL on GPUs, gloo on CPU) with a `timeout_minutes` limit on every collective;
+    returns (rank, local_rank, world_size)."""
+    import datetime
+
     import deepspeed
 
     if not is_distributed():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        deepspeed.init_distributed(dist_backend=backend)
+        deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)

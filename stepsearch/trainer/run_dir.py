@@ -9,6 +9,7 @@
         world/               the synthetic world and its index (the tiny default)
         tokenizer/           the tokenizer trained for the tiny model
         warm_start/          the warm-started initial policy (HF checkpoint)
+        initial_policy/      the tiny model's initial policy when there is no warm start (HF checkpoint)
         eval_<which>/        results.json (+ results.md, trajectories/) of an evaluation         `read_eval`
         final/               the trained actor (HF checkpoint)
         report/              index.html and metrics.png (`stepsearch.trainer.report`)
@@ -67,6 +68,10 @@ class RunDir:
     @property
     def warm_start(self) -> Path:
         return self.root / "warm_start"
+
+    @property
+    def initial_policy(self) -> Path:
+        return self.root / "initial_policy"
 
     @property
     def final(self) -> Path:

@@ -249,3 +249,28 @@ def test_evaluation_is_sharded_over_ranks_and_merged_in_file_order(tmp_path, toy
     lines = (Path(tmp_path) / "eval_before" / "trajectories" / "hotpot.jsonl").read_text().splitlines()
     assert [json.loads(line)["id"] for line in lines] == ["q0", "q1", "q2", "q3", "q4"]
     assert metrics["eval/hotpot/em"] == pytest.approx(3 / 5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# on a GPU (benchmarks/gpu_check.sh runs these)
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_on_a_gpu_the_automatic_attention_loads_and_one_process_bf16_training_moves(policy_dir):
+    directory, _ = policy_dir
+    device = build.resolve_device("cuda", None)
+    attn = actor_critic.resolve_attn_implementation("auto", device, torch.bfloat16)
+    lm = actor_critic.load_causal_lm(str(directory), torch.bfloat16, attn).to(device)
+    policy = actor_critic.PolicyModel(lm, chunk_size=64)
+    engine = LocalTrainEngine(policy, lr=1e-7, weight_decay=0.0, warmup_steps=0, grad_clip=1.0)
+    sequences = actor_critic.build_sequences([[5, 6, 7]] * 4, torch.full((4, 5), 9), torch.ones(4, 5), 0).to(device)
+    mask = torch.ones(4, 5, device=device)
+    before = [p.detach().clone() for p in policy.parameters()]
+    logp, _ = engine(sequences, mask)
+    engine.backward(-(logp * mask).sum() / mask.sum())
+    engine.step()
+    assert torch.isfinite(logp).all() and all(p.dtype == torch.float32 for p in policy.parameters())
+    assert sum(int((p.detach() != b).sum()) for p, b in zip(policy.parameters(), before)) > 0

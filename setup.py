@@ -25,7 +25,7 @@ packages = find_packages(include=["stepsearch", "stepsearch.*"]) + ["stepsearch.
 setup(
     packages=packages,
     package_dir={"stepsearch.kernels": "kernels"},
-    package_data={"stepsearch": ["data/prompts/*.txt", "configs/*.yaml"]},
+    package_data={"stepsearch": ["data/prompts/*.txt"]},
     ext_modules=ext_modules,
     cmdclass={"build_ext": build_ext},
 )

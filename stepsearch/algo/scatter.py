@@ -1,6 +1,6 @@
 """Token placement of the StePPO rewards: step scores, outcome score and KL penalty -> `token_rewards` (B, T).
 
-For each sequence b (DESIGN.md, "Token placement"):
+For each sequence b (docs/design.md, "Semantics": token placement):
 
     token_rewards[b, t] = sum_s step_scores[b, s] * [step_ends[b, s] == t]        step reward on the step's end token
                         + outcome[b] * [t == last t' with loss_mask[b, t'] != 0]    outcome on the last response token

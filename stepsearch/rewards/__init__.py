@@ -1,5 +1,5 @@
-"""Rewards of StePPO (DESIGN.md, "Semantics"): answer metrics, outcome reward, search-key reward, step reward, and
-`score_rollout`, the one function that assembles them for a rollout batch (training, evaluation, report).
+"""Rewards of StePPO (docs/design.md, "Semantics"): answer metrics, outcome reward, search-key reward, step reward,
+and `score_rollout`, the one function that assembles them for a rollout batch (training, evaluation, report).
 
 Imports only the standard library, numpy and torch.
 

@@ -1,4 +1,4 @@
-"""Answer metrics (DESIGN.md, "Semantics": answer metrics): SQuAD normalisation, exact match and token F1.
+"""Answer metrics (docs/design.md, "Semantics": answer metrics): SQuAD normalisation, exact match and token F1.
 
 Normalisation is SQuAD's: lower-case, delete ASCII punctuation (`string.punctuation`, without inserting a space:
 "U.S." -> "us"), drop the words a/an/the, collapse whitespace. EM and token F1 are the SQuAD v1.1 definitions,

@@ -17,7 +17,8 @@ Each StePPO step (`train_step`); every stage is a function that returns what the
     advantages       ops.scatter_rewards_and_gae (KL penalty included), whitening            -> Advantages
     update           PPO epochs x mini-batches x micro-batches through ops.ppo_loss over the Experience; a
                      non-finite loss skips the mini-batch's update with a logged reason
-    metrics          one device-to-host transfer per step -> metrics.jsonl / TensorBoard / wandb
+    metrics          one device-to-host transfer per step -> metrics.jsonl / TensorBoard / wandb (among them
+                     rollout/logp_mismatch: mean |rollout engine log-prob - old_logp| over generated tokens)
 
 End: evaluation before and after (greedy, held-out questions), the final HF checkpoint, the run report.
 
@@ -290,6 +291,9 @@ def train_step(run: Run) -> tuple[dict[str, float], list[dict]]:
     generated = rollout.loss_mask.sum().item()
     metrics.update({
         "kl": ((scores.old_logp - scores.ref_logp) * mask).sum() / tokens,
+        # ~0 when the rollout engine samples from the actor's own distribution; a stale weight sync, another
+        # numeric precision (SGLang's kernels) or another temperature shows up here first
+        "rollout/logp_mismatch": ((rollout.rollout_logp.to(ctx.device) - scores.old_logp).abs() * mask).sum() / tokens,
         "value/explained_variance": ops.explained_variance(scores.values, advantages.returns, mask),
         "value/mean": (scores.values * mask).sum() / tokens,
         "reward/token_reward_sum": (advantages.token_rewards * mask).sum(dim=1).mean(),
@@ -389,7 +393,8 @@ def train(cfg: Config) -> Path:
         if bar is not None:
             bar.update(1)
             bar.set_postfix({k.split("/")[-1]: f"{row.get(k) or 0:.3f}" for k in ("reward/outcome", "reward/f1", "kl")})
-        if (cfg.trainer.save_every and state.step % cfg.trainer.save_every == 0) or state.step == cfg.trainer.total_steps:
+        last = state.step == cfg.trainer.total_steps
+        if (cfg.trainer.save_every and state.step % cfg.trainer.save_every == 0) or last:
             build.save(ctx, run.models, state)
     if bar is not None:
         bar.close()

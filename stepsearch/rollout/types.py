@@ -1,4 +1,4 @@
-"""The typed output of a rollout: what the agent loop hands to the trainer (DESIGN.md, "Data flow").
+"""The typed output of a rollout: what the agent loop hands to the trainer (docs/design.md, "Data flow").
 
 Shapes: B trajectories, T response tokens (right-padded), S search steps (-1 padded), K documents per search.
 Index t in the response tensors is the t-th token after the prompt; the prompt itself is kept ragged in
@@ -40,6 +40,7 @@ class RolloutBatch:
       step_ends     (B, S) long   response index of the token closing each `</search>` that received an
                                   `<information>` block, in round order; -1 padded
       rollout_logp  (B, T) fp32   engine log-probs of the sampled tokens at the sampling temperature; 0 off loss_mask
+                                  (the trainer logs their distance to the actor's old_logp: rollout/logp_mismatch)
     loss_mask, step_ends, queries, answers and valid_format come from one segmentation of the token ids by the
     segmenter (`stepsearch.rollout.segmenter`, span rule with `inserted_spans`).
     Per trajectory and step s (one per `step_ends` entry): `queries[b][s]` the query, `retrieved[b][s]` its K

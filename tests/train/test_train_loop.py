@@ -28,7 +28,8 @@ def run_step(run):
 
 
 def trainable(models):
-    return {f"{role}.{name}": p.detach().clone() for role, engine in (("actor", models.actor), ("critic", models.critic))
+    engines = (("actor", models.actor), ("critic", models.critic))
+    return {f"{role}.{name}": p.detach().clone() for role, engine in engines
             for name, p in engine.module.named_parameters() if p.requires_grad}
 
 
@@ -51,6 +52,8 @@ def test_every_trainable_parameter_moves_and_metrics_are_finite(tmp_path, toy_co
                 "throughput/tokens_per_s", "time/rollout_s", "time/update_s"):
         assert row[key] is not None and math.isfinite(row[key]), key
     assert row["update/skipped"] == 0
+    # one process: the HF rollout engine samples from the actor itself, so its log-probs are the actor's
+    assert 0 <= row["rollout/logp_mismatch"] < 1e-4, row["rollout/logp_mismatch"]
     assert len(details) == 8 and {"gains", "penalties", "step_scores", "outcome"} <= set(details[0])
 
 

@@ -28,10 +28,10 @@ import sys
 import time
 from pathlib import Path
 
+import bench_common
 import torch
 from tqdm import tqdm
 
-import bench_common
 from stepsearch.algo.gae import gae_python_loop
 from stepsearch.algo.gae import scatter_rewards_and_gae as twin_scatter_rewards_and_gae
 from stepsearch.algo.scatter import scatter_rewards

@@ -26,10 +26,10 @@ import sys
 import time
 from pathlib import Path
 
+import bench_common
 import torch
 from tqdm import tqdm
 
-import bench_common
 from stepsearch.algo.logprob import logprob_entropy as twin_logprob_entropy
 from stepsearch.algo.logprob import logprob_entropy_materialized
 

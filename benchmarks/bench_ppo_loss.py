@@ -27,10 +27,10 @@ import sys
 import time
 from pathlib import Path
 
+import bench_common
 import torch
 from tqdm import tqdm
 
-import bench_common
 from stepsearch.algo.ppo_loss import ppo_loss as twin_ppo_loss
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"

@@ -38,9 +38,9 @@ from stepsearch.retrieval.corpus import load_corpus
 from stepsearch.retrieval.index import build_index
 from stepsearch.retrieval.local import LocalRetriever
 from stepsearch.rollout.agent_loop import run_agent_loop
-from stepsearch.rollout.render import INFORMATION_PREFIX, INFORMATION_SUFFIX, format_documents
 from stepsearch.rollout.engine import HFEngine, SGLangEngine
 from stepsearch.rollout.prompts import render_instruction
+from stepsearch.rollout.render import INFORMATION_PREFIX, INFORMATION_SUFFIX, format_documents
 
 RESULTS_PATH = Path(__file__).resolve().parent / "results" / "rollout.csv"
 
@@ -48,7 +48,8 @@ RESULTS_PATH = Path(__file__).resolve().parent / "results" / "rollout.csv"
 def _parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small CPU run, seconds")
-    parser.add_argument("--batch-sizes", default=None, help="comma-separated questions per rollout (default 8,32; quick 8)")
+    parser.add_argument("--batch-sizes", default=None,
+                        help="comma-separated questions per rollout (default 8,32; quick 8)")
     parser.add_argument("--fit-steps", type=int, default=None, help="warm-start steps (default 80; quick 30)")
     parser.add_argument("--repeats", type=int, default=None, help="timed rollouts per batch size (default 3; quick 2)")
     parser.add_argument("--engine", choices=["hf", "sglang"], default="hf")
@@ -73,7 +74,8 @@ def _retokenize_seconds(batch, tokenizer) -> float:
     for row in range(len(batch)):
         length = int(batch.response_mask[row].sum())
         ids = batch.prompt_ids[row] + batch.response_ids[row, :length].tolist()
-        turn_ends = [int(e) + len(batch.prompt_ids[row]) for e in batch.step_ends[row].tolist() if e >= 0] + [len(ids) - 1]
+        prompt_length = len(batch.prompt_ids[row])
+        turn_ends = [int(e) + prompt_length for e in batch.step_ends[row].tolist() if e >= 0] + [len(ids) - 1]
         for end in turn_ends:
             tokenizer.encode(tokenizer.decode(ids[: end + 1]), add_special_tokens=False)
     return time.perf_counter() - start
@@ -145,7 +147,8 @@ def main(argv=None) -> int:
         table.append((batch_size, metrics))
 
     print(f"\nrollout benchmark on {device_name}, engine={args.engine}, median of {repeats}")
-    header = f"{'B':>4} {'traj/s':>8} {'gen tok/s':>10} {'searches':>9} {'gen %':>6} {'retr %':>7} {'book %':>7} {'peer/ours':>10}"
+    header = (f"{'B':>4} {'traj/s':>8} {'gen tok/s':>10} {'searches':>9} {'gen %':>6} {'retr %':>7} {'book %':>7} "
+              f"{'peer/ours':>10}")
     print(header)
     for batch_size, m in table:
         print(f"{batch_size:>4} {m['trajectories_per_s']:>8.2f} {m['generated_tokens_per_s']:>10.1f} "

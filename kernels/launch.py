@@ -9,6 +9,7 @@
 - `LOG_RATIO_CLAMP`, `K3_CLAMP`: the clamps of `stepsearch.algo.kl` as Triton compile-time constants, so kernels
   and twins cannot disagree on them.
 """
+
 from __future__ import annotations
 
 import os
@@ -38,8 +39,9 @@ def num_sms(device: torch.device) -> int:
     return _DEFAULT_NUM_SMS
 
 
-def launch_plan(batch: int, length: int, device: torch.device, *, max_block: int,
-                programs_per_sm: int) -> tuple[int, int]:
+def launch_plan(
+    batch: int, length: int, device: torch.device, *, max_block: int, programs_per_sm: int
+) -> tuple[int, int]:
     """(BLOCK, chunk_len): tiles of at most `max_block` tokens, and at most enough chunks per row (whole tiles each)
     for about `programs_per_sm` x SMs (chunk, row) programs in all; one chunk per row when the rows fill the GPU."""
     block = min(max_block, max(16, triton.next_power_of_2(length)))

@@ -21,7 +21,6 @@ from typing import Any, Literal
 
 import yaml
 
-
 from stepsearch.errors import UserError
 
 
@@ -85,8 +84,10 @@ class ModelConfig:
         _optional_text("model", self, "actor_path", "critic_path", "tokenizer_path")
         _at_least("model", self, 1, "tiny_hidden_size", "tiny_num_layers", "tiny_num_heads", "tiny_num_kv_heads",
                   "tiny_intermediate_size")
-        _check(self.tiny_hidden_size % self.tiny_num_heads == 0, "model.tiny_hidden_size must be a multiple of tiny_num_heads")
-        _check(self.tiny_num_heads % self.tiny_num_kv_heads == 0, "model.tiny_num_heads must be a multiple of tiny_num_kv_heads")
+        _check(self.tiny_hidden_size % self.tiny_num_heads == 0,
+               "model.tiny_hidden_size must be a multiple of tiny_num_heads")
+        _check(self.tiny_num_heads % self.tiny_num_kv_heads == 0,
+               "model.tiny_num_heads must be a multiple of tiny_num_kv_heads")
         _check((self.tiny_hidden_size // self.tiny_num_heads) % 2 == 0,
                "model.tiny_hidden_size / tiny_num_heads (the head size) must be even for rotary position embeddings")
         _check(self.tiny_vocab_size >= 300, "model.tiny_vocab_size must be >= 300 (256 bytes + special tokens)")
@@ -278,7 +279,8 @@ class PPOConfig:
                   "critic_warmup_steps")
         _positive("ppo", self, "value_clip", "grad_clip")
         _check(self.mini_batch_size % self.micro_batch_size == 0,
-               f"ppo.mini_batch_size ({self.mini_batch_size}) must be a multiple of micro_batch_size ({self.micro_batch_size})")
+               f"ppo.mini_batch_size ({self.mini_batch_size}) must be a multiple of micro_batch_size "
+               f"({self.micro_batch_size})")
         _check(0 <= self.gamma <= 1 and 0 <= self.lam <= 1, "ppo.gamma and ppo.lam must be in [0, 1]")
         _check(self.clip_ratio > 0, "ppo.clip_ratio must be positive")
         _check(self.dual_clip is None or self.dual_clip > 1, "ppo.dual_clip must be > 1 (or null)")
@@ -427,11 +429,13 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
                 value = float(value)
             except ValueError:
                 pass
-        _check(isinstance(value, (int, float)) and not isinstance(value, bool), f"{where}: expected a number, got {value!r}")
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool),
+               f"{where}: expected a number, got {value!r}")
         _check(math.isfinite(value), f"{where}: expected a finite number, got {value!r}")
         return float(value)
     if annotation is str:
-        _check(isinstance(value, (str, int, float)) and not isinstance(value, bool), f"{where}: expected a string, got {value!r}")
+        _check(isinstance(value, (str, int, float)) and not isinstance(value, bool),
+               f"{where}: expected a string, got {value!r}")
         return str(value)
     raise ConfigError(f"{where}: unsupported type {annotation}")
 

@@ -185,7 +185,8 @@ def _summarise(name: str, rows: list[dict[str, Any]]) -> DatasetResult:
     for row in rows:
         if row["hops"] is not None:
             by_hops[int(row["hops"])].append(row)
-    per_hop = {hops: {"n": float(len(group)), "em": mean([r["em"] for r in group]), "f1": mean([r["f1"] for r in group])}
+    per_hop = {hops: {"n": float(len(group)), "em": mean([r["em"] for r in group]),
+                      "f1": mean([r["f1"] for r in group])}
                for hops, group in sorted(by_hops.items())}
     return DatasetResult(
         name=name, num_questions=count, em=mean([r["em"] for r in rows]), f1=mean([r["f1"] for r in rows]),
@@ -274,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     model_dir = Path(args.model)
     if not (model_dir / "config.json").is_file():
-        print(f"stepsearch eval: --model {model_dir} is not an HF checkpoint directory (no config.json)", file=sys.stderr)
+        print(f"stepsearch eval: --model {model_dir} is not an HF checkpoint directory (no config.json)",
+              file=sys.stderr)
         return 2
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))

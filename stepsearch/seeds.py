@@ -12,6 +12,7 @@ can (seed 1 at step 0 vs seed 0 at step 1). The streams of a training run:
     ppo_shuffle   (step, epoch, rank)        the order of the trajectories in one PPO epoch
     rollout_engine (rank,)                   an in-process SGLang engine's own seed
 """
+
 from __future__ import annotations
 
 import hashlib

@@ -11,6 +11,7 @@ start, evaluation, checkpoints, report) as overrides.
 launched test and ate its hang guard; this fixture builds (or finds cached) the op once per test session, before
 any DeepSpeed launch, so the launches only load it.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -26,13 +27,25 @@ from stepsearch.config import Config, load_config
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TOY_PRESET = "configs/tiny_cpu.yaml"
 TOY_OVERRIDES = (
-    "model.tiny_hidden_size=32", "model.tiny_num_layers=1", "model.tiny_num_heads=2", "model.tiny_num_kv_heads=1",
-    "model.tiny_intermediate_size=48", "model.tiny_vocab_size=400",
-    "data.synth_num_train=24", "data.synth_num_test=4", "data.max_prompt_tokens=1024",
-    "rollout.max_turns=2", "rollout.samples_per_prompt=2", "rollout.max_new_tokens_per_turn=12",
-    "rollout.max_information_tokens=24", "rollout.max_response_tokens=64",
-    "ppo.rollout_batch_size=4", "ppo.mini_batch_size=4", "ppo.micro_batch_size=2",
-    "trainer.tensorboard=false", "trainer.device=cpu",
+    "model.tiny_hidden_size=32",
+    "model.tiny_num_layers=1",
+    "model.tiny_num_heads=2",
+    "model.tiny_num_kv_heads=1",
+    "model.tiny_intermediate_size=48",
+    "model.tiny_vocab_size=400",
+    "data.synth_num_train=24",
+    "data.synth_num_test=4",
+    "data.max_prompt_tokens=1024",
+    "rollout.max_turns=2",
+    "rollout.samples_per_prompt=2",
+    "rollout.max_new_tokens_per_turn=12",
+    "rollout.max_information_tokens=24",
+    "rollout.max_response_tokens=64",
+    "ppo.rollout_batch_size=4",
+    "ppo.mini_batch_size=4",
+    "ppo.micro_batch_size=2",
+    "trainer.tensorboard=false",
+    "trainer.device=cpu",
 )
 BUILD_HANG_GUARD_S = 900  # a cold C++ compile on a busy 2-core machine takes minutes
 
@@ -70,7 +83,10 @@ def deepspeed_cpu_comm_op() -> str:
     if importlib.util.find_spec("deepspeed") is None:
         pytest.skip("deepspeed is not installed")
     env = dict(os.environ, DS_ACCELERATOR="cpu")
-    result = subprocess.run([sys.executable, "-c", _BUILD_SHM_OP], env=env, capture_output=True, text=True,
-                            timeout=BUILD_HANG_GUARD_S)
-    assert result.returncode == 0, f"building deepspeed_shm_comm failed:\n{result.stdout[-3000:]}{result.stderr[-3000:]}"
+    result = subprocess.run(
+        [sys.executable, "-c", _BUILD_SHM_OP], env=env, capture_output=True, text=True, timeout=BUILD_HANG_GUARD_S
+    )
+    assert result.returncode == 0, (
+        f"building deepspeed_shm_comm failed:\n{result.stdout[-3000:]}{result.stderr[-3000:]}"
+    )
     return result.stdout.strip().splitlines()[-1]

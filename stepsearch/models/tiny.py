@@ -66,7 +66,8 @@ def fit_tiny_model(model: "Qwen2ForCausalLM", tokenizer: "PreTrainedTokenizerBas
     for row, ids in enumerate(encoded):
         input_ids[row, :len(ids)] = torch.tensor(ids)
         attention_mask[row, :len(ids)] = 1
-        keep = torch.tensor(loss_masks[row][:len(ids)], dtype=torch.bool) if loss_masks else torch.ones(len(ids), dtype=torch.bool)
+        keep = (torch.tensor(loss_masks[row][:len(ids)], dtype=torch.bool) if loss_masks
+                else torch.ones(len(ids), dtype=torch.bool))
         labels[row, :len(ids)] = torch.where(keep, torch.tensor(ids), torch.tensor(-100))
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)

@@ -22,7 +22,8 @@ BOS_TOKEN = "<|startoftext|>"
 SPECIAL_TOKENS = (PAD_TOKEN, EOS_TOKEN, BOS_TOKEN)
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | os.PathLike | None = None) -> "PreTrainedTokenizerFast":
+def train_tokenizer(texts: Iterable[str], vocab_size: int,
+                    out_dir: str | os.PathLike | None = None) -> "PreTrainedTokenizerFast":
     """Train a byte-level BPE of `vocab_size` ids (incl. 256 byte symbols, tags and specials) on `texts`.
 
     Deterministic for the same texts. When `out_dir` is given the tokenizer is saved there (`save_pretrained`).

@@ -14,6 +14,7 @@ still closes. Budgets (`RolloutConfig`):
 - a block holds at most `max_information_tokens` tokens and must leave room for one more generated token under
   `max_response_tokens`; when not even an empty block fits, the trajectory ends ("budget") (`body_budget` is None).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence

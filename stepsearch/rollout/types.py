@@ -47,10 +47,10 @@ class RolloutBatch:
     documents (empty for a notice step: an empty query or a refused search); `response_texts[b]` the decoded
     response (special tokens skipped; for reading, never parsed); `answers[b]` the last answer block of the
     generated text (None without one); `valid_format[b]` the segmenter's format verdict; `inserted_spans[b]` the
-    token ranges [start, end) of the inserted blocks; `num_searches[b]` the steps that actually searched; `record_indices[b]` the
-    input record answered; `finish_reasons[b]` how the trajectory ended ("answer", "eos", "turn_budget",
-    "budget", "search_limit"; see `stepsearch.rollout.agent_loop`). `timings`: seconds per stage of the whole
-    rollout (generate_s, retrieve_s, bookkeeping_s, total_s) and the number of turns.
+    token ranges [start, end) of the inserted blocks; `num_searches[b]` the steps that actually searched;
+    `record_indices[b]` the input record answered; `finish_reasons[b]` how the trajectory ended ("answer", "eos",
+    "turn_budget", "budget", "search_limit"; see `stepsearch.rollout.agent_loop`). `timings`: seconds per stage of
+    the whole rollout (generate_s, retrieve_s, bookkeeping_s, total_s) and the number of turns.
     """
 
     prompt_ids: list[list[int]]

@@ -16,6 +16,7 @@ built anywhere has the same data filter, the same models and the same resume rul
 
 Files written on the way go where `stepsearch.trainer.run_dir.RunDir` says.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,15 +31,26 @@ import torch
 from stepsearch import ops
 from stepsearch.config import Config, ConfigError, save_config
 from stepsearch.models.actor_critic import (
-    PolicyModel, build_critic, build_reference, enable_gradient_checkpointing, load_causal_lm, load_tokenizer,
-    partitioned_loading, resolve_attn_implementation, resolve_dtype,
+    PolicyModel,
+    build_critic,
+    build_reference,
+    enable_gradient_checkpointing,
+    load_causal_lm,
+    load_tokenizer,
+    partitioned_loading,
+    resolve_attn_implementation,
+    resolve_dtype,
 )
+from stepsearch.seeds import derive_seed, seed_everything
 from stepsearch.trainer import engines, ranks
 from stepsearch.trainer.checkpoint import (
-    capture_rng_state, find_latest_checkpoint, load_checkpoint, restore_rng_state, save_checkpoint,
+    capture_rng_state,
+    find_latest_checkpoint,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
 )
 from stepsearch.trainer.run_dir import RunDir
-from stepsearch.seeds import derive_seed, seed_everything
 
 log = logging.getLogger("stepsearch.trainer")
 
@@ -76,17 +88,21 @@ def setup(cfg: Config) -> Context:
         if distributed and "OMP_NUM_THREADS" not in os.environ:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
     if cfg.model.packing:
-        raise ConfigError("model.packing=true: padding-free packing is not implemented by this trainer yet; "
-                          "set model.packing=false")
+        raise ConfigError(
+            "model.packing=true: padding-free packing is not implemented by this trainer yet; set model.packing=false"
+        )
     if distributed and cfg.ppo.rollout_batch_size % world:
-        raise ConfigError(f"ppo.rollout_batch_size ({cfg.ppo.rollout_batch_size}) must be a multiple of the number "
-                          f"of ranks ({world})")
+        raise ConfigError(
+            f"ppo.rollout_batch_size ({cfg.ppo.rollout_batch_size}) must be a multiple of the number of ranks ({world})"
+        )
     trajectories = cfg.ppo.rollout_batch_size * cfg.rollout.samples_per_prompt // world
     mini_per_rank = max(cfg.ppo.mini_batch_size // world, 1)
     if trajectories % mini_per_rank or mini_per_rank % min(cfg.ppo.micro_batch_size, mini_per_rank):
-        raise ConfigError(f"trajectories per rank ({trajectories} = rollout_batch_size x samples_per_prompt / "
-                          f"{world} ranks) must be a multiple of the per-rank mini-batch ({mini_per_rank}), itself a "
-                          f"multiple of ppo.micro_batch_size ({cfg.ppo.micro_batch_size})")
+        raise ConfigError(
+            f"trajectories per rank ({trajectories} = rollout_batch_size x samples_per_prompt / "
+            f"{world} ranks) must be a multiple of the per-rank mini-batch ({mini_per_rank}), itself a "
+            f"multiple of ppo.micro_batch_size ({cfg.ppo.micro_batch_size})"
+        )
     ops.configure(cfg.kernels.impl)
     seed_everything(derive_seed(cfg.trainer.seed, "process", rank))
     run_dir = cfg.trainer.run_dir
@@ -95,8 +111,10 @@ def setup(cfg: Config) -> Context:
         save_config(cfg, RunDir(run_dir).config)
     context = Context(cfg, run_dir, device, rank, local_rank, world, distributed)
     context.barrier()
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
+    )
     return context
 
 
@@ -106,15 +124,19 @@ def resolve_device(requested: str, local_rank: int | None) -> torch.device:
     if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        reason = ("this torch is a CPU-only build" if torch.version.cuda is None else
-                  f"torch {torch.__version__} (built for CUDA {torch.version.cuda}) finds no usable GPU; check the "
-                  "driver (nvidia-smi) and CUDA_VISIBLE_DEVICES")
+        reason = (
+            "this torch is a CPU-only build"
+            if torch.version.cuda is None
+            else f"torch {torch.__version__} (built for CUDA {torch.version.cuda}) finds no usable GPU; check the "
+            "driver (nvidia-smi) and CUDA_VISIBLE_DEVICES"
+        )
         raise ConfigError(f"trainer.device=cuda, but {reason}")
     if local_rank is None:
         return torch.device("cuda", torch.cuda.current_device())
     if local_rank >= torch.cuda.device_count():
-        raise ConfigError(f"trainer.device=cuda: local rank {local_rank} has no GPU ({torch.cuda.device_count()} "
-                          "visible)")
+        raise ConfigError(
+            f"trainer.device=cuda: local rank {local_rank} has no GPU ({torch.cuda.device_count()} visible)"
+        )
     return torch.device("cuda", local_rank)
 
 
@@ -137,7 +159,11 @@ def prepare_data(ctx: Context) -> Data:
             load_or_create_world(world_dir, cfg.synth_seed, cfg.synth_num_train, cfg.synth_num_test)
         ctx.barrier()
         files = load_or_create_world(world_dir, cfg.synth_seed, cfg.synth_num_train, cfg.synth_num_test)
-        train_path, test_paths, corpus = files.train, [files.test] if not cfg.test_paths else cfg.test_paths, files.corpus
+        train_path, test_paths, corpus = (
+            files.train,
+            [files.test] if not cfg.test_paths else cfg.test_paths,
+            files.corpus,
+        )
     else:
         train_path, test_paths = cfg.train_path, cfg.test_paths
     train = load_records(train_path, cfg.format, cfg.skip_bad_rows).records
@@ -173,9 +199,11 @@ def _refuse_a_dense_index_per_gpu_rank(ctx: Context) -> None:
     else:
         dense = cfg.method == "dense"
     if dense:
-        raise ConfigError(f"retriever: a local dense index in a run of {ctx.world_size} GPU ranks would be loaded "
-                          "once per rank and GPU; serve it once per node (`stepsearch retriever serve --index DIR`) "
-                          "and set retriever.url")
+        raise ConfigError(
+            f"retriever: a local dense index in a run of {ctx.world_size} GPU ranks would be loaded "
+            "once per rank and GPU; serve it once per node (`stepsearch retriever serve --index DIR`) "
+            "and set retriever.url"
+        )
 
 
 def prepare_tokenizer(ctx: Context, data: Data):
@@ -209,8 +237,12 @@ def drop_long_prompts(ctx: Context, data: Data, tokenizer) -> Data:
     limit, template = ctx.cfg.data.max_prompt_tokens, ctx.cfg.rollout.template
     kept = [r for r in data.train if len(build_prompt_ids(tokenizer, r.question, template)) <= limit]
     if len(kept) < len(data.train):
-        log.warning("dropped %d of %d training questions whose prompt exceeds data.max_prompt_tokens=%d",
-                    len(data.train) - len(kept), len(data.train), limit)
+        log.warning(
+            "dropped %d of %d training questions whose prompt exceeds data.max_prompt_tokens=%d",
+            len(data.train) - len(kept),
+            len(data.train),
+            limit,
+        )
     if not kept:
         raise ConfigError(f"data.max_prompt_tokens={limit}: every training prompt is longer")
     return Data(kept, data.tests, data.corpus_path)
@@ -243,11 +275,17 @@ def prepare_policy(ctx: Context, data: Data, retriever, tokenizer) -> str:
             from stepsearch.trainer.warm_start import render_gold_examples, supervised_warm_start
 
             model.to(ctx.device)
-            examples = render_gold_examples(data.train, tokenizer, retriever, cfg.rollout, cfg.retriever.topk,
-                                            seed=cfg.trainer.seed)
-            losses = supervised_warm_start(model, examples, tokenizer.pad_token_id,
-                                           steps=cfg.trainer.warm_start_steps, lr=cfg.trainer.warm_start_lr,
-                                           seed=cfg.trainer.seed)
+            examples = render_gold_examples(
+                data.train, tokenizer, retriever, cfg.rollout, cfg.retriever.topk, seed=cfg.trainer.seed
+            )
+            losses = supervised_warm_start(
+                model,
+                examples,
+                tokenizer.pad_token_id,
+                steps=cfg.trainer.warm_start_steps,
+                lr=cfg.trainer.warm_start_lr,
+                seed=cfg.trainer.seed,
+            )
             log.info("warm start: %d gold trajectories, loss %.3f -> %.3f", len(examples), losses[0], losses[-1])
             staging.mkdir(parents=True, exist_ok=True)
             (staging / "losses.json").write_text(json.dumps(losses), encoding="utf-8")
@@ -300,8 +338,16 @@ def build_models(ctx: Context, policy_dir: str, tokenizer) -> Models:
     chunk = cfg.kernels.logprob_chunk_size
     rollout = None
     if cfg.rollout.engine != "hf":
-        rollout = make_engine(cfg.rollout, None, tokenizer, ctx.device, model_path=policy_dir, rank=ctx.rank,
-                              local_rank=ctx.local_rank, seed=derive_seed(cfg.trainer.seed, "rollout_engine", ctx.rank))
+        rollout = make_engine(
+            cfg.rollout,
+            None,
+            tokenizer,
+            ctx.device,
+            model_path=policy_dir,
+            rank=ctx.rank,
+            local_rank=ctx.local_rank,
+            seed=derive_seed(cfg.trainer.seed, "rollout_engine", ctx.rank),
+        )
 
     def load_models() -> tuple[PolicyModel, PolicyModel, Any]:
         actor = PolicyModel(load_causal_lm(policy_dir, dtype, attn), chunk)
@@ -319,7 +365,11 @@ def build_models(ctx: Context, policy_dir: str, tokenizer) -> Models:
         return Models(
             engines.LocalTrainEngine(actor, ppo.actor_lr, ppo.weight_decay, ppo.warmup_steps, ppo.grad_clip),
             engines.LocalTrainEngine(critic, ppo.critic_lr, ppo.weight_decay, ppo.warmup_steps, ppo.grad_clip),
-            reference, rollout, actor.lm, separate_rollout_weights=cfg.rollout.engine != "hf")
+            reference,
+            rollout,
+            actor.lm,
+            separate_rollout_weights=cfg.rollout.engine != "hf",
+        )
     # Under ZeRO-3 the actor's parameters are partitioned: the rollout engine generates with its own full copy,
     # refreshed from the gathered actor before every rollout.
     rollout_lm = None
@@ -332,8 +382,11 @@ def build_models(ctx: Context, policy_dir: str, tokenizer) -> Models:
     def ds_config(lr: float, train: bool) -> dict:
         return engines.deepspeed_config(cfg, lr=lr, train=train, on_gpu=on_gpu, dp_size=ctx.world_size)
 
-    actor_config, critic_config, reference_config = (ds_config(ppo.actor_lr, True), ds_config(ppo.critic_lr, True),
-                                                     ds_config(ppo.actor_lr, False))
+    actor_config, critic_config, reference_config = (
+        ds_config(ppo.actor_lr, True),
+        ds_config(ppo.critic_lr, True),
+        ds_config(ppo.actor_lr, False),
+    )
     with partitioned_loading(actor_config):
         actor, reference, critic = load_models()
     if cfg.deepspeed.zero_stage == 3:
@@ -343,7 +396,10 @@ def build_models(ctx: Context, policy_dir: str, tokenizer) -> Models:
         engines.DeepSpeedTrainEngine(actor, actor_config, ppo.warmup_steps),
         engines.DeepSpeedTrainEngine(critic, critic_config, ppo.warmup_steps),
         engines.DeepSpeedInferenceEngine(reference, reference_config),
-        rollout, rollout_lm, separate_rollout_weights=True)
+        rollout,
+        rollout_lm,
+        separate_rollout_weights=True,
+    )
 
 
 @dataclass
@@ -374,8 +430,13 @@ def resume(ctx: Context, models: Models) -> TrainState:
 
 def save(ctx: Context, models: Models, state: TrainState) -> None:
     """An atomic checkpoint of the engines, the loop state and every RNG (collective)."""
-    save_checkpoint(ctx.run_dir, state.step, **models.checkpoint_items(),
-                    state={**state.to_dict(), "rng": capture_rng_state()}, keep=ctx.cfg.trainer.keep_checkpoints)
+    save_checkpoint(
+        ctx.run_dir,
+        state.step,
+        **models.checkpoint_items(),
+        state={**state.to_dict(), "rng": capture_rng_state()},
+        keep=ctx.cfg.trainer.keep_checkpoints,
+    )
 
 
 class DataCursor:
@@ -389,8 +450,9 @@ class DataCursor:
         chosen = []
         for index in range(position + self.rank, position + count, self.world_size):
             epoch, offset = divmod(index, len(self.records))
-            order = torch.randperm(len(self.records),
-                                   generator=torch.Generator().manual_seed(derive_seed(self.seed, "data_order", epoch)))
+            order = torch.randperm(
+                len(self.records), generator=torch.Generator().manual_seed(derive_seed(self.seed, "data_order", epoch))
+            )
             chosen.append(self.records[int(order[offset])])
         return chosen
 

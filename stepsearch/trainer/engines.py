@@ -12,15 +12,16 @@ Both engines have one interface, so the trainer loop is the same code in both wo
 
 DeepSpeed (`DeepSpeedTrainEngine`): the config is built in code from our `PPOConfig`/`DeepSpeedConfig` (ZeRO stage,
 CPU offload, bf16 on GPU / fp32 on CPU, gradient clipping, torch's AdamW unless `deepspeed.optimizer: fused`,
-linear warm-up) and a user JSON (`deepspeed.config_path`) overrides any key. Gradient accumulation is ours, not DeepSpeed's: the DeepSpeed config
-has `gradient_accumulation_steps = 1` and we call `backward` once per micro-batch and `step` once per mini-batch;
-ZeRO accumulates into its partitioned gradients between optimiser steps. ZeRO averages gradients over the
-data-parallel ranks, so `backward` multiplies the loss by the world size to keep the sum semantics. The reference
-model runs under ZeRO-3 inference (`deepspeed.initialize` without optimiser).
+linear warm-up) and a user JSON (`deepspeed.config_path`) overrides any key. Gradient accumulation is ours, not
+DeepSpeed's: the DeepSpeed config has `gradient_accumulation_steps = 1` and we call `backward` once per micro-batch
+and `step` once per mini-batch; ZeRO accumulates into its partitioned gradients between optimiser steps. ZeRO
+averages gradients over the data-parallel ranks, so `backward` multiplies the loss by the world size to keep the sum
+semantics. The reference model runs under ZeRO-3 inference (`deepspeed.initialize` without optimiser).
 
 Weight sync: `gathered_named_parameters` gathers the ZeRO-3 partitions a few tensors at a time
 (`GatheredParameters`) and yields full tensors, which the rollout engine loads with `update_weights`.
 """
+
 from __future__ import annotations
 
 import json
@@ -44,8 +45,10 @@ if TYPE_CHECKING:
 
 def warmup_factor(warmup_steps: int):
     """Linear warm-up from 1/(warmup+1) of the LR to the full LR, then constant."""
+
     def factor(step: int) -> float:
         return min(1.0, (step + 1) / (warmup_steps + 1)) if warmup_steps > 0 else 1.0
+
     return factor
 
 
@@ -68,8 +71,9 @@ class LocalTrainEngine:
             module.float()
         self.module = module
         self.grad_clip = grad_clip
-        self.optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=lr,
-                                           weight_decay=weight_decay)
+        self.optimizer = torch.optim.AdamW(
+            [p for p in module.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay
+        )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_factor(warmup_steps))
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -111,8 +115,9 @@ class LocalTrainEngine:
 def _merge(base: dict, override: dict) -> dict:
     merged = dict(base)
     for key, value in override.items():
-        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) \
-            else value
+        merged[key] = (
+            _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+        )
     return merged
 
 
@@ -136,14 +141,21 @@ def deepspeed_config(cfg: "Config", *, lr: float, train: bool, on_gpu: bool, dp_
         "train_batch_size": cfg.ppo.micro_batch_size * dp_size,
         "zero_optimization": zero,
         "bf16": {"enabled": bf16},
-        "steps_per_print": 10 ** 9,
+        "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
     if train:
         config["gradient_clipping"] = cfg.ppo.grad_clip
-        config["optimizer"] = {"type": "AdamW", "params": {
-            "lr": lr, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": cfg.ppo.weight_decay,
-            "torch_adam": ds.optimizer == "torch" or not on_gpu}}
+        config["optimizer"] = {
+            "type": "AdamW",
+            "params": {
+                "lr": lr,
+                "betas": [0.9, 0.999],
+                "eps": 1e-8,
+                "weight_decay": cfg.ppo.weight_decay,
+                "torch_adam": ds.optimizer == "torch" or not on_gpu,
+            },
+        }
         config["zero_allow_untested_optimizer"] = True
         config["zero_force_ds_cpu_optimizer"] = False
     if ds.config_path:
@@ -184,8 +196,10 @@ def check_optimizer(ds_cfg: "DeepSpeedConfig", on_gpu: bool) -> None:
     if not is_ninja_available():
         missing.append("ninja")
     if missing:
-        raise ConfigError(f"deepspeed.optimizer=fused: DeepSpeed's {builder.NAME} is not prebuilt and cannot be "
-                          f"compiled here (missing: {', '.join(missing)}); use deepspeed.optimizer=torch")
+        raise ConfigError(
+            f"deepspeed.optimizer=fused: DeepSpeed's {builder.NAME} is not prebuilt and cannot be "
+            f"compiled here (missing: {', '.join(missing)}); use deepspeed.optimizer=torch"
+        )
 
 
 class DeepSpeedTrainEngine:
@@ -196,7 +210,9 @@ class DeepSpeedTrainEngine:
 
         self.world_size = world_size()
         self.engine, _, _, _ = deepspeed.initialize(
-            model=module, model_parameters=[p for p in module.parameters() if p.requires_grad], config=config,
+            model=module,
+            model_parameters=[p for p in module.parameters() if p.requires_grad],
+            config=config,
             lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_factor(warmup_steps)),
         )
         self.module = self.engine.module
@@ -251,7 +267,7 @@ def gathered_named_parameters(module: nn.Module, group_size: int = 32) -> Iterat
     import deepspeed
 
     for start in range(0, len(named), group_size):
-        group = named[start:start + group_size]
+        group = named[start : start + group_size]
         with deepspeed.zero.GatheredParameters([p for _, p in group], modifier_rank=None):
             copies = [(name, p.detach().clone()) for name, p in group]
         yield from copies

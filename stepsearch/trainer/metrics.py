@@ -8,6 +8,7 @@ Rows go to `run_dir/metrics.jsonl` as `{"step": step, <keys sorted>}`, flushed p
 written as `null` (the file stays valid JSON) and left out of TensorBoard. On resume from step N, rows with step > N
 are dropped from the file first, so a resumed run's file equals an uninterrupted run's.
 """
+
 from __future__ import annotations
 
 import json
@@ -53,8 +54,15 @@ class MetricsLogger:
     with step <= N and appends after them (TensorBoard events after N are purged the same way).
     """
 
-    def __init__(self, run_dir: str | os.PathLike, *, tensorboard: bool = True, wandb_project: str | None = None,
-                 is_main: bool = True, resume_step: int | None = None) -> None:
+    def __init__(
+        self,
+        run_dir: str | os.PathLike,
+        *,
+        tensorboard: bool = True,
+        wandb_project: str | None = None,
+        is_main: bool = True,
+        resume_step: int | None = None,
+    ) -> None:
         self.run_dir = Path(run_dir)
         self.is_main = is_main
         self.path = RunDir(self.run_dir).metrics
@@ -156,8 +164,11 @@ def _open_tensorboard(log_dir: Path, resume_step: int | None) -> Any:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as exc:
         if not _warned_no_tensorboard:
-            warnings.warn(f"TensorBoard logging is off: {exc}. Install it with `pip install tensorboard` or set "
-                          "trainer.tensorboard=false; metrics.jsonl is still written.", stacklevel=3)
+            warnings.warn(
+                f"TensorBoard logging is off: {exc}. Install it with `pip install tensorboard` or set "
+                "trainer.tensorboard=false; metrics.jsonl is still written.",
+                stacklevel=3,
+            )
             _warned_no_tensorboard = True
         return None
     # purge_step hides events logged after the checkpoint by the interrupted run
@@ -169,8 +180,10 @@ def _open_wandb(run_dir: Path, project: str, resumed: bool) -> Any:
     try:
         import wandb
     except ImportError as exc:
-        raise ImportError("trainer.wandb_project is set but wandb is not installed: `pip install wandb`, "
-                          "or set trainer.wandb_project=null") from exc
+        raise ImportError(
+            "trainer.wandb_project is set but wandb is not installed: `pip install wandb`, "
+            "or set trainer.wandb_project=null"
+        ) from exc
     id_file = run_dir / _WANDB_ID_FILE
     if resumed and id_file.exists():
         run_id = id_file.read_text(encoding="utf-8").strip()

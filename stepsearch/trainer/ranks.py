@@ -4,6 +4,7 @@ Every module that needs to know whether torch.distributed runs asks here (the tr
 so "one process" is one rule: no initialised process group means rank 0 of a world of 1, where `barrier` and
 `all_reduce_sum` do nothing. `init_process_group` starts the group under a launcher (deepspeed, torchrun).
 """
+
 from __future__ import annotations
 
 import os

@@ -14,6 +14,7 @@ becomes a note in the page, never an error:
 
 The trainer calls `write_report(run_dir)` at the end of a run (`trainer.report`); it can be rerun on any run dir.
 """
+
 from __future__ import annotations
 
 import base64
@@ -25,9 +26,25 @@ from typing import Any
 
 from stepsearch.trainer.run_dir import RunDir, read_eval, read_metrics, read_trajectories
 
-KEY_METRICS = ("outcome_reward", "f1", "em", "key_reward", "info_gain", "redundancy", "step_reward", "kl",
-               "policy_loss", "value_loss", "entropy", "clip_frac", "approx_kl", "explained_variance",
-               "response_length", "turns", "tokens_per_s")
+KEY_METRICS = (
+    "outcome_reward",
+    "f1",
+    "em",
+    "key_reward",
+    "info_gain",
+    "redundancy",
+    "step_reward",
+    "kl",
+    "policy_loss",
+    "value_loss",
+    "entropy",
+    "clip_frac",
+    "approx_kl",
+    "explained_variance",
+    "response_length",
+    "turns",
+    "tokens_per_s",
+)
 
 
 def write_report(run_dir: str | os.PathLike, *, last_steps: int = 3, trajectories_per_step: int = 8) -> Path:
@@ -43,13 +60,20 @@ def write_report(run_dir: str | os.PathLike, *, last_steps: int = 3, trajectorie
     columns = _plotted_columns(rows)
     png = out / "metrics.png"
     _plot_metrics(rows, columns, png)
-    evals = {label: _read(paths, paths.eval_results(label), notes, read_eval, paths, label)
-             for label in ("before", "after")}
+    evals = {
+        label: _read(paths, paths.eval_results(label), notes, read_eval, paths, label) for label in ("before", "after")
+    }
     by_step: dict[int, list[dict[str, Any]]] = {}
     for row in _read(paths, paths.trajectories, notes, read_trajectories, paths) or []:
         by_step.setdefault(row["step"], []).append(row)
-    trajectories = [(step, [_rounds(row) for row in by_step[step][:trajectories_per_step]])
-                    for step in sorted(by_step)[-last_steps:]] if last_steps > 0 else []
+    trajectories = (
+        [
+            (step, [_rounds(row) for row in by_step[step][:trajectories_per_step]])
+            for step in sorted(by_step)[-last_steps:]
+        ]
+        if last_steps > 0
+        else []
+    )
 
     image = base64.b64encode(png.read_bytes()).decode("ascii")
     body = [
@@ -105,8 +129,16 @@ def _rounds(row: dict[str, Any]) -> dict[str, Any]:
     def at(values: list[Any], index: int) -> Any:
         return values[index] if index < len(values) else None
 
-    rounds = [{"query": at(queries, t) or "", "docs": at(retrieved, t) or [], "gain": at(gains, t),
-               "redundancy": at(penalties, t), "step_reward": at(rewards, t)} for t in range(count)]
+    rounds = [
+        {
+            "query": at(queries, t) or "",
+            "docs": at(retrieved, t) or [],
+            "gain": at(gains, t),
+            "redundancy": at(penalties, t),
+            "step_reward": at(rewards, t),
+        }
+        for t in range(count)
+    ]
     return {**row, "rounds": rounds}
 
 
@@ -125,8 +157,9 @@ def _plotted_columns(rows: list[dict[str, Any]]) -> list[str]:
     names = sorted({key for row in rows for key, value in row.items() if key != "step" and _number(value) is not None})
     columns = []
     for key in KEY_METRICS:
-        columns += [name for name in names if key in _aliases(name) and name not in columns
-                    and not name.startswith("eval/")]
+        columns += [
+            name for name in names if key in _aliases(name) and name not in columns and not name.startswith("eval/")
+        ]
     return columns + [name for name in names if name.startswith("eval/avg/")]
 
 
@@ -153,8 +186,14 @@ def _plot_metrics(rows: list[dict[str, Any]], columns: list[str], png: Path) -> 
         points = [(step, value) for step, value in points if value is not None]
         steps = [step for step, _ in points]
         values = [value for _, value in points]
-        axis.plot(steps, values, color="#4c78a8", alpha=0.45 if len(values) > 10 else 1.0, marker="." if
-                  len(values) <= 30 else None, linewidth=1)
+        axis.plot(
+            steps,
+            values,
+            color="#4c78a8",
+            alpha=0.45 if len(values) > 10 else 1.0,
+            marker="." if len(values) <= 30 else None,
+            linewidth=1,
+        )
         if len(values) > 10:
             axis.plot(steps, _moving_average(values, max(2, len(values) // 10)), color="#1f3b73", linewidth=1.8)
         axis.set_title(name, fontsize=9)
@@ -244,15 +283,21 @@ def _eval_html(before: dict[str, Any] | None, after: dict[str, Any] | None) -> s
         old, new = before_rows.get((section, metric)), after_rows.get((section, metric))
         change = "" if old is None or new is None else f"{new - old:+.4g}"
         colour = "" if not change or new == old else (' class="up"' if new > old else ' class="down"')
-        lines.append(f"<tr><td>{_e(section)}</td><td>{_e(metric)}</td><td>{_fmt(old)}</td><td>{_fmt(new)}</td>"
-                     f"<td{colour}>{change}</td></tr>")
+        lines.append(
+            f"<tr><td>{_e(section)}</td><td>{_e(metric)}</td><td>{_fmt(old)}</td><td>{_fmt(new)}</td>"
+            f"<td{colour}>{change}</td></tr>"
+        )
     return "".join(lines) + "</table>"
 
 
 def _legend_html() -> str:
-    return ("<p class=legend>Search rounds: <span style=\"background:" + _shade(0.8, positive=True) +
-            "\">gain / positive step reward</span> <span style=\"background:" + _shade(0.8, positive=False) +
-            "\">redundancy / negative step reward</span>; stronger colour = larger magnitude.</p>")
+    return (
+        '<p class=legend>Search rounds: <span style="background:'
+        + _shade(0.8, positive=True)
+        + '">gain / positive step reward</span> <span style="background:'
+        + _shade(0.8, positive=False)
+        + '">redundancy / negative step reward</span>; stronger colour = larger magnitude.</p>'
+    )
 
 
 def _shade(magnitude: float, *, positive: bool) -> str:
@@ -275,26 +320,34 @@ def _step_html(step: int, rows: list[dict[str, Any]]) -> str:
     for row in rows:
         answers = row.get("answers")
         answers = ", ".join(map(str, answers)) if isinstance(answers, list) else answers
-        scores = " ".join(f"<span class=score>{name} {_fmt(row.get(name))}</span>"
-                          for name in ("outcome", "f1", "em", "key_reward") if name in row)
-        parts.append(f"<div class=traj><p><b>Q:</b> {_e(row.get('question', ''))}<br><b>Gold:</b> "
-                     f"{_e(answers if answers is not None else '')}<br>{scores}</p>")
+        scores = " ".join(
+            f"<span class=score>{name} {_fmt(row.get(name))}</span>"
+            for name in ("outcome", "f1", "em", "key_reward")
+            if name in row
+        )
+        parts.append(
+            f"<div class=traj><p><b>Q:</b> {_e(row.get('question', ''))}<br><b>Gold:</b> "
+            f"{_e(answers if answers is not None else '')}<br>{scores}</p>"
+        )
         rounds = row.get("rounds") if isinstance(row.get("rounds"), list) else []
         if rounds:
-            parts.append("<table><tr><th>#</th><th>query</th><th>retrieved</th><th>gain</th><th>redundancy</th>"
-                         "<th>step reward</th></tr>")
+            parts.append(
+                "<table><tr><th>#</th><th>query</th><th>retrieved</th><th>gain</th><th>redundancy</th>"
+                "<th>step reward</th></tr>"
+            )
             for index, search in enumerate(rounds, start=1):
                 search = search if isinstance(search, dict) else {}
                 docs = search.get("docs") if isinstance(search.get("docs"), list) else []
                 titles = "<br>".join(_e(doc) for doc in docs)
-                parts.append(f"<tr><td>{index}</td><td>{_e(search.get('query', ''))}</td><td>{titles}</td>"
-                             f"{_cell(search.get('gain'), 'gain')}{_cell(search.get('redundancy'), 'penalty')}"
-                             f"{_cell(search.get('step_reward'), 'reward')}</tr>")
+                parts.append(
+                    f"<tr><td>{index}</td><td>{_e(search.get('query', ''))}</td><td>{titles}</td>"
+                    f"{_cell(search.get('gain'), 'gain')}{_cell(search.get('redundancy'), 'penalty')}"
+                    f"{_cell(search.get('step_reward'), 'reward')}</tr>"
+                )
             parts.append("</table>")
         else:
             parts.append("<p class=note>No search rounds.</p>")
-        parts.append(f"<details><summary>response</summary><pre>{_e(row.get('response', ''))}</pre></details>"
-                     "</div>")
+        parts.append(f"<details><summary>response</summary><pre>{_e(row.get('response', ''))}</pre></details></div>")
     return "\n".join(parts)
 
 

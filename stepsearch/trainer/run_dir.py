@@ -19,6 +19,7 @@ same rule: a last line without its newline that does not parse is a torn write a
 line is a ValueError naming the file and line. On resume `truncate_jsonl` rewrites a file atomically without the
 rows after the checkpoint's step and without a torn last line, so appending continues from a clean line.
 """
+
 from __future__ import annotations
 
 import json

@@ -121,7 +121,8 @@ def test_every_field_is_validated(override, needle):
 
 @pytest.mark.parametrize("text, needle", [
     ("ppo:\n  kl_coef: 0.1\n  kl_coef: 0.2\n", "bad.yaml:3:3: invalid YAML: duplicate key 'kl_coef' (first at line 2)"),
-    ("ppo:\n  kl_coef: 0.1\nreward: {}\nppo:\n  gamma: 1\n", "bad.yaml:4:1: invalid YAML: duplicate key 'ppo' (first at line 1)"),
+    ("ppo:\n  kl_coef: 0.1\nreward: {}\nppo:\n  gamma: 1\n",
+     "bad.yaml:4:1: invalid YAML: duplicate key 'ppo' (first at line 1)"),
     ("ppo: {kl_coef: .nan}\n", "ppo.kl_coef: expected a finite number, got nan"),
     ("ppo:\n  kl_coef: [1\n", "bad.yaml:3:1: invalid YAML:"),
     ("base: 3\n", "'base' must be the path of another preset"),

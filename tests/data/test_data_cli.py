@@ -86,7 +86,8 @@ def test_a_first_row_that_is_an_array_honours_skip_bad_rows(tmp_path):
 def test_a_json_list_file_with_nan_or_a_lone_surrogate_is_named(tmp_path):
     result = convert(tmp_path, ['[{"question": "Who?", "final_answer": Infinity}]'], name="rows.json")
     assert result.returncode == 1
-    assert result.stderr == f"stepsearch data convert: {tmp_path / 'rows.json'}: invalid JSON (Infinity is not a JSON value)\n"
+    rows = tmp_path / "rows.json"
+    assert result.stderr == f"stepsearch data convert: {rows}: invalid JSON (Infinity is not a JSON value)\n"
     result = convert(tmp_path, ['[' + GOOD + ', {"question": "\\ud800", "final_answer": "Ann"}]'], name="rows.json")
     assert result.returncode == 1
     assert result.stderr == (f"stepsearch data convert: {tmp_path / 'rows.json'}[1]: not valid Unicode: field "

@@ -15,11 +15,11 @@ import sys
 
 import pytest
 import torch
-
 from kernel_child import compile_for_hopper, run_interpreter_cases
+
 from stepsearch.algo.gae import compute_gae as twin_compute_gae
-from stepsearch.algo.kl import K3_CLAMP, LOG_RATIO_CLAMP
 from stepsearch.algo.gae import scatter_rewards_and_gae as twin_scatter_rewards_and_gae
+from stepsearch.algo.kl import K3_CLAMP, LOG_RATIO_CLAMP
 
 
 def _make_case(name, batch, length, *, fused, seed, density=0.6, gamma=0.99, lam=0.95, num_steps=3, kl_coef=0.1,

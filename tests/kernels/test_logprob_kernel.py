@@ -15,8 +15,8 @@ import sys
 
 import pytest
 import torch
-
 from kernel_child import compile_for_hopper, run_interpreter_cases
+
 from stepsearch.algo.logprob import logprob_entropy as twin_logprob_entropy
 from stepsearch.algo.logprob import logprob_entropy_materialized
 
@@ -103,7 +103,8 @@ def _interpreter_main(inputs_path: str, outputs_path: str) -> None:
 
 @pytest.fixture(scope="module")
 def interpreter_results(tmp_path_factory):
-    return run_interpreter_cases(__file__, INTERPRETER_CASES, tmp_path_factory.mktemp("logprob_interpreter"), timeout=300)
+    return run_interpreter_cases(__file__, INTERPRETER_CASES, tmp_path_factory.mktemp("logprob_interpreter"),
+                                 timeout=300)
 
 
 def _check_bounds(result, vocab):

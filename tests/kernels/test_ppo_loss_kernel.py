@@ -17,8 +17,8 @@ import sys
 
 import pytest
 import torch
-
 from kernel_child import compile_for_hopper, run_interpreter_cases
+
 from stepsearch.algo.ppo_loss import PPOLossOutput
 from stepsearch.algo.ppo_loss import ppo_loss as twin_ppo_loss
 

@@ -10,8 +10,8 @@ import types
 
 import pytest
 import torch
-
 import transformers.utils
+
 from stepsearch.models.actor_critic import flash_attention_2_status, resolve_attn_implementation
 
 CUDA = torch.device("cuda", 0)

@@ -9,7 +9,14 @@ import pytest
 
 from stepsearch.config import load_config
 from stepsearch.models.memory_plan import (
-    CARDS, GIB, QWEN25_3B, QWEN25_7B, ModelShape, RunShape, plan, preset_run_shape,
+    CARDS,
+    GIB,
+    QWEN25_3B,
+    QWEN25_7B,
+    ModelShape,
+    RunShape,
+    plan,
+    preset_run_shape,
 )
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"

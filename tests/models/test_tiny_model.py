@@ -23,7 +23,7 @@ def test_tags_are_single_non_special_tokens_that_decode_as_text(tokenizer):
         tag_ids = tokenizer.encode(tag, add_special_tokens=False)
         assert len(tag_ids) == 1 and tag_ids[0] in ids
     assert tokenizer.decode(ids, skip_special_tokens=True) == text
-    assert tokenizer.pad_token_id is not None and tokenizer.eos_token_id is not None and tokenizer.bos_token_id is not None
+    assert None not in (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id)
     assert len({tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id}) == 3
     assert tokenizer.decode([tokenizer.eos_token_id], skip_special_tokens=True) == ""
 
@@ -71,6 +71,7 @@ def test_fit_tiny_model_lowers_the_loss_and_respects_the_loss_mask(tokenizer):
     alone, masked = build_tiny_model(cfg, tokenizer), build_tiny_model(cfg, tokenizer)
     fit_tiny_model(alone, tokenizer, TEXTS[:1], steps=2)
     lengths = [len(tokenizer.encode(t, add_special_tokens=False)) for t in (TEXTS[0], TEXTS[10] * 2)]
-    fit_tiny_model(masked, tokenizer, [TEXTS[0], TEXTS[10] * 2], steps=2, loss_masks=[[1] * lengths[0], [0] * lengths[1]])
+    fit_tiny_model(masked, tokenizer, [TEXTS[0], TEXTS[10] * 2], steps=2,
+                   loss_masks=[[1] * lengths[0], [0] * lengths[1]])
     for a, b in zip(alone.parameters(), masked.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

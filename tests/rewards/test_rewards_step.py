@@ -12,7 +12,8 @@ from stepsearch.rewards.step import step_rewards, step_rewards_group, tfidf_cosi
 
 WORDS = ["alpha", "beta", "gamma", "delta", "the", "a", "an", "x", "42", "U.S.A.", "well-known", "Paris,"]
 UNICODE_WORDS = [
-    "Éclair", "naïve", "東京", "über", "STRASSE", "straße", "İstanbul", "ﬁne", "Ωmega", "日本語", "ÅÄÖ", "—", "«quoted»",
+    "Éclair", "naïve", "東京", "über", "STRASSE", "straße", "İstanbul", "ﬁne", "Ωmega", "日本語", "ÅÄÖ", "—",
+    "«quoted»",
     "ǅemal", "ΣΊΣΥΦΟΣ", "x̃y",
 ]
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import json
 import threading
-from pathlib import Path
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 import torch
@@ -92,7 +92,8 @@ def test_generate_over_http_matches_the_local_engine_and_applies_the_stop_rule(s
     request = seen["requests"][-1]
     assert request["input_ids"] == prompts and request["return_logprob"] is True
     assert request["sampling_params"]["stop"] == [stop] and request["sampling_params"]["no_stop_trim"] is True
-    assert request["sampling_params"]["sampling_seed"] == 7 and request["sampling_params"]["skip_special_tokens"] is False
+    sampling = request["sampling_params"]
+    assert sampling["sampling_seed"] == 7 and sampling["skip_special_tokens"] is False
 
 
 def test_weight_sync_over_http_streams_shards_into_a_new_directory_and_deletes_the_old_one(served, tmp_path):

@@ -1,6 +1,6 @@
 """Step segmenter: C++ and the Python reference agree on texts tokenized by real tokenizers (byte-level BPE, WordPiece,
-Metaspace with byte fallback) with tags split in every way; hand cases pin each rule of the module docstring (text rule and span rule); the answer and format match a regex
-oracle of the rule on the text."""
+Metaspace with byte fallback) with tags split in every way; hand cases pin each rule of the module docstring (text
+rule and span rule); the answer and format match a regex oracle of the rule on the text."""
 from __future__ import annotations
 
 import re
@@ -12,8 +12,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from stepsearch.rollout.render import INFORMATION_PREFIX, INFORMATION_SUFFIX
-from stepsearch.rollout.segmenter import (TAG_NAMES, BatchSegmentation, TagSpan, TagTable, segment, segment_batch,
-                                          segment_reference)
+from stepsearch.rollout.segmenter import (
+    TAG_NAMES,
+    BatchSegmentation,
+    TagSpan,
+    TagTable,
+    segment,
+    segment_batch,
+    segment_reference,
+)
 
 IMPLS = ["cpp", "python"]
 WORDS = ["river", "town", "founded", "who", "Brennick", "Mara", "Vell", "lake", "the", "of", "born", "1802", "café",

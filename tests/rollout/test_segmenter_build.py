@@ -2,7 +2,6 @@
 UndefinedBehaviorSanitizer, and (slow) the pybind11 module built by CMake agreeing with the installed one."""
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import subprocess
 import sys

@@ -309,7 +309,8 @@ def test_no_usable_checkpoint_is_one_error_naming_every_problem(tmp_path):
         find_latest_checkpoint(tmp_path)
     message = str(info.value)
     assert message.startswith(f"no usable checkpoint in {tmp_path / 'checkpoints'}: ")
-    assert f"{second / 'state_rank00000.pt'}: empty" in message and f"{first / 'models' / 'actor.pt'}: damaged" in message
+    assert f"{second / 'state_rank00000.pt'}: empty" in message
+    assert f"{first / 'models' / 'actor.pt'}: damaged" in message
 
 
 def test_a_checkpoint_written_before_checksums_loads_with_a_warning(tmp_path, caplog):
@@ -335,7 +336,8 @@ def test_a_full_disk_names_the_file_and_keeps_the_previous_checkpoint(tmp_path, 
     monkeypatch.setattr(torch, "save", save_until_the_disk_is_full)
     with pytest.raises(CheckpointError) as info:
         _save(tmp_path, 2, model, optimizer, scheduler)
-    assert str(info.value) == f"no space left writing {tmp_path / 'checkpoints' / f'step_00000002.tmp-{os.getpid()}'}/state_rank00000.pt"
+    temp = tmp_path / "checkpoints" / f"step_00000002.tmp-{os.getpid()}"
+    assert str(info.value) == f"no space left writing {temp}/state_rank00000.pt"
     assert os.listdir(tmp_path / "checkpoints") == ["step_00000001"]  # the partial checkpoint is gone
     monkeypatch.setattr(torch, "save", real_save)
     assert find_latest_checkpoint(tmp_path) == first

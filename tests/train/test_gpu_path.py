@@ -26,7 +26,6 @@ from stepsearch.trainer import build, engines, ranks
 from stepsearch.trainer.build import Context
 from stepsearch.trainer.engines import LocalTrainEngine, check_optimizer, deepspeed_config
 
-
 # ---------------------------------------------------------------------------------------------------------------
 # device, timeout, optimizer
 

@@ -1,4 +1,5 @@
 """The run directory's readers: one torn-line rule for every row file, atomic truncation, typed paths."""
+
 from __future__ import annotations
 
 import json
@@ -6,7 +7,13 @@ import json
 import pytest
 
 from stepsearch.trainer.run_dir import (
-    RunDir, append_jsonl, read_eval, read_jsonl, read_metrics, read_trajectories, truncate_jsonl,
+    RunDir,
+    append_jsonl,
+    read_eval,
+    read_jsonl,
+    read_metrics,
+    read_trajectories,
+    truncate_jsonl,
 )
 
 
@@ -41,7 +48,10 @@ def test_truncation_keeps_the_chosen_rows_drops_a_torn_line_and_appending_contin
     truncate_jsonl(path, "trajectory", lambda row: row["step"] <= 2)
     append_jsonl(path, [{"step": 3, "q": "again"}])
     assert path.read_text(encoding="utf-8").splitlines() == [
-        json.dumps({"step": 1, "q": "é"}, ensure_ascii=False), '{"step": 2, "q": "b"}', '{"step": 3, "q": "again"}']
+        json.dumps({"step": 1, "q": "é"}, ensure_ascii=False),
+        '{"step": 2, "q": "b"}',
+        '{"step": 3, "q": "again"}',
+    ]
     assert [row["q"] for row in read_trajectories(tmp_path)] == ["é", "b", "again"]
     assert not list(tmp_path.glob("*.tmp-*"))
     truncate_jsonl(tmp_path / "absent.jsonl", "metrics", lambda row: True)

@@ -2,6 +2,7 @@
 --target here) and a checkout that has no build of its own, it imports the installed package, whose
 `stepsearch.kernels` the build mapped from the top-level kernels/; from a checkout built in place it imports that
 checkout, with its kernels/ as `stepsearch.kernels`."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -34,18 +35,40 @@ def test_train_py_as_a_file_finds_the_kernels_of_a_non_editable_install(tmp_path
     if importlib.util.find_spec("pybind11") is None:
         pytest.skip("building the wheel offline needs pybind11 installed (--no-build-isolation)")
     wheels, site = tmp_path / "wheels", tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", str(REPO_ROOT), "--no-deps", "--no-build-isolation", "-q",
-                    "-w", str(wheels)], check=True, timeout=900)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            str(REPO_ROOT),
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(wheels),
+        ],
+        check=True,
+        timeout=900,
+    )
     wheel = next(wheels.glob("stepsearch-*.whl"))
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)],
-                   check=True, timeout=300)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)],
+        check=True,
+        timeout=300,
+    )
     probe = tmp_path / "probe.py"
     probe.write_text(PROBE, encoding="utf-8")
 
     def run(train: Path) -> tuple[Path, Path]:
-        result = subprocess.run([sys.executable, str(probe), str(train)], cwd=tmp_path,
-                                env=dict(os.environ, PYTHONPATH=str(site)), capture_output=True, text=True,
-                                timeout=300)
+        result = subprocess.run(
+            [sys.executable, str(probe), str(train)],
+            cwd=tmp_path,
+            env=dict(os.environ, PYTHONPATH=str(site)),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert result.returncode == 0, result.stderr[-3000:]
         package, kernels = result.stdout.strip().splitlines()[-2:]
         return Path(package), Path(kernels)
@@ -56,5 +79,7 @@ def test_train_py_as_a_file_finds_the_kernels_of_a_non_editable_install(tmp_path
     installed = site / "stepsearch"
     assert run(bare / "train.py") == (installed / "__init__.py", installed / "kernels" / "__init__.py")
     if any((REPO_ROOT / "stepsearch").glob("_segmenter*")):  # this checkout is built in place (pip install -e)
-        assert run(REPO_ROOT / "stepsearch" / "train.py") == (REPO_ROOT / "stepsearch" / "__init__.py",
-                                                               REPO_ROOT / "kernels" / "__init__.py")
+        assert run(REPO_ROOT / "stepsearch" / "train.py") == (
+            REPO_ROOT / "stepsearch" / "__init__.py",
+            REPO_ROOT / "kernels" / "__init__.py",
+        )

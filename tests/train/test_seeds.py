@@ -1,4 +1,5 @@
 """Seed derivation: one hashed rule for every random stream of a run (`stepsearch.seeds`)."""
+
 from __future__ import annotations
 
 import hashlib

@@ -15,8 +15,8 @@ from stepsearch.trainer.run_dir import read_metrics
 
 pytestmark = pytest.mark.distributed
 
-DEEPSPEED_RUN = ["ppo.actor_lr=1e-3", "ppo.critic_lr=1e-3", "trainer.warm_start_steps=2", "trainer.eval_max_questions=2",
-                 "trainer.save_every=1", "trainer.keep_checkpoints=1"]
+DEEPSPEED_RUN = ["ppo.actor_lr=1e-3", "ppo.critic_lr=1e-3", "trainer.warm_start_steps=2",
+                 "trainer.eval_max_questions=2", "trainer.save_every=1", "trainer.keep_checkpoints=1"]
 
 
 LAUNCH_HANG_GUARD_S = 600  # a hang guard, not a speed limit: one launch takes ~1 min on a quiet 2-core machine

@@ -25,8 +25,9 @@ thread 8.2x / 2.8x / 1.6x faster at B x T = 64x512 / 256x1024 / 512x4096; with t
 but slower at 256x1024 (0.2x) and 512x4096 (0.7x). On CPU the trainer's scan is therefore no faster than the
 peers' loop for long batches; it is the specification and the kernel's twin, not a CPU optimisation.
 `gae_python_loop` is the straightforward loop the peers (verl, OpenRLHF, TRL, Search-R1) use: the readable
-statement of the semantics, the referee in the tests and the baseline in `benchmarks/bench_gae.py`. `scatter_rewards_and_gae` composes `scatter_rewards` and `compute_gae`
-(the fused Triton kernel computes the same without writing the rewards to memory).
+statement of the semantics, the referee in the tests and the baseline in `benchmarks/bench_gae.py`.
+`scatter_rewards_and_gae` composes `scatter_rewards` and `compute_gae` (the fused Triton kernel computes the same
+without writing the rewards to memory).
 """
 
 from __future__ import annotations

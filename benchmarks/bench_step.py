@@ -17,7 +17,6 @@ Prints a table (seconds per stage, and each method's step time as a ratio to our
 (workload, method, stage, seconds, ratio_to_ours) to benchmarks/results/step.csv. `--quick` runs one timed step
 of a smaller tiny_cpu workload (seconds); the default times `--steps` steps.
 """
-
 from __future__ import annotations
 
 import argparse
@@ -38,19 +37,10 @@ from stepsearch.config import load_config
 
 RESULTS = Path(__file__).parent / "results" / "step.csv"
 STAGES = ("rollout", "segment", "score_tokens", "rewards", "advantages", "update")
-QWEN_05B_BODY = [
-    "model.tiny_hidden_size=896",
-    "model.tiny_num_layers=24",
-    "model.tiny_num_heads=14",
-    "model.tiny_num_kv_heads=2",
-    "model.tiny_intermediate_size=4864",
-    "model.dtype=bfloat16",
-    "trainer.device=cuda",
-    "ppo.rollout_batch_size=16",
-    "ppo.mini_batch_size=32",
-    "ppo.micro_batch_size=16",
-    "rollout.samples_per_prompt=2",
-]
+QWEN_05B_BODY = ["model.tiny_hidden_size=896", "model.tiny_num_layers=24", "model.tiny_num_heads=14",
+                 "model.tiny_num_kv_heads=2", "model.tiny_intermediate_size=4864", "model.dtype=bfloat16",
+                 "trainer.device=cuda", "ppo.rollout_batch_size=16", "ppo.mini_batch_size=32",
+                 "ppo.micro_batch_size=16", "rollout.samples_per_prompt=2"]
 
 
 def peers_logprob_entropy(hidden, weight, targets, *, chunk_size=4096, temperature=1.0):
@@ -58,24 +48,11 @@ def peers_logprob_entropy(hidden, weight, targets, *, chunk_size=4096, temperatu
     return logprob_ref.logprob_entropy_materialized(hidden, weight, targets, temperature=temperature)
 
 
-def peers_scatter_rewards_and_gae(
-    outcome,
-    step_scores,
-    step_ends,
-    old_logp,
-    ref_logp,
-    values,
-    loss_mask,
-    kl_coef,
-    gamma,
-    lam,
-    kl_estimator="k1",
-    return_rewards=False,
-):
+def peers_scatter_rewards_and_gae(outcome, step_scores, step_ends, old_logp, ref_logp, values, loss_mask, kl_coef,
+                                  gamma, lam, kl_estimator="k1", return_rewards=False):
     """Token rewards as usual, then GAE as a Python loop over T (verl's `compute_gae_advantage_return`)."""
-    rewards = scatter_ref.scatter_rewards(
-        outcome, step_scores, step_ends, old_logp, ref_logp, loss_mask, kl_coef, kl_estimator
-    )
+    rewards = scatter_ref.scatter_rewards(outcome, step_scores, step_ends, old_logp, ref_logp, loss_mask, kl_coef,
+                                          kl_estimator)
     advantages, returns = gae_ref.gae_python_loop(rewards, values.float(), loss_mask, gamma, lam)
     return gae_ref.RewardsAndGAE(advantages, returns, rewards if return_rewards else None)
 
@@ -100,26 +77,16 @@ def build(overrides: list[str], out_dir: str):
     """The preset's run, built as training builds it (`build_run`), without warm start or evaluation."""
     from stepsearch.trainer.build import build_run
 
-    cfg = load_config(
-        "configs/tiny_cpu.yaml",
-        [
-            "trainer.warm_start_steps=0",
-            "trainer.eval_max_questions=0",
-            "trainer.tensorboard=false",
-            "deepspeed.enabled='off'",
-            f"trainer.output_dir={out_dir}",
-            *overrides,
-        ],
-    )
+    cfg = load_config("configs/tiny_cpu.yaml", ["trainer.warm_start_steps=0", "trainer.eval_max_questions=0",
+                                                 "trainer.tensorboard=false", "deepspeed.enabled='off'",
+                                                 f"trainer.output_dir={out_dir}", *overrides])
     return build_run(cfg)
 
 
 def snapshot(models) -> list:
     """Weights and optimiser states of actor and critic, to start every timed step from the same state."""
-    return [
-        (engine, copy.deepcopy(engine.module.state_dict()), copy.deepcopy(engine.optimizer.state_dict()))
-        for engine in (models.actor, models.critic)
-    ]
+    return [(engine, copy.deepcopy(engine.module.state_dict()), copy.deepcopy(engine.optimizer.state_dict()))
+            for engine in (models.actor, models.critic)]
 
 
 def restore(saved: list) -> None:
@@ -155,21 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--csv", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
 
-    workloads = {
-        "tiny_cpu": ["trainer.device=cpu"]
-        + (
-            [
-                "ppo.rollout_batch_size=4",
-                "rollout.samples_per_prompt=2",
-                "ppo.mini_batch_size=8",
-                "ppo.micro_batch_size=8",
-                "data.synth_num_train=60",
-                "data.synth_num_test=10",
-            ]
-            if args.quick
-            else []
-        )
-    }
+    workloads = {"tiny_cpu": ["trainer.device=cpu"] + (
+        ["ppo.rollout_batch_size=4", "rollout.samples_per_prompt=2", "ppo.mini_batch_size=8",
+         "ppo.micro_batch_size=8", "data.synth_num_train=60", "data.synth_num_test=10"] if args.quick else [])}
     if torch.cuda.is_available() and not args.quick:
         workloads["qwen0.5b_gpu"] = QWEN_05B_BODY
     steps = 1 if args.quick else args.steps
@@ -188,22 +143,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'stage':<14}" + "".join(f"{name:>14}" for name in results))
         for stage in (*STAGES, "step"):
             print(f"{stage:<14}" + "".join(f"{results[name][stage]:>14.3f}" for name in results))
-        print(
-            f"{'step vs ours':<14}"
-            + "".join(f"{results[name]['step'] / results['ours']['step']:>13.2f}x" for name in results)
-        )
+        print(f"{'step vs ours':<14}" + "".join(f"{results[name]['step'] / results['ours']['step']:>13.2f}x"
+                                                for name in results))
         for name, stages in results.items():
             for stage, seconds in stages.items():
-                rows.append(
-                    {
-                        "workload": workload,
-                        "vocab": vocab,
-                        "method": name,
-                        "stage": stage,
-                        "seconds": f"{seconds:.6f}",
-                        "ratio_to_ours": f"{seconds / max(results['ours'][stage], 1e-12):.4f}",
-                    }
-                )
+                rows.append({"workload": workload, "vocab": vocab, "method": name, "stage": stage,
+                             "seconds": f"{seconds:.6f}",
+                             "ratio_to_ours": f"{seconds / max(results['ours'][stage], 1e-12):.4f}"})
     args.csv.parent.mkdir(parents=True, exist_ok=True)
     with open(args.csv, "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))

@@ -39,14 +39,7 @@ from stepsearch.algo.gae import RewardsAndGAE, check_gae_inputs
 from stepsearch.algo.gae import compute_gae as _twin_compute_gae
 from stepsearch.algo.gae import scatter_rewards_and_gae as _twin_scatter_rewards_and_gae
 from stepsearch.algo.scatter import check_scatter_inputs
-from stepsearch.kernels.launch import (
-    K3_CLAMP,
-    LOG_RATIO_CLAMP,
-    launch_options,
-    launch_plan,
-    mask_for_kernel,
-    row_major,
-)
+from stepsearch.kernels.launch import K3_CLAMP, LOG_RATIO_CLAMP, launch_options, launch_plan, mask_for_kernel, row_major
 
 __all__ = ["compute_gae", "scatter_rewards_and_gae"]
 
@@ -79,30 +72,11 @@ def _last(x, BLOCK: tl.constexpr):
 
 @triton.jit
 def _tile_maps(
-    row,
-    tile_end,
-    tile_start,
-    length,
-    rewards_ptr,
-    values_ptr,
-    mask_ptr,
-    old_logp_ptr,
-    ref_logp_ptr,
-    step_scores_ptr,
-    step_ends_ptr,
-    stride_rewards,
-    stride_values,
-    stride_mask,
-    stride_old,
-    stride_ref,
-    num_steps,
-    kl_coef,
-    gamma,
-    gamma_lam,
-    FUSED: tl.constexpr,
-    HAS_KL: tl.constexpr,
-    KL_ESTIMATOR: tl.constexpr,
-    BLOCK: tl.constexpr,
+    row, tile_end, tile_start, length,
+    rewards_ptr, values_ptr, mask_ptr, old_logp_ptr, ref_logp_ptr, step_scores_ptr, step_ends_ptr,
+    stride_rewards, stride_values, stride_mask, stride_old, stride_ref, num_steps,
+    kl_coef, gamma, gamma_lam,
+    FUSED: tl.constexpr, HAS_KL: tl.constexpr, KL_ESTIMATOR: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Per-token affine maps of one tile in reversed order, plus t, the mask, the values and the rewards."""
     t = tile_end - 1 - tl.arange(0, BLOCK)  # (BLOCK,) reversed time
@@ -143,31 +117,11 @@ def _tile_maps(
 
 @triton.jit
 def _gae_summary_kernel(
-    summary_ptr,
-    num_chunks,
-    chunk_len,
-    tiles_per_chunk,
-    length,
-    rewards_ptr,
-    values_ptr,
-    mask_ptr,
-    old_logp_ptr,
-    ref_logp_ptr,
-    step_scores_ptr,
-    step_ends_ptr,
-    stride_rewards,
-    stride_values,
-    stride_mask,
-    stride_old,
-    stride_ref,
-    num_steps,
-    kl_coef,
-    gamma,
-    gamma_lam,
-    FUSED: tl.constexpr,
-    HAS_KL: tl.constexpr,
-    KL_ESTIMATOR: tl.constexpr,
-    BLOCK: tl.constexpr,
+    summary_ptr, num_chunks, chunk_len, tiles_per_chunk, length,
+    rewards_ptr, values_ptr, mask_ptr, old_logp_ptr, ref_logp_ptr, step_scores_ptr, step_ends_ptr,
+    stride_rewards, stride_values, stride_mask, stride_old, stride_ref, num_steps,
+    kl_coef, gamma, gamma_lam,
+    FUSED: tl.constexpr, HAS_KL: tl.constexpr, KL_ESTIMATOR: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """summary[:, row, chunk] = composite map (p, q, k, u, s, w) of all tokens of one chunk (6, B, chunks)."""
     chunk = tl.program_id(0)
@@ -178,45 +132,15 @@ def _gae_summary_kernel(
     for tile in range(0, tiles_per_chunk):
         tile_end = chunk_end - tile * BLOCK
         _t, _in, _m, _v, _r, p, q, k, u, s, w = _tile_maps(
-            row,
-            tile_end,
-            chunk_start,
-            length,
-            rewards_ptr,
-            values_ptr,
-            mask_ptr,
-            old_logp_ptr,
-            ref_logp_ptr,
-            step_scores_ptr,
-            step_ends_ptr,
-            stride_rewards,
-            stride_values,
-            stride_mask,
-            stride_old,
-            stride_ref,
-            num_steps,
-            kl_coef,
-            gamma,
-            gamma_lam,
-            FUSED,
-            HAS_KL,
-            KL_ESTIMATOR,
-            BLOCK,
+            row, tile_end, chunk_start, length,
+            rewards_ptr, values_ptr, mask_ptr, old_logp_ptr, ref_logp_ptr, step_scores_ptr, step_ends_ptr,
+            stride_rewards, stride_values, stride_mask, stride_old, stride_ref, num_steps,
+            kl_coef, gamma, gamma_lam, FUSED, HAS_KL, KL_ESTIMATOR, BLOCK,
         )
         p, q, k, u, s, w = tl.associative_scan((p, q, k, u, s, w), 0, _compose)
         agg_p, agg_q, agg_k, agg_u, agg_s, agg_w = _compose(
-            agg_p,
-            agg_q,
-            agg_k,
-            agg_u,
-            agg_s,
-            agg_w,
-            _last(p, BLOCK),
-            _last(q, BLOCK),
-            _last(k, BLOCK),
-            _last(u, BLOCK),
-            _last(s, BLOCK),
-            _last(w, BLOCK),
+            agg_p, agg_q, agg_k, agg_u, agg_s, agg_w,
+            _last(p, BLOCK), _last(q, BLOCK), _last(k, BLOCK), _last(u, BLOCK), _last(s, BLOCK), _last(w, BLOCK),
         )
     plane = num_chunks * tl.num_programs(1)
     base = summary_ptr + row * num_chunks + chunk
@@ -230,35 +154,11 @@ def _gae_summary_kernel(
 
 @triton.jit
 def _gae_chunk_kernel(
-    advantages_ptr,
-    returns_ptr,
-    rewards_out_ptr,
-    summary_ptr,
-    num_chunks,
-    chunk_len,
-    tiles_per_chunk,
-    length,
-    rewards_ptr,
-    values_ptr,
-    mask_ptr,
-    old_logp_ptr,
-    ref_logp_ptr,
-    step_scores_ptr,
-    step_ends_ptr,
-    outcome_ptr,
-    stride_rewards,
-    stride_values,
-    stride_mask,
-    stride_old,
-    stride_ref,
-    num_steps,
-    kl_coef,
-    gamma,
-    gamma_lam,
-    FUSED: tl.constexpr,
-    HAS_KL: tl.constexpr,
-    KL_ESTIMATOR: tl.constexpr,
-    STORE_REWARDS: tl.constexpr,
+    advantages_ptr, returns_ptr, rewards_out_ptr, summary_ptr, num_chunks, chunk_len, tiles_per_chunk, length,
+    rewards_ptr, values_ptr, mask_ptr, old_logp_ptr, ref_logp_ptr, step_scores_ptr, step_ends_ptr, outcome_ptr,
+    stride_rewards, stride_values, stride_mask, stride_old, stride_ref, num_steps,
+    kl_coef, gamma, gamma_lam,
+    FUSED: tl.constexpr, HAS_KL: tl.constexpr, KL_ESTIMATOR: tl.constexpr, STORE_REWARDS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """Advantages and returns of one chunk of one row; outputs are contiguous (B, T)."""
@@ -288,30 +188,10 @@ def _gae_chunk_kernel(
     for tile in range(0, tiles_per_chunk):
         tile_end = chunk_end - tile * BLOCK
         t, in_tile, masked_in, values, rewards, p, q, k, u, s, w = _tile_maps(
-            row,
-            tile_end,
-            chunk_start,
-            length,
-            rewards_ptr,
-            values_ptr,
-            mask_ptr,
-            old_logp_ptr,
-            ref_logp_ptr,
-            step_scores_ptr,
-            step_ends_ptr,
-            stride_rewards,
-            stride_values,
-            stride_mask,
-            stride_old,
-            stride_ref,
-            num_steps,
-            kl_coef,
-            gamma,
-            gamma_lam,
-            FUSED,
-            HAS_KL,
-            KL_ESTIMATOR,
-            BLOCK,
+            row, tile_end, chunk_start, length,
+            rewards_ptr, values_ptr, mask_ptr, old_logp_ptr, ref_logp_ptr, step_scores_ptr, step_ends_ptr,
+            stride_rewards, stride_values, stride_mask, stride_old, stride_ref, num_steps,
+            kl_coef, gamma, gamma_lam, FUSED, HAS_KL, KL_ESTIMATOR, BLOCK,
         )
         p, q, k, u, s, w = tl.associative_scan((p, q, k, u, s, w), 0, _compose)
         advantages = p * carry_a + q * carry_w + k * carry_o + u
@@ -329,22 +209,8 @@ def _gae_chunk_kernel(
 
 
 def _launch(
-    values,
-    loss_mask,
-    gamma,
-    lam,
-    *,
-    token_rewards=None,
-    outcome=None,
-    step_scores=None,
-    step_ends=None,
-    old_logp=None,
-    ref_logp=None,
-    kl_coef=0.0,
-    kl_estimator="k1",
-    return_rewards=False,
-    block=None,
-    chunk_len=None,
+    values, loss_mask, gamma, lam, *, token_rewards=None, outcome=None, step_scores=None, step_ends=None,
+    old_logp=None, ref_logp=None, kl_coef=0.0, kl_estimator="k1", return_rewards=False, block=None, chunk_len=None,
 ):
     """Run the scan; `token_rewards` given -> plain GAE, else the fused scatter + KL + GAE. Returns 3 tensors."""
     batch, length = loss_mask.shape
@@ -373,20 +239,13 @@ def _launch(
     # Unused pointer arguments get a valid tensor; the constexpr flags keep the kernels from reading them.
     placeholder = advantages
     pointers = (
-        token_rewards if token_rewards is not None else placeholder,
-        values,
-        mask,
-        old_logp if has_kl else placeholder,
-        ref_logp if has_kl else placeholder,
-        step_scores if fused else placeholder,
-        step_ends if fused else placeholder,
+        token_rewards if token_rewards is not None else placeholder, values, mask,
+        old_logp if has_kl else placeholder, ref_logp if has_kl else placeholder,
+        step_scores if fused else placeholder, step_ends if fused else placeholder,
     )
     strides = (
-        token_rewards.stride(0) if token_rewards is not None else 0,
-        values.stride(0),
-        mask.stride(0),
-        old_logp.stride(0) if has_kl else 0,
-        ref_logp.stride(0) if has_kl else 0,
+        token_rewards.stride(0) if token_rewards is not None else 0, values.stride(0), mask.stride(0),
+        old_logp.stride(0) if has_kl else 0, ref_logp.stride(0) if has_kl else 0,
         step_scores.shape[1] if fused else 0,
     )
     scalars = (float(kl_coef), float(gamma), float(gamma * lam))
@@ -396,25 +255,14 @@ def _launch(
     summary = placeholder
     if num_chunks > 1:
         summary = torch.empty(6, batch, num_chunks, dtype=torch.float32, device=device)  # (6, B, chunks)
-        _gae_summary_kernel[grid](
-            summary, num_chunks, chunk_len, chunk_len // block, length, *pointers, *strides, *scalars, **flags, **launch
-        )
+        _gae_summary_kernel[grid](summary, num_chunks, chunk_len, chunk_len // block, length, *pointers, *strides,
+                                  *scalars,
+                                  **flags, **launch)
     _gae_chunk_kernel[grid](
-        advantages,
-        returns,
-        rewards_out if return_rewards else placeholder,
-        summary,
-        num_chunks,
-        chunk_len,
-        chunk_len // block,
-        length,
-        *pointers,
-        outcome if fused else placeholder,
-        *strides,
-        *scalars,
-        STORE_REWARDS=return_rewards,
-        **flags,
-        **launch,
+        advantages, returns, rewards_out if return_rewards else placeholder, summary, num_chunks, chunk_len,
+        chunk_len // block, length,
+        *pointers, outcome if fused else placeholder, *strides, *scalars,
+        STORE_REWARDS=return_rewards, **flags, **launch,
     )
     return advantages, returns, rewards_out
 
@@ -453,32 +301,11 @@ def scatter_rewards_and_gae(
     check_gae_inputs(values, loss_mask, gamma, lam)
     floats = [outcome, step_scores, values] + ([old_logp, ref_logp] if kl_coef != 0 else [])
     if any(t.dtype == torch.float64 for t in floats):
-        return _twin_scatter_rewards_and_gae(
-            outcome,
-            step_scores,
-            step_ends,
-            old_logp,
-            ref_logp,
-            values,
-            loss_mask,
-            kl_coef,
-            gamma,
-            lam,
-            kl_estimator,
-            return_rewards,
-        )
+        return _twin_scatter_rewards_and_gae(outcome, step_scores, step_ends, old_logp, ref_logp, values, loss_mask,
+                                             kl_coef, gamma, lam, kl_estimator, return_rewards)
     advantages, returns, rewards = _launch(
-        values,
-        loss_mask,
-        gamma,
-        lam,
-        outcome=outcome,
-        step_scores=step_scores,
-        step_ends=step_ends,
-        old_logp=old_logp,
-        ref_logp=ref_logp,
-        kl_coef=kl_coef,
-        kl_estimator=kl_estimator,
+        values, loss_mask, gamma, lam, outcome=outcome, step_scores=step_scores, step_ends=step_ends,
+        old_logp=old_logp, ref_logp=ref_logp, kl_coef=kl_coef, kl_estimator=kl_estimator,
         return_rewards=return_rewards,
     )
     return RewardsAndGAE(advantages, returns, rewards)

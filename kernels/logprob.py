@@ -62,20 +62,8 @@ def _maybe_autotune(fn):
 
 @triton.jit
 def _logit_tile(
-    hidden_ptr,
-    weight_ptr,
-    rows,
-    cols,
-    row_ok,
-    col_ok,
-    hidden_size,
-    stride_h,
-    stride_w,
-    inv_temp,
-    BLOCK_N: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    hidden_ptr, weight_ptr, rows, cols, row_ok, col_ok, hidden_size, stride_h, stride_w, inv_temp,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, DOT_PRECISION: tl.constexpr,
     UPCAST_DOT_OPERANDS: tl.constexpr,
 ):
     """Logits z (BLOCK_N, BLOCK_V) fp32 = hidden[rows] . weight[cols] / temperature, accumulated over H."""
@@ -97,24 +85,10 @@ def _logit_tile(
 @_maybe_autotune
 @triton.jit
 def _fwd_kernel(
-    hidden_ptr,
-    weight_ptr,
-    targets_ptr,
-    part_max_ptr,
-    part_sum_ptr,
-    part_shifted_ptr,
-    target_logit_ptr,
-    n_rows,
-    hidden_size,
-    vocab,
-    split_cols,
-    stride_h,
-    stride_w,
-    inv_temp,
-    BLOCK_N: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    hidden_ptr, weight_ptr, targets_ptr,
+    part_max_ptr, part_sum_ptr, part_shifted_ptr, target_logit_ptr,
+    n_rows, hidden_size, vocab, split_cols, stride_h, stride_w, inv_temp,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, DOT_PRECISION: tl.constexpr,
     UPCAST_DOT_OPERANDS: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -134,21 +108,8 @@ def _fwd_kernel(
         cols = v_start + tl.arange(0, BLOCK_V)
         col_ok = cols < v_end
         logits = _logit_tile(
-            hidden_ptr,
-            weight_ptr,
-            rows,
-            cols,
-            row_ok,
-            col_ok,
-            hidden_size,
-            stride_h,
-            stride_w,
-            inv_temp,
-            BLOCK_N,
-            BLOCK_V,
-            BLOCK_H,
-            DOT_PRECISION,
-            UPCAST_DOT_OPERANDS,
+            hidden_ptr, weight_ptr, rows, cols, row_ok, col_ok, hidden_size, stride_h, stride_w, inv_temp,
+            BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION, UPCAST_DOT_OPERANDS,
         )
         logits = tl.where(col_ok[None, :], logits, float("-inf"))
         new_max = tl.maximum(running_max, tl.max(logits, axis=1))
@@ -175,27 +136,9 @@ def _fwd_kernel(
 @_maybe_autotune
 @triton.jit
 def _dlogits_kernel(
-    hidden_ptr,
-    weight_ptr,
-    targets_ptr,
-    lse_ptr,
-    mean_logit_ptr,
-    grad_logp_ptr,
-    grad_entropy_ptr,
-    dlogits_ptr,
-    n_rows,
-    hidden_size,
-    vocab,
-    col_begin,
-    col_end,
-    stride_h,
-    stride_w,
-    stride_d,
-    inv_temp,
-    BLOCK_N: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    hidden_ptr, weight_ptr, targets_ptr, lse_ptr, mean_logit_ptr, grad_logp_ptr, grad_entropy_ptr, dlogits_ptr,
+    n_rows, hidden_size, vocab, col_begin, col_end, stride_h, stride_w, stride_d, inv_temp,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, DOT_PRECISION: tl.constexpr,
     UPCAST_DOT_OPERANDS: tl.constexpr,
 ):
     # Row tiles vary fastest so programs resident together share the same weight tile in L2.
@@ -207,21 +150,8 @@ def _dlogits_kernel(
     cols = col_begin + local_cols
     col_ok = cols < col_end
     logits = _logit_tile(
-        hidden_ptr,
-        weight_ptr,
-        rows,
-        cols,
-        row_ok,
-        col_ok,
-        hidden_size,
-        stride_h,
-        stride_w,
-        inv_temp,
-        BLOCK_N,
-        BLOCK_V,
-        BLOCK_H,
-        DOT_PRECISION,
-        UPCAST_DOT_OPERANDS,
+        hidden_ptr, weight_ptr, rows, cols, row_ok, col_ok, hidden_size, stride_h, stride_w, inv_temp,
+        BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION, UPCAST_DOT_OPERANDS,
     )
     targets = tl.load(targets_ptr + rows, mask=row_ok, other=-1).to(tl.int32)  # V < 2**31; int64 costs registers
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
@@ -257,22 +187,9 @@ def _forward(hidden, weight, targets, chunk_size, inv_temp):
     if n_rows:
         grid = lambda meta: (triton.cdiv(n_rows, meta["BLOCK_N"]), num_splits)  # noqa: E731
         _fwd_kernel[grid](
-            hidden,
-            weight,
-            targets,
-            part_max,
-            part_sum,
-            part_shifted,
-            target_logit,
-            n_rows,
-            hidden_size,
-            vocab,
-            chunk_size,
-            hidden.stride(0),
-            weight.stride(0),
-            inv_temp,
-            DOT_PRECISION=_dot_precision(hidden.dtype),
-            **_launch_kwargs(),
+            hidden, weight, targets, part_max, part_sum, part_shifted, target_logit,
+            n_rows, hidden_size, vocab, chunk_size, hidden.stride(0), weight.stride(0), inv_temp,
+            DOT_PRECISION=_dot_precision(hidden.dtype), **_launch_kwargs(),
         )
     # Merge the splits' online statistics; every split holds >= 1 column so part_max is finite.
     global_max = part_max.amax(dim=0)  # (N,)
@@ -303,9 +220,8 @@ def _matmul_into_fp32(accumulator: torch.Tensor, a: torch.Tensor, b: torch.Tenso
         accumulator.addmm_(a.float(), b.float())
 
 
-def _backward(
-    hidden, weight, targets, lse, mean_logit, grad_logp, grad_entropy, chunk_size, inv_temp, need_hidden, need_weight
-):
+def _backward(hidden, weight, targets, lse, mean_logit, grad_logp, grad_entropy, chunk_size, inv_temp,
+              need_hidden, need_weight):
     n_rows, hidden_size = hidden.shape
     vocab = weight.shape[0]
     grad_hidden = torch.zeros((n_rows, hidden_size), dtype=torch.float32, device=hidden.device) if need_hidden else None
@@ -323,25 +239,9 @@ def _backward(
         width = col_end - col_begin
         grid = lambda meta: (triton.cdiv(n_rows, meta["BLOCK_N"]), triton.cdiv(width, meta["BLOCK_V"]))  # noqa: E731
         _dlogits_kernel[grid](
-            hidden,
-            weight,
-            targets,
-            lse,
-            mean_logit,
-            grad_logp,
-            grad_entropy,
-            dlogits,
-            n_rows,
-            hidden_size,
-            vocab,
-            col_begin,
-            col_end,
-            hidden.stride(0),
-            weight.stride(0),
-            dlogits.stride(0),
-            inv_temp,
-            DOT_PRECISION=_dot_precision(hidden.dtype),
-            **_launch_kwargs(),
+            hidden, weight, targets, lse, mean_logit, grad_logp, grad_entropy, dlogits,
+            n_rows, hidden_size, vocab, col_begin, col_end, hidden.stride(0), weight.stride(0), dlogits.stride(0),
+            inv_temp, DOT_PRECISION=_dot_precision(hidden.dtype), **_launch_kwargs(),
         )
         dlogits_chunk = dlogits[:, :width]  # (N, width)
         if need_hidden:
@@ -365,17 +265,8 @@ class _FusedLogprobEntropy(torch.autograd.Function):
     def backward(ctx, grad_logp, grad_entropy):
         hidden, weight, targets, lse, mean_logit = ctx.saved_tensors
         grad_hidden, grad_weight = _backward(
-            hidden,
-            weight,
-            targets,
-            lse,
-            mean_logit,
-            grad_logp.float(),
-            grad_entropy.float(),
-            ctx.chunk_size,
-            ctx.inv_temp,
-            ctx.needs_input_grad[0],
-            ctx.needs_input_grad[1],
+            hidden, weight, targets, lse, mean_logit, grad_logp.float(), grad_entropy.float(), ctx.chunk_size,
+            ctx.inv_temp, ctx.needs_input_grad[0], ctx.needs_input_grad[1],
         )
         return grad_hidden, grad_weight, None, None, None
 

@@ -47,37 +47,12 @@ _NUM_OUTPUTS = 8  # the 7 fields of PPOLossOutput, then the normaliser 1 / N
 
 @triton.jit
 def _ppo_fwd_kernel(
-    partials_ptr,
-    dpolicy_ptr,
-    dvalue_ptr,
-    num_chunks,
-    chunk_len,
-    tiles_per_chunk,
-    length,
-    logp_ptr,
-    old_logp_ptr,
-    advantages_ptr,
-    values_ptr,
-    old_values_ptr,
-    returns_ptr,
-    mask_ptr,
-    entropy_ptr,
-    stride_logp,
-    stride_old_logp,
-    stride_adv,
-    stride_values,
-    stride_old_values,
-    stride_returns,
-    stride_mask,
+    partials_ptr, dpolicy_ptr, dvalue_ptr, num_chunks, chunk_len, tiles_per_chunk, length,
+    logp_ptr, old_logp_ptr, advantages_ptr, values_ptr, old_values_ptr, returns_ptr, mask_ptr, entropy_ptr,
+    stride_logp, stride_old_logp, stride_adv, stride_values, stride_old_values, stride_returns, stride_mask,
     stride_entropy,
-    clip_low,
-    clip_high,
-    dual_clip,
-    value_clip,
-    HAS_POLICY: tl.constexpr,
-    HAS_VALUE: tl.constexpr,
-    HAS_ENTROPY: tl.constexpr,
-    DUAL_CLIP: tl.constexpr,
+    clip_low, clip_high, dual_clip, value_clip,
+    HAS_POLICY: tl.constexpr, HAS_VALUE: tl.constexpr, HAS_ENTROPY: tl.constexpr, DUAL_CLIP: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     chunk = tl.program_id(0)
@@ -121,14 +96,12 @@ def _ppo_fwd_kernel(
             kl_acc += tl.where(masked_in, (ratio - 1.0) - log_ratio, 0.0)
             tl.store(dpolicy_ptr + out, tl.where(masked_in, dpolicy, 0.0), mask=in_chunk)
             if HAS_ENTROPY:
-                entropy_acc += tl.load(entropy_ptr + row64 * stride_entropy + t, mask=masked_in, other=0.0).to(
-                    tl.float32
-                )
+                entropy_acc += tl.load(entropy_ptr + row64 * stride_entropy + t, mask=masked_in,
+                                       other=0.0).to(tl.float32)
         if HAS_VALUE:
             values = tl.load(values_ptr + row64 * stride_values + t, mask=masked_in, other=0.0).to(tl.float32)
-            old_values = tl.load(old_values_ptr + row64 * stride_old_values + t, mask=masked_in, other=0.0).to(
-                tl.float32
-            )
+            old_values = tl.load(old_values_ptr + row64 * stride_old_values + t, mask=masked_in,
+                                 other=0.0).to(tl.float32)
             returns = tl.load(returns_ptr + row64 * stride_returns + t, mask=masked_in, other=0.0).to(tl.float32)
             values_clipped = tl.minimum(tl.maximum(values, old_values - value_clip), old_values + value_clip)
             unclipped_error = (values - returns) * (values - returns)
@@ -151,21 +124,9 @@ def _ppo_fwd_kernel(
 
 @triton.jit
 def _ppo_finalize_kernel(
-    outputs_ptr,
-    row_weights_ptr,
-    partials_ptr,
-    num_rows,
-    num_chunks,
-    global_tokens_ptr,
-    global_tokens,
-    global_seqs_ptr,
-    global_seqs,
-    vf_coef,
-    entropy_coef,
-    MODE: tl.constexpr,
-    GLOBAL_TOKENS: tl.constexpr,
-    GLOBAL_SEQS: tl.constexpr,
-    BLOCK_ROWS: tl.constexpr,
+    outputs_ptr, row_weights_ptr, partials_ptr, num_rows, num_chunks,
+    global_tokens_ptr, global_tokens, global_seqs_ptr, global_seqs, vf_coef, entropy_coef,
+    MODE: tl.constexpr, GLOBAL_TOKENS: tl.constexpr, GLOBAL_SEQS: tl.constexpr, BLOCK_ROWS: tl.constexpr,
 ):
     """One program: fixed-order sums of the partials -> outputs (8,) and per-row weights (B,).
 
@@ -243,23 +204,9 @@ def _ppo_finalize_kernel(
 
 @triton.jit
 def _ppo_bwd_kernel(
-    grad_logp_ptr,
-    grad_values_ptr,
-    grad_entropy_ptr,
-    dpolicy_ptr,
-    dvalue_ptr,
-    mask_ptr,
-    stride_mask,
-    row_weights_ptr,
-    outputs_ptr,
-    upstream_ptr,
-    length,
-    vf_coef,
-    entropy_coef,
-    HAS_POLICY: tl.constexpr,
-    HAS_VALUE: tl.constexpr,
-    HAS_ENTROPY: tl.constexpr,
-    BLOCK: tl.constexpr,
+    grad_logp_ptr, grad_values_ptr, grad_entropy_ptr, dpolicy_ptr, dvalue_ptr, mask_ptr, stride_mask,
+    row_weights_ptr, outputs_ptr, upstream_ptr, length, vf_coef, entropy_coef,
+    HAS_POLICY: tl.constexpr, HAS_VALUE: tl.constexpr, HAS_ENTROPY: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """grad = local derivative x row weight x 1/N x upstream; upstream = (d loss, d policy, d value, d entropy)."""
     row = tl.program_id(1)
@@ -295,25 +242,14 @@ def _count_args(count, device):
 class _FusedPPOLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logp, old_logp, advantages, values, old_values, returns, loss_mask, entropy, settings):
-        (
-            clip_ratio,
-            dual_clip,
-            value_clip,
-            vf_coef,
-            entropy_coef,
-            mode,
-            global_tokens,
-            global_seqs,
-            block,
-            chunk_len,
-        ) = settings
+        (clip_ratio, dual_clip, value_clip, vf_coef, entropy_coef, mode, global_tokens, global_seqs,
+         block, chunk_len) = settings
         batch, length = loss_mask.shape
         device = loss_mask.device
         has_policy, has_value, has_entropy = logp is not None, values is not None, entropy is not None
         if block is None:
-            block, chunk_len = launch_plan(
-                batch, length, device, max_block=_GPU_BLOCK, programs_per_sm=_PROGRAMS_PER_SM
-            )
+            block, chunk_len = launch_plan(batch, length, device, max_block=_GPU_BLOCK,
+                                           programs_per_sm=_PROGRAMS_PER_SM)
         if chunk_len % block:
             raise ValueError(f"ppo_loss: chunk_len {chunk_len} must be a multiple of block {block}")
         num_chunks = max(1, triton.cdiv(length, chunk_len))
@@ -329,50 +265,22 @@ class _FusedPPOLoss(torch.autograd.Function):
         entropy_in = row_major(entropy)
         pointers = [x if x is not None else outputs for x in tensors] + [mask, entropy_in if has_entropy else outputs]
         strides = [x.stride(0) if x is not None else 0 for x in tensors] + [
-            mask.stride(0),
-            entropy_in.stride(0) if has_entropy else 0,
-        ]
+            mask.stride(0), entropy_in.stride(0) if has_entropy else 0]
         launch = launch_options()
         if batch and length:
             _ppo_fwd_kernel[(num_chunks, batch)](
-                partials,
-                dpolicy,
-                dvalue,
-                num_chunks,
-                chunk_len,
-                chunk_len // block,
-                length,
-                *pointers,
-                *strides,
-                1.0 - clip_ratio,
-                1.0 + clip_ratio,
-                float(dual_clip or 0.0),
-                float(value_clip),
-                HAS_POLICY=has_policy,
-                HAS_VALUE=has_value,
-                HAS_ENTROPY=has_entropy,
-                DUAL_CLIP=dual_clip is not None,
-                BLOCK=block,
-                **launch,
+                partials, dpolicy, dvalue, num_chunks, chunk_len, chunk_len // block, length, *pointers, *strides,
+                1.0 - clip_ratio, 1.0 + clip_ratio, float(dual_clip or 0.0), float(value_clip),
+                HAS_POLICY=has_policy, HAS_VALUE=has_value, HAS_ENTROPY=has_entropy,
+                DUAL_CLIP=dual_clip is not None, BLOCK=block, **launch,
             )
         tokens_kind, tokens_ptr, tokens_scalar = _count_args(global_tokens, device)
         seqs_kind, seqs_ptr, seqs_scalar = _count_args(global_seqs, device)
         _ppo_finalize_kernel[(1,)](
-            outputs,
-            row_weights if batch else outputs,
-            partials,
-            batch,
-            num_chunks,
-            tokens_ptr if tokens_ptr is not None else outputs,
-            tokens_scalar,
-            seqs_ptr if seqs_ptr is not None else outputs,
-            seqs_scalar,
-            float(vf_coef),
-            float(entropy_coef),
-            MODE=mode,
-            GLOBAL_TOKENS=tokens_kind,
-            GLOBAL_SEQS=seqs_kind,
-            BLOCK_ROWS=_FINALIZE_BLOCK_ROWS,
+            outputs, row_weights if batch else outputs, partials, batch, num_chunks,
+            tokens_ptr if tokens_ptr is not None else outputs, tokens_scalar,
+            seqs_ptr if seqs_ptr is not None else outputs, seqs_scalar, float(vf_coef), float(entropy_coef),
+            MODE=mode, GLOBAL_TOKENS=tokens_kind, GLOBAL_SEQS=seqs_kind, BLOCK_ROWS=_FINALIZE_BLOCK_ROWS,
         )
         # Intermediates live on ctx rather than in save_for_backward, and undefined upstream gradients stay None:
         # the trainer backpropagates the actor part and the critic part in two separate calls through this one
@@ -380,11 +288,8 @@ class _FusedPPOLoss(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         ctx.intermediates = (dpolicy, dvalue, mask, row_weights, outputs)
         ctx.settings = (has_policy, has_value, has_entropy, float(vf_coef), float(entropy_coef), block)
-        ctx.input_dtypes = (
-            logp.dtype if has_policy else None,
-            values.dtype if has_value else None,
-            entropy.dtype if has_entropy else None,
-        )
+        ctx.input_dtypes = (logp.dtype if has_policy else None, values.dtype if has_value else None,
+                            entropy.dtype if has_entropy else None)
         results = outputs.unbind(0)[:7]
         ctx.mark_non_differentiable(*results[4:])
         return results
@@ -401,9 +306,8 @@ class _FusedPPOLoss(torch.autograd.Function):
             return None, None, None, None, None, None, None, None, None
         batch, length = mask.shape
         zero = outputs.new_zeros(())
-        upstream = torch.stack(
-            [g if g is not None else zero for g in (grad_loss, grad_policy, grad_value, grad_entropy)]
-        ).float()  # (4,)
+        upstream = torch.stack([g if g is not None else zero for g in (grad_loss, grad_policy, grad_value,
+                                                                       grad_entropy)]).float()  # (4,)
         device = mask.device
         grad_logp = torch.empty(batch, length, dtype=logp_dtype, device=device) if has_policy else None
         grad_values = torch.empty(batch, length, dtype=values_dtype, device=device) if has_value else None
@@ -411,24 +315,10 @@ class _FusedPPOLoss(torch.autograd.Function):
         if batch and length:
             launch = launch_options()
             _ppo_bwd_kernel[(triton.cdiv(length, block), batch)](
-                grad_logp if has_policy else outputs,
-                grad_values if has_value else outputs,
-                grad_entropy_in if has_entropy else outputs,
-                dpolicy,
-                dvalue,
-                mask,
-                mask.stride(0),
-                row_weights,
-                outputs,
-                upstream,
-                length,
-                vf_coef,
-                entropy_coef,
-                HAS_POLICY=has_policy,
-                HAS_VALUE=has_value,
-                HAS_ENTROPY=has_entropy,
-                BLOCK=block,
-                **launch,
+                grad_logp if has_policy else outputs, grad_values if has_value else outputs,
+                grad_entropy_in if has_entropy else outputs, dpolicy, dvalue, mask, mask.stride(0),
+                row_weights, outputs, upstream, length, vf_coef, entropy_coef,
+                HAS_POLICY=has_policy, HAS_VALUE=has_value, HAS_ENTROPY=has_entropy, BLOCK=block, **launch,
             )
         return grad_logp, None, None, grad_values, None, None, None, grad_entropy_in, None
 
@@ -458,59 +348,22 @@ def ppo_loss(
 
     `_block` / `_chunk_len` override the launch plan (tests exercise several tiles and chunks at small shapes).
     """
-    check_ppo_inputs(
-        logp,
-        old_logp,
-        advantages,
-        values,
-        old_values,
-        returns,
-        loss_mask,
-        entropy,
-        clip_ratio=clip_ratio,
-        dual_clip=dual_clip,
-        value_clip=value_clip,
-        loss_agg_mode=loss_agg_mode,
-    )
+    check_ppo_inputs(logp, old_logp, advantages, values, old_values, returns, loss_mask, entropy,
+                     clip_ratio=clip_ratio, dual_clip=dual_clip, value_clip=value_clip, loss_agg_mode=loss_agg_mode)
     given = [x for x in (logp, old_logp, advantages, values, old_values, returns, entropy) if x is not None]
     if any(x.dtype == torch.float64 for x in given):
-        return _twin_ppo_loss(
-            logp,
-            old_logp,
-            advantages,
-            values,
-            old_values,
-            returns,
-            loss_mask,
-            entropy,
-            clip_ratio=clip_ratio,
-            dual_clip=dual_clip,
-            value_clip=value_clip,
-            vf_coef=vf_coef,
-            entropy_coef=entropy_coef,
-            loss_agg_mode=loss_agg_mode,
-            global_token_count=global_token_count,
-            global_seq_count=global_seq_count,
-        )
+        return _twin_ppo_loss(logp, old_logp, advantages, values, old_values, returns, loss_mask, entropy,
+                              clip_ratio=clip_ratio, dual_clip=dual_clip, value_clip=value_clip, vf_coef=vf_coef,
+                              entropy_coef=entropy_coef, loss_agg_mode=loss_agg_mode,
+                              global_token_count=global_token_count, global_seq_count=global_seq_count)
     if logp is None:
         vf_coef_used, entropy_coef_used = vf_coef, 0.0
     else:
         vf_coef_used = vf_coef if values is not None else 0.0
         entropy_coef_used = entropy_coef if entropy is not None else 0.0
-    settings = (
-        float(clip_ratio),
-        dual_clip,
-        float(value_clip),
-        vf_coef_used,
-        entropy_coef_used,
-        LOSS_AGG_MODES.index(loss_agg_mode),
-        global_token_count,
-        global_seq_count,
-        _block,
-        _chunk_len,
-    )
+    settings = (float(clip_ratio), dual_clip, float(value_clip), vf_coef_used, entropy_coef_used,
+                LOSS_AGG_MODES.index(loss_agg_mode), global_token_count, global_seq_count, _block, _chunk_len)
     detach = [x.detach() if x is not None else None for x in (old_logp, advantages, old_values, returns)]
-    results = _FusedPPOLoss.apply(
-        logp, detach[0], detach[1], values, detach[2], detach[3], loss_mask, entropy, settings
-    )
+    results = _FusedPPOLoss.apply(logp, detach[0], detach[1], values, detach[2], detach[3], loss_mask, entropy,
+                                  settings)
     return PPOLossOutput(*results)

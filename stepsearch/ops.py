@@ -82,21 +82,17 @@ def _triton_importable() -> bool:
 
 
 def backend_for(tensor: torch.Tensor) -> str:
-    """ "triton" or "torch": which implementation a call on `tensor` runs (for logging and tests)."""
+    """"triton" or "torch": which implementation a call on `tensor` runs (for logging and tests)."""
     impl = current_impl()
     if impl == "torch":
         return "torch"
     if impl == "triton":
         if not _triton_importable():
-            raise RuntimeError(
-                "kernels.impl is 'triton' but triton cannot be imported; install the [kernels] "
-                "extra or set kernels.impl to 'auto' or 'torch'"
-            )
+            raise RuntimeError("kernels.impl is 'triton' but triton cannot be imported; install the [kernels] "
+                               "extra or set kernels.impl to 'auto' or 'torch'")
         if tensor.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise RuntimeError(
-                f"kernels.impl is 'triton' but the tensors are on {tensor.device}; the kernels need "
-                "CUDA tensors (or TRITON_INTERPRET=1 for CPU debugging). Use 'auto' on CPU."
-            )
+            raise RuntimeError(f"kernels.impl is 'triton' but the tensors are on {tensor.device}; the kernels need "
+                               "CUDA tensors (or TRITON_INTERPRET=1 for CPU debugging). Use 'auto' on CPU.")
         return "triton"
     return "triton" if tensor.device.type == "cuda" and _triton_importable() else "torch"
 
@@ -130,39 +126,15 @@ def scatter_rewards_and_gae(
     if backend_for(values) == "triton":
         from stepsearch.kernels import gae as implementation
     return implementation.scatter_rewards_and_gae(
-        outcome,
-        step_scores,
-        step_ends,
-        old_logp,
-        ref_logp,
-        values,
-        loss_mask,
-        kl_coef,
-        gamma,
-        lam,
-        kl_estimator,
-        return_rewards,
+        outcome, step_scores, step_ends, old_logp, ref_logp, values, loss_mask, kl_coef, gamma, lam,
+        kl_estimator, return_rewards,
     )
 
 
 def ppo_loss(
-    logp,
-    old_logp,
-    advantages,
-    values,
-    old_values,
-    returns,
-    loss_mask,
-    entropy=None,
-    *,
-    clip_ratio: float,
-    dual_clip: float | None = None,
-    value_clip: float,
-    vf_coef: float,
-    entropy_coef: float,
-    loss_agg_mode: str = "token-mean",
-    global_token_count=None,
-    global_seq_count=None,
+    logp, old_logp, advantages, values, old_values, returns, loss_mask, entropy=None, *, clip_ratio: float,
+    dual_clip: float | None = None, value_clip: float, vf_coef: float, entropy_coef: float,
+    loss_agg_mode: str = "token-mean", global_token_count=None, global_seq_count=None,
 ) -> PPOLossOutput:
     """PPO loss and diagnostics; see `stepsearch.algo.ppo_loss.ppo_loss` (values=None: actor only, logp=None:
     critic only)."""
@@ -170,97 +142,32 @@ def ppo_loss(
     if backend_for(loss_mask) == "triton":
         from stepsearch.kernels import ppo_loss as implementation
     return implementation.ppo_loss(
-        logp,
-        old_logp,
-        advantages,
-        values,
-        old_values,
-        returns,
-        loss_mask,
-        entropy,
-        clip_ratio=clip_ratio,
-        dual_clip=dual_clip,
-        value_clip=value_clip,
-        vf_coef=vf_coef,
-        entropy_coef=entropy_coef,
-        loss_agg_mode=loss_agg_mode,
-        global_token_count=global_token_count,
-        global_seq_count=global_seq_count,
+        logp, old_logp, advantages, values, old_values, returns, loss_mask, entropy, clip_ratio=clip_ratio,
+        dual_clip=dual_clip, value_clip=value_clip, vf_coef=vf_coef, entropy_coef=entropy_coef,
+        loss_agg_mode=loss_agg_mode, global_token_count=global_token_count, global_seq_count=global_seq_count,
     )
 
 
-def policy_loss(
-    logp,
-    old_logp,
-    advantages,
-    loss_mask,
-    entropy=None,
-    *,
-    clip_ratio: float,
-    dual_clip: float | None = None,
-    entropy_coef: float = 0.0,
-    loss_agg_mode: str = "token-mean",
-    global_token_count=None,
-    global_seq_count=None,
-) -> PPOLossOutput:
+def policy_loss(logp, old_logp, advantages, loss_mask, entropy=None, *, clip_ratio: float,
+                dual_clip: float | None = None, entropy_coef: float = 0.0, loss_agg_mode: str = "token-mean",
+                global_token_count=None, global_seq_count=None) -> PPOLossOutput:
     """Actor part of `ppo_loss` (value fields are 0)."""
-    return ppo_loss(
-        logp,
-        old_logp,
-        advantages,
-        None,
-        None,
-        None,
-        loss_mask,
-        entropy,
-        clip_ratio=clip_ratio,
-        dual_clip=dual_clip,
-        value_clip=1.0,
-        vf_coef=0.0,
-        entropy_coef=entropy_coef,
-        loss_agg_mode=loss_agg_mode,
-        global_token_count=global_token_count,
-        global_seq_count=global_seq_count,
-    )
+    return ppo_loss(logp, old_logp, advantages, None, None, None, loss_mask, entropy, clip_ratio=clip_ratio,
+                    dual_clip=dual_clip, value_clip=1.0, vf_coef=0.0, entropy_coef=entropy_coef,
+                    loss_agg_mode=loss_agg_mode, global_token_count=global_token_count,
+                    global_seq_count=global_seq_count)
 
 
-def value_loss(
-    values,
-    old_values,
-    returns,
-    loss_mask,
-    *,
-    value_clip: float,
-    vf_coef: float = 1.0,
-    loss_agg_mode: str = "token-mean",
-    global_token_count=None,
-    global_seq_count=None,
-) -> PPOLossOutput:
+def value_loss(values, old_values, returns, loss_mask, *, value_clip: float, vf_coef: float = 1.0,
+               loss_agg_mode: str = "token-mean", global_token_count=None, global_seq_count=None) -> PPOLossOutput:
     """Critic part of `ppo_loss` (`loss` = vf_coef * value_loss; policy fields are 0)."""
-    return ppo_loss(
-        None,
-        None,
-        None,
-        values,
-        old_values,
-        returns,
-        loss_mask,
-        None,
-        clip_ratio=1.0,
-        value_clip=value_clip,
-        vf_coef=vf_coef,
-        entropy_coef=0.0,
-        loss_agg_mode=loss_agg_mode,
-        global_token_count=global_token_count,
-        global_seq_count=global_seq_count,
-    )
+    return ppo_loss(None, None, None, values, old_values, returns, loss_mask, None, clip_ratio=1.0,
+                    value_clip=value_clip, vf_coef=vf_coef, entropy_coef=0.0, loss_agg_mode=loss_agg_mode,
+                    global_token_count=global_token_count, global_seq_count=global_seq_count)
 
 
 def logprob_entropy(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    chunk_size: int = 4096,
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int = 4096,
     temperature: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(logp (N,), entropy (N,)) of `targets` (N,) under softmax(hidden (N, H) @ weight (V, H).T / temperature),
@@ -268,4 +175,6 @@ def logprob_entropy(
     implementation = logprob_twin
     if backend_for(hidden) == "triton":
         from stepsearch.kernels import logprob as implementation
-    return implementation.logprob_entropy(hidden, weight, targets, chunk_size=chunk_size, temperature=temperature)
+    return implementation.logprob_entropy(
+        hidden, weight, targets, chunk_size=chunk_size, temperature=temperature
+    )

@@ -13,7 +13,7 @@ Each StePPO step (`train_step`); every stage is a function that returns what the
                      agent loop: loss mask, step ends, queries, answer, format)              -> SequenceBatch
     score_tokens     no grad: old_logp, ref_logp (actor / reference), values (critic)        -> TokenScores
     rewards          `rewards.score_rollout`: outcome (F1 or format penalty + key reward) (B,), step scores
-                     (B, S)                                                                  -> Rewards
+                     (B, S)                                                                  -> RewardBatch
     advantages       ops.scatter_rewards_and_gae (KL penalty included), whitening            -> Advantages
     update           PPO epochs x mini-batches x micro-batches through ops.ppo_loss over the Experience; a
                      non-finite loss skips the mini-batch's update with a logged reason
@@ -70,6 +70,7 @@ if __package__ in (None, ""):
 from stepsearch import ops  # noqa: E402
 from stepsearch.config import Config, load_config  # noqa: E402
 from stepsearch.models.actor_critic import SequenceBatch, build_sequences  # noqa: E402
+from stepsearch.rewards import RewardBatch, score_rollout  # noqa: E402
 from stepsearch.seeds import derive_seed  # noqa: E402
 from stepsearch.trainer import build, ranks  # noqa: E402
 from stepsearch.trainer.build import Context, Models, Run  # noqa: E402
@@ -92,13 +93,6 @@ class TokenScores:
     old_logp: torch.Tensor
     ref_logp: torch.Tensor
     values: torch.Tensor
-
-
-@dataclass(frozen=True)
-class Rewards:
-    outcome: torch.Tensor  # (B,)
-    step_scores: torch.Tensor  # (B, S) s^t = step_weight (G^t - P^t), on the tokens of `rollout.step_ends`
-    details: list[dict]  # per trajectory, for the report
 
 
 @dataclass(frozen=True)
@@ -169,16 +163,14 @@ def score_tokens_stage(ctx: Context, models: Models, sequences: SequenceBatch, l
     return TokenScores(torch.cat(old), torch.cat(ref), torch.cat(values))
 
 
-def reward_stage(ctx: Context, rollout, records: list, metrics: StepMetrics) -> Rewards:
+def reward_stage(ctx: Context, rollout, records: list, metrics: StepMetrics) -> RewardBatch:
     """Outcome reward (B,) and step scores s^t = step_weight (G^t - P^t) (B, S): `stepsearch.rewards.score_rollout`."""
-    from stepsearch.rewards import score_rollout
-
     rewards = score_rollout(rollout, records, ctx.cfg.reward)
     metrics.update(rewards.metrics)
-    return Rewards(rewards.outcome, rewards.step_scores, rewards.details)
+    return rewards
 
 
-def advantage_stage(ctx: Context, rollout, scores: TokenScores, rewards: Rewards) -> Advantages:
+def advantage_stage(ctx: Context, rollout, scores: TokenScores, rewards: RewardBatch) -> Advantages:
     """Token rewards (step scores on step ends, outcome on the last token, -beta KL on every generated token),
     GAE advantages and returns, then advantages whitened over generated tokens."""
     ppo = ctx.cfg.ppo

@@ -25,62 +25,28 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from stepsearch.trainer.checkpoint import CHECKPOINTS_DIR
 
 
-@dataclass(frozen=True)
 class RunDir:
     """Typed paths of one run directory."""
 
-    root: Path
-
-    @property
-    def config(self) -> Path:
-        return self.root / "config.yaml"
-
-    @property
-    def metrics(self) -> Path:
-        return self.root / "metrics.jsonl"
-
-    @property
-    def trajectories(self) -> Path:
-        return self.root / "trajectories.jsonl"
-
-    @property
-    def tensorboard(self) -> Path:
-        return self.root / "tensorboard"
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.root / CHECKPOINTS_DIR
-
-    @property
-    def world(self) -> Path:
-        return self.root / "world"
-
-    @property
-    def tokenizer(self) -> Path:
-        return self.root / "tokenizer"
-
-    @property
-    def warm_start(self) -> Path:
-        return self.root / "warm_start"
-
-    @property
-    def initial_policy(self) -> Path:
-        return self.root / "initial_policy"
-
-    @property
-    def final(self) -> Path:
-        return self.root / "final"
-
-    @property
-    def report(self) -> Path:
-        return self.root / "report"
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+        self.config = self.root / "config.yaml"
+        self.metrics = self.root / "metrics.jsonl"
+        self.trajectories = self.root / "trajectories.jsonl"
+        self.tensorboard = self.root / "tensorboard"
+        self.checkpoints = self.root / CHECKPOINTS_DIR
+        self.world = self.root / "world"
+        self.tokenizer = self.root / "tokenizer"
+        self.warm_start = self.root / "warm_start"
+        self.initial_policy = self.root / "initial_policy"
+        self.final = self.root / "final"
+        self.report = self.root / "report"
 
     def eval_dir(self, which: str) -> Path:
         """`eval_<which>/`: `which` is "before", "after" or "step<N>"."""

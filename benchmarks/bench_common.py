@@ -1,7 +1,9 @@
 """Helpers shared by the benchmark scripts (run as `python benchmarks/bench_*.py`, so this imports as a sibling)."""
 from __future__ import annotations
 
+import csv
 import platform
+from pathlib import Path
 
 import torch
 
@@ -11,3 +13,13 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def write_csv(path: Path, rows: list[dict], fieldnames: list[str] | None = None) -> None:
+    """Write the long-format rows (columns: `fieldnames`, default the first row's keys) and say where."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fieldnames or list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"wrote {len(rows)} rows to {path}")

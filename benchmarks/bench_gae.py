@@ -22,7 +22,6 @@ per device, shape, method and metric.
 from __future__ import annotations
 
 import argparse
-import csv
 import statistics
 import sys
 import time
@@ -188,12 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{batch:>5} {length:>6} {method:<13} {metrics['median_us']:>12.1f} {metrics['gb_s']:>9.1f} "
               f"{metrics.get('speedup_vs_python_loop', float('nan')):>10.1f} "
               f"{metrics.get('speedup_vs_torch_twin', float('nan')):>8.2f}")
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(out_path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"wrote {out_path}")
+    bench_common.write_csv(out_path, rows)
     return 0
 
 

@@ -18,7 +18,6 @@ and long-format CSV at benchmarks/results/logprob.csv (one row per device, metho
 from __future__ import annotations
 
 import argparse
-import csv
 import ctypes
 import math
 import statistics
@@ -218,12 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({**common, "method": "cublas_gemm", "pass": "ceiling", "metric": "tflops", "value": ceiling})
 
     out_path = args.out or (RESULTS_PATH.with_name("logprob_quick.csv") if args.quick else RESULTS_PATH)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(out_path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=[*common, "method", "pass", "metric", "value"])
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"wrote {len(rows)} rows to {out_path}")
+    bench_common.write_csv(out_path, rows, [*common, "method", "pass", "metric", "value"])
     return 0
 
 

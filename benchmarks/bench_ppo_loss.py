@@ -21,7 +21,6 @@ Results: a printed table and long-format CSV at benchmarks/results/ppo_loss.csv 
 from __future__ import annotations
 
 import argparse
-import csv
 import statistics
 import sys
 import time
@@ -165,12 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     for (method, pass_name), metrics in table.items():
         print(f"{method:<14} {pass_name:<8} {metrics['median_us']:>11.1f} {metrics['gb_s']:>8.1f} "
               f"{metrics.get('speedup_vs_torch_twin', float('nan')):>8.2f}")
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(out_path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"wrote {out_path}")
+    bench_common.write_csv(out_path, rows)
     return 0
 
 

@@ -36,6 +36,7 @@ import statistics
 import time
 from pathlib import Path
 
+import bench_common
 import numpy as np
 from tqdm import tqdm
 
@@ -267,12 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     for row in shares:
         print(f"step share: {row['method']:<9} {row['sequences']} x {row['tokens']} tokens: {row['metric']} = "
               f"{row['value']:.6g}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with args.out.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"wrote {args.out}")
+    bench_common.write_csv(args.out, rows)
     return 0
 
 

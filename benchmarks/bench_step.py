@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import statistics
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+import bench_common
 import torch
 
 from stepsearch import ops
@@ -150,12 +150,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append({"workload": workload, "vocab": vocab, "method": name, "stage": stage,
                              "seconds": f"{seconds:.6f}",
                              "ratio_to_ours": f"{seconds / max(results['ours'][stage], 1e-12):.4f}"})
-    args.csv.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.csv, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"\nwrote {args.csv}")
+    bench_common.write_csv(args.csv, rows)
     return 0
 
 

@@ -16,11 +16,11 @@ Prints a table and writes long-format CSV to benchmarks/results/step_reward.csv.
 from __future__ import annotations
 
 import argparse
-import csv
 import random
 import time
 from pathlib import Path
 
+import bench_common
 import numpy as np
 
 from stepsearch.rewards.answer import normalize_answer
@@ -169,12 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.extend({"benchmark": "step_reward", **workload, "method": name, "metric": metric, "value": value}
                     for metric, value in metrics.items())
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with args.out.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"wrote {args.out}")
+    bench_common.write_csv(args.out, rows)
     return 0
 
 

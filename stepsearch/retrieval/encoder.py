@@ -76,22 +76,26 @@ class TextEncoder:
         self.dim = int(self.model.config.hidden_size)
 
     def _encode(self, texts: list[str], batch_size: int, progress: bool) -> np.ndarray:
+        """Encode in batches of similar length (longest first), so padding costs little; rows keep input order."""
         import torch
         from tqdm.auto import tqdm
 
         out = np.empty((len(texts), self.dim), dtype=np.float32)  # (N, H)
-        starts = range(0, len(texts), batch_size)
-        for start in tqdm(starts, desc="encoding", unit="batch", disable=not progress):
-            batch = texts[start : start + batch_size]
-            tokens = self.tokenizer(
-                batch, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
-            ).to(self.device)
-            with torch.inference_mode():
-                hidden = self.model(**tokens).last_hidden_state.float()  # (b, L, H)
-            mask = tokens["attention_mask"].unsqueeze(-1).float()  # (b, L, 1)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)  # (b, H)
-            pooled = torch.nn.functional.normalize(pooled, dim=-1)
-            out[start : start + len(batch)] = pooled.cpu().numpy()
+        by_length = sorted(range(len(texts)), key=lambda i: -len(texts[i]))  # characters: a cheap proxy for tokens
+        with tqdm(total=len(texts), desc="encoding", unit="passage", unit_scale=True, disable=not progress) as bar:
+            for start in range(0, len(texts), batch_size):
+                rows = by_length[start : start + batch_size]
+                tokens = self.tokenizer(
+                    [texts[i] for i in rows], padding=True, truncation=True, max_length=self.max_length,
+                    return_tensors="pt",
+                ).to(self.device)
+                with torch.inference_mode():
+                    hidden = self.model(**tokens).last_hidden_state.float()  # (b, L, H)
+                mask = tokens["attention_mask"].unsqueeze(-1).float()  # (b, L, 1)
+                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)  # (b, H)
+                pooled = torch.nn.functional.normalize(pooled, dim=-1)
+                out[rows] = pooled.cpu().numpy()
+                bar.update(len(rows))
         return out
 
     def encode_queries(self, queries: list[str], batch_size: int = 256) -> np.ndarray:

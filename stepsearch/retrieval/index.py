@@ -1,7 +1,12 @@
 """Search indexes over a passage corpus: BM25 (bm25s) and dense (HF encoder + FAISS inner product).
 
 An index directory holds `meta.json` (method, encoder, corpus path, document count, build parameters), `docs.jsonl`
-(the corpus, so the directory is self-contained) and the method's files (`bm25/` or `faiss.index`).
+(the corpus, so the directory is self-contained) and the method's files (`bm25/` or `faiss.index`). The encoder is
+recorded portably: the packaged default MiniLM by its package name (found again in whatever environment loads the
+index), any other encoder by its directory, together with a fingerprint of its config and weight sizes that loading
+checks, so an index never silently meets a different encoder.
+
+Both methods rank by score, then by corpus position: the top-k of a query is always a prefix of its top-(k+1).
 `build_index` writes one, `load_index` reads one back. FAISS uses the GPUs when faiss-gpu is installed and a CUDA
 device is visible (sharded across GPUs in fp16), faiss-cpu otherwise. bm25s, faiss and torch are imported lazily.
 """
@@ -19,6 +24,12 @@ from stepsearch.retrieval.base import Document, RetrieverError
 from stepsearch.retrieval.corpus import load_corpus, write_corpus
 
 FORMAT_VERSION = 1
+BM25_DEFAULT_K1 = 1.2
+"""BM25 term-frequency saturation; chosen by measurement (benchmarks/README.md, "BM25 parameters")."""
+BM25_DEFAULT_B = 0.75
+"""BM25 length normalisation; chosen by measurement (benchmarks/README.md, "BM25 parameters")."""
+BM25_LUCENE_K1, BM25_LUCENE_B = 0.9, 0.4
+"""Lucene/Pyserini's defaults, which Search-R1's BM25 server uses (`--bm25-preset lucene`)."""
 META_FILE = "meta.json"
 DOCS_FILE = "docs.jsonl"
 FAISS_FILE = "faiss.index"
@@ -53,8 +64,16 @@ class SearchIndex:
         ]
 
     def describe(self) -> dict[str, Any]:
-        """The metadata a server reports on /health."""
-        return {k: self.meta[k] for k in ("method", "encoder", "num_docs", "corpus_path") if k in self.meta}
+        """What a server reports on /health: method, document count, build parameters, encoder name; no paths."""
+        described: dict[str, Any] = {"method": self.meta["method"], "num_docs": len(self.docs)}
+        build = self.meta.get("build", {})
+        if self.method == "bm25":
+            described["k1"], described["b"] = build.get("k1"), build.get("b")
+        else:
+            described["index_type"] = build.get("index_type")
+            encoder = self.meta.get("encoder") or ""
+            described["encoder"] = encoder if encoder.startswith(PACKAGE_ENCODER_PREFIX) else Path(encoder).name
+        return described
 
 
 class BM25Index(SearchIndex):
@@ -82,9 +101,11 @@ class BM25Index(SearchIndex):
         )  # (V, N)
 
     @classmethod
-    def build(cls, docs: list[Document], meta: dict[str, Any], k1: float = 0.9, b: float = 0.4) -> BM25Index:
+    def build(cls, docs: list[Document], meta: dict[str, Any], k1: float = BM25_DEFAULT_K1,
+              b: float = BM25_DEFAULT_B) -> BM25Index:
         import bm25s
 
+        check_bm25_params(k1, b)
         tokens = bm25s.tokenize([d.contents for d in docs], stopwords="en", show_progress=True)
         model = bm25s.BM25(k1=k1, b=b)
         model.index(tokens, show_progress=True)
@@ -132,13 +153,33 @@ class BM25Index(SearchIndex):
             row_docs, row_scores = doc_scores.indices[lo:hi], doc_scores.data[lo:hi]
             keep = row_scores > 0
             row_docs, row_scores = row_docs[keep], row_scores[keep]
-            if len(row_scores) > topk:
-                best = np.argpartition(-row_scores, topk - 1)[:topk]
-                row_docs, row_scores = row_docs[best], row_scores[best]
-            order = np.lexsort((row_docs, -row_scores))
-            positions.append(row_docs[order].tolist())
-            scores.append(row_scores[order].tolist())
+            best = top_positions(row_docs, row_scores, topk)
+            positions.append(row_docs[best].tolist())
+            scores.append(row_scores[best].tolist())
         return positions, scores
+
+
+def check_bm25_params(k1: float, b: float) -> None:
+    """BM25 needs k1 >= 0 (0: term frequency ignored) and b in [0, 1] (0: no length normalisation)."""
+    if not (np.isfinite(k1) and k1 >= 0):
+        raise RetrieverError(f"BM25 k1 must be a finite number >= 0, got {k1}")
+    if not (np.isfinite(b) and 0 <= b <= 1):
+        raise RetrieverError(f"BM25 b must be in [0, 1], got {b}")
+
+
+def top_positions(doc_positions: np.ndarray, scores: np.ndarray, topk: int) -> np.ndarray:
+    """Indices of the `topk` best entries, ordered by score descending then corpus position ascending.
+
+    `argpartition` alone would pick an arbitrary subset of the documents tied at the cut; here every document whose
+    score equals the k-th best score is kept as a candidate and the full (score, position) order decides.
+    """
+    if len(scores) > topk:
+        kth_best = -np.partition(-scores, topk - 1)[topk - 1]
+        candidates = np.flatnonzero(scores >= kth_best)
+    else:
+        candidates = np.arange(len(scores))
+    order = np.lexsort((doc_positions[candidates], -scores[candidates]))
+    return candidates[order[:topk]]
 
 
 class DenseIndex(SearchIndex):
@@ -186,7 +227,8 @@ class DenseIndex(SearchIndex):
         else:
             raise RetrieverError(f"unknown dense index type {index_type!r} (expected flat, ivf or hnsw)")
         index.add(embeddings)
-        meta["encoder"] = str(encoder.path)
+        meta["encoder"] = encoder_reference(encoder.path)
+        meta["encoder_fingerprint"] = encoder_fingerprint(encoder.path)
         meta["build"] = {
             "index_type": index_type, "dim": dim, "nlist": nlist, "nprobe": nprobe, "hnsw_m": hnsw_m,
             "ef_search": ef_search, "max_length": max_length,
@@ -200,14 +242,16 @@ class DenseIndex(SearchIndex):
         faiss.write_index(self.cpu_index, str(out_dir / FAISS_FILE))
 
     @classmethod
-    def load_files(cls, index_dir: Path, docs: list[Document], meta: dict[str, Any]) -> DenseIndex:
+    def load_files(cls, index_dir: Path, docs: list[Document], meta: dict[str, Any],
+                   encoder_path: str | Path | None = None) -> DenseIndex:
         import faiss
 
         from stepsearch.retrieval.encoder import TextEncoder
 
         build = meta.get("build", {})
+        path = resolve_encoder(meta, index_dir, encoder_path)
         encoder = TextEncoder(
-            meta.get("encoder"),
+            path,
             query_prefix=build.get("query_prefix"),
             passage_prefix=build.get("passage_prefix"),
             max_length=int(build.get("max_length", 256)),
@@ -221,12 +265,88 @@ class DenseIndex(SearchIndex):
         if not queries:
             return [], []
         embeddings = self.encoder.encode_queries(queries)  # (Q, H)
-        scores, positions = self.faiss_index.search(embeddings, min(topk, len(self.docs)))  # (Q, k) each
-        keep = positions >= 0  # IVF/HNSW return -1 when fewer than k neighbours are reachable
-        return (
-            [row[m].tolist() for row, m in zip(positions, keep)],
-            [row[m].tolist() for row, m in zip(scores, keep)],
-        )
+        # One neighbour more than asked, so a tie at the cut is visible and settled by corpus position.
+        wanted = min(topk + 1, len(self.docs))
+        scores, positions = self.faiss_index.search(embeddings, wanted)  # (Q, wanted) each
+        out_positions, out_scores = [], []
+        for row in range(len(queries)):
+            row_positions, row_scores = _reachable(positions[row], scores[row])
+            if _tie_at_end(row_scores, topk) and wanted < len(self.docs):
+                row_positions, row_scores = self._neighbours_past_ties(embeddings[row : row + 1], topk, 2 * wanted)
+            best = top_positions(row_positions, row_scores, topk)
+            out_positions.append(row_positions[best].tolist())
+            out_scores.append(row_scores[best].tolist())
+        return out_positions, out_scores
+
+    def _neighbours_past_ties(self, embedding: np.ndarray, topk: int, wanted: int) -> tuple[np.ndarray, np.ndarray]:
+        """Neighbours of one query embedding (1, H), widened until every document tied with the k-th is seen."""
+        while True:
+            wanted = min(wanted, len(self.docs))
+            scores, positions = self.faiss_index.search(embedding, wanted)  # (1, wanted) each
+            row_positions, row_scores = _reachable(positions[0], scores[0])
+            if not _tie_at_end(row_scores, topk) or wanted == len(self.docs):
+                return row_positions, row_scores
+            wanted *= 2
+
+
+def _reachable(positions: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    keep = positions >= 0  # IVF/HNSW return -1 when fewer neighbours are reachable
+    return positions[keep], scores[keep]
+
+
+def _tie_at_end(scores: np.ndarray, topk: int) -> bool:
+    """Whether the last neighbour found still ties with the k-th, so more tied documents may lie beyond."""
+    return len(scores) > topk and scores[-1] == scores[topk - 1]
+
+
+PACKAGE_ENCODER_PREFIX = "package:"
+
+
+def encoder_reference(path: Path) -> str:
+    """How `meta.json` names an encoder: `package:<module>` for the packaged default (its site-packages path differs
+    between environments), else the encoder directory's absolute path."""
+    from stepsearch.retrieval.encoder import MINILM_PACKAGE, default_encoder_path
+
+    try:
+        if Path(path).resolve() == default_encoder_path().resolve():
+            return PACKAGE_ENCODER_PREFIX + MINILM_PACKAGE
+    except RetrieverError:  # the default package is absent: this encoder cannot be it
+        pass
+    return str(Path(path).resolve())
+
+
+def encoder_fingerprint(path: Path) -> str:
+    """A hash of an encoder directory's config.json and the names and sizes of its weight files."""
+    import hashlib
+
+    digest = hashlib.sha256((Path(path) / "config.json").read_bytes())
+    for weights in sorted(Path(path).glob("*.safetensors")) + sorted(Path(path).glob("*.bin")):
+        digest.update(f"{weights.name}:{weights.stat().st_size}".encode())
+    return digest.hexdigest()[:16]
+
+
+def resolve_encoder(meta: dict[str, Any], index_dir: Path, override: str | Path | None = None) -> Path:
+    """The encoder directory for a dense index: `override` if given, else what `meta.json` names; its fingerprint
+    must match the one recorded at build time."""
+    from stepsearch.retrieval.encoder import MINILM_PACKAGE, default_encoder_path
+
+    reference = meta.get("encoder")
+    if override is not None:
+        path = Path(override)
+    elif reference == PACKAGE_ENCODER_PREFIX + MINILM_PACKAGE or reference is None:
+        path = default_encoder_path()
+    elif isinstance(reference, str) and reference.startswith(PACKAGE_ENCODER_PREFIX):
+        raise RetrieverError(f"{index_dir}/{META_FILE}: unknown encoder package {reference!r}")
+    else:
+        path = Path(reference)
+    if not (path / "config.json").is_file():
+        raise RetrieverError(f"{index_dir}: the encoder {path} this index was built with is not here; pass the same "
+                             "encoder's directory with --encoder / retriever.encoder_path")
+    recorded = meta.get("encoder_fingerprint")
+    if recorded is not None and encoder_fingerprint(path) != recorded:
+        raise RetrieverError(f"{index_dir}: encoder {path} differs from the one this index was built with "
+                             f"(fingerprint {encoder_fingerprint(path)} != {recorded})")
+    return path
 
 
 def _to_gpu_if_available(index: Any, index_type: str) -> Any:
@@ -257,7 +377,7 @@ def build_index(
 ) -> SearchIndex:
     """Index a JSONL corpus with `method` and save it (with its metadata and a copy of the corpus) to `out_dir`.
 
-    `params` go to the method's builder: BM25 `k1`, `b`; dense `index_type` (flat|ivf|hnsw), `nlist`, `nprobe`,
+    `params` go to the method's builder: BM25 `k1`, `b` (defaults `BM25_DEFAULT_K1`, `BM25_DEFAULT_B`); dense `index_type` (flat|ivf|hnsw), `nlist`, `nprobe`,
     `hnsw_m`, `ef_search`, `batch_size`, `max_length`.
     """
     if method not in INDEX_CLASSES:
@@ -265,6 +385,8 @@ def build_index(
     if method == "bm25" and encoder_path is not None:
         raise RetrieverError("--encoder only applies to --method dense")
     corpus_path = Path(corpus_path).resolve()
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise RetrieverError(f"{out_dir}: exists and is not a directory; give --out a new or index directory")
     docs = load_corpus(corpus_path)
     stat = corpus_path.stat()
     meta: dict[str, Any] = {
@@ -313,11 +435,14 @@ def read_index_meta(index_dir: str | Path) -> dict[str, Any]:
     return meta
 
 
-def load_index(index_dir: str | Path) -> SearchIndex:
-    """Load an index directory written by `build_index`."""
+def load_index(index_dir: str | Path, encoder_path: str | Path | None = None) -> SearchIndex:
+    """Load an index directory written by `build_index`; `encoder_path` points a dense index at its encoder when the
+    directory recorded at build time does not exist here (the fingerprint must still match)."""
     index_dir = Path(index_dir)
     meta = read_index_meta(index_dir)
     docs = load_corpus(index_dir / DOCS_FILE)
     if len(docs) != meta["num_docs"]:
         raise RetrieverError(f"{index_dir}: {DOCS_FILE} has {len(docs)} documents, meta.json says {meta['num_docs']}")
-    return INDEX_CLASSES[meta["method"]].load_files(index_dir, docs, meta)  # type: ignore[attr-defined]
+    if meta["method"] == "dense":
+        return DenseIndex.load_files(index_dir, docs, meta, encoder_path=encoder_path)
+    return BM25Index.load_files(index_dir, docs, meta)

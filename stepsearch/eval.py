@@ -2,9 +2,9 @@
 
 `stepsearch eval --model PATH --data FILE[,FILE…] --retriever URL|DIR|CORPUS.jsonl [--format auto]
 [--max-questions N] [--out DIR]` loads an HF checkpoint (the tiny model's too), runs the agent greedily
-(temperature 0: `do_sample=False`), prints EM and F1 per dataset with HotpotQA, 2Wiki, MuSiQue and Bamboogle first
-when those names appear in the file names, and writes `results.json`, `results.md` and one
-`trajectories/<dataset>.jsonl` per file (every response, query and retrieved document id).
+(temperature 0: `do_sample=False`), prints EM and F1 per dataset, one column per file in the order given, named by
+the file's stem or by an explicit `NAME=FILE` entry (never guessed from the file name), and writes `results.json`,
+`results.md` and one `trajectories/<dataset>.jsonl` per file (every response, query and retrieved document id).
 
 Trajectories are scored by the trainer's own reward function (`stepsearch.rewards.score_rollout`, with the reward
 section of `--config` or the defaults): the answer is the last `<answer>` block of the generated tokens only (a
@@ -34,9 +34,6 @@ if TYPE_CHECKING:
     from stepsearch.data.records import QARecord
     from stepsearch.retrieval.base import Retriever
     from stepsearch.rollout.engine import Engine
-
-PAPER_COLUMNS = (("hotpot", "HotpotQA"), ("2wiki", "2Wiki"), ("musique", "MuSiQue"), ("bamboogle", "Bamboogle"))
-
 
 @dataclass
 class DatasetResult:
@@ -68,12 +65,8 @@ class EvalResult:
         return {"em": sum(r.em for r in results) / len(results), "f1": sum(r.f1 for r in results) / len(results)}
 
     def ordered_names(self) -> list[str]:
-        """Paper columns first (HotpotQA, 2Wiki, MuSiQue, Bamboogle) when present, then the rest by name."""
-        names = list(self.datasets)
-        ordered = []
-        for key, _ in PAPER_COLUMNS:
-            ordered += [n for n in names if key in n.lower().replace("_", "").replace("-", "") and n not in ordered]
-        return ordered + sorted(n for n in names if n not in ordered)
+        """Datasets in the order they were given (the command line's order of files)."""
+        return list(self.datasets)
 
     def metrics(self) -> dict[str, float]:
         """Flat scalars for the trainer's metric log: eval/<dataset>/{em,f1,searches}, eval/avg/{em,f1}."""
@@ -92,8 +85,7 @@ class EvalResult:
     def markdown(self) -> str:
         """The paper's layout: one EM/F1 column pair per dataset, then the average; a detail table below."""
         names = self.ordered_names()
-        labels = [_label(n) for n in names]
-        header = "| metric | " + " | ".join(labels) + " | Avg. |"
+        header = "| metric | " + " | ".join(names) + " | Avg. |"
         rule = "|---|" + "---|" * (len(names) + 1)
         rows = [f"| {metric.upper()} | " + " | ".join(f"{100 * getattr(self.datasets[n], metric):.1f}" for n in names)
                 + f" | {100 * self.average[metric]:.1f} |" for metric in ("em", "f1")]
@@ -107,11 +99,6 @@ class EvalResult:
         hop_rows = [f"| {n} | {h} | {int(v['n'])} | {100 * v['em']:.1f} | {100 * v['f1']:.1f} |"
                     for n in names for h, v in sorted(self.datasets[n].per_hop.items())]
         return "\n".join([header, rule, *rows, *detail, *(hops + hop_rows if hop_rows else [])]) + "\n"
-
-
-def _label(name: str) -> str:
-    squashed = name.lower().replace("_", "").replace("-", "")
-    return next((label for key, label in PAPER_COLUMNS if key in squashed), name)
 
 
 def _maybe(value: float | None) -> str:
@@ -217,7 +204,9 @@ def write_results(result: EvalResult, out_dir: str | Path) -> Path:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stepsearch eval", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="HF checkpoint directory (model + tokenizer)")
-    parser.add_argument("--data", required=True, help="comma-separated QA files; each file is one dataset column")
+    parser.add_argument("--data", required=True,
+                        help="comma-separated QA files, each one dataset column named by its file stem, or NAME=FILE "
+                             "to name it (e.g. HotpotQA=data/hotpot_dev.json)")
     parser.add_argument("--retriever", required=True,
                         help="retrieval server URL (http://…), an index directory, or a corpus .jsonl to index")
     parser.add_argument("--format", default="auto", help="data format of every file (default: detect)")
@@ -234,6 +223,24 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", default=None,
                         help="YAML preset whose `reward` section scores the trajectories (default: built-in defaults)")
     return parser
+
+
+def dataset_files(spec: str) -> list[tuple[str, Path]]:
+    """`--data` -> [(column name, file)]: `NAME=FILE` names a column, a bare FILE is named by its stem."""
+    named: list[tuple[str, Path]] = []
+    for entry in (e.strip() for e in spec.split(",")):
+        if not entry:
+            continue
+        name, sep, path = entry.partition("=")
+        if not sep or Path(entry).exists():  # a file whose own name holds '=' is still a bare file
+            name, path = Path(entry).stem, entry
+        name = name.strip()
+        if not name:
+            raise ValueError(f"--data entry {entry!r} has an empty dataset name")
+        if name in (n for n, _ in named):
+            raise ValueError(f"--data names two datasets {name!r}; name them apart with NAME=FILE")
+        named.append((name, Path(path.strip())))
+    return named
 
 
 def _retriever_from_arg(spec: str, out_dir: Path) -> "Retriever":
@@ -265,11 +272,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"stepsearch eval: {exc}", file=sys.stderr)
         return 2
     out_dir = Path(args.out)
-    files = [Path(p) for p in args.data.split(",") if p.strip()]
+    try:
+        files = dataset_files(args.data)
+    except ValueError as exc:
+        print(f"stepsearch eval: {exc}", file=sys.stderr)
+        return 2
     records_by_name: dict[str, list] = {}
-    for path in files:
+    for name, path in files:
         try:
-            records_by_name[path.stem] = load_records(path, args.format).records
+            records_by_name[name] = load_records(path, args.format).records
         except DataFormatError as exc:
             print(f"stepsearch eval: {exc}", file=sys.stderr)
             return 2

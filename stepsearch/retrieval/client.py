@@ -2,7 +2,8 @@
 
 Batched (a call's queries go in as few requests as the server allows, sent concurrently), async on aiohttp, with a
 sync `search` that works whether or not the calling thread runs an event loop (it runs the request on the client's
-own background loop). Connection errors, timeouts, 5xx and 429 are retried with exponential backoff and jitter; then
+own background loop, whose session is closed by `close()`, when the client is garbage-collected, or at interpreter
+exit, so no run ends with aiohttp's "Unclosed client session"). Connection errors, timeouts, 5xx and 429 are retried with exponential backoff and jitter; then
 a `RetrieverError` names the URL and says the server is unreachable. Other 4xx are not retried: they carry the
 server's message.
 """
@@ -80,7 +81,7 @@ class HTTPRetriever:
         self._rng = random.Random(seed)
         self._sessions: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = weakref.WeakKeyDictionary()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._loop_thread: threading.Thread | None = None
+        self._loop_closer: weakref.finalize | None = None
         self._loop_lock = threading.Lock()
 
     # -- async path -------------------------------------------------------------------------------------------
@@ -155,10 +156,12 @@ class HTTPRetriever:
     def _background_loop(self) -> asyncio.AbstractEventLoop:
         with self._loop_lock:
             if self._loop is None:
-                self._loop = asyncio.new_event_loop()
-                self._loop_thread = threading.Thread(target=self._loop.run_forever, name="retriever-client",
-                                                     daemon=True)
-                self._loop_thread.start()
+                loop = asyncio.new_event_loop()
+                thread = threading.Thread(target=loop.run_forever, name="retriever-client", daemon=True)
+                thread.start()
+                self._loop = loop
+                # Runs on close(), on garbage collection, or at interpreter exit, whichever comes first.
+                self._loop_closer = weakref.finalize(self, _stop_background_loop, loop, thread, self._sessions)
             return self._loop
 
     def search(self, queries: list[str], topk: int) -> list[list[Document]]:
@@ -168,16 +171,24 @@ class HTTPRetriever:
     def close(self) -> None:
         """Close the background loop's session and stop its thread (sessions of callers' loops: `aclose`)."""
         with self._loop_lock:
-            loop, thread = self._loop, self._loop_thread
-            self._loop = self._loop_thread = None
-        if loop is not None and thread is not None:
-            asyncio.run_coroutine_threadsafe(self.aclose(), loop).result(timeout=10)
-            loop.call_soon_threadsafe(loop.stop)
-            thread.join(timeout=10)
-            loop.close()
+            closer, self._loop, self._loop_closer = self._loop_closer, None, None
+        if closer is not None:
+            closer()
 
     def __enter__(self) -> HTTPRetriever:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _stop_background_loop(loop: asyncio.AbstractEventLoop, thread: threading.Thread,
+                          sessions: weakref.WeakKeyDictionary) -> None:
+    """Close the session living on `loop`, then stop the loop and its thread."""
+    session = sessions.pop(loop, None)
+    if session is not None and not session.closed and thread.is_alive():
+        asyncio.run_coroutine_threadsafe(session.close(), loop).result(timeout=10)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(timeout=10)
+    if not thread.is_alive():
+        loop.close()

@@ -51,6 +51,8 @@ log = logging.getLogger(__name__)
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 RESERVED_FDS = 64
 """File descriptors kept free for the index, logs and the listening socket when capping connections."""
+LISTEN_BACKLOG = 128
+"""Pending connections the kernel queues (fewer under a low open-file limit, see `ConnectionGuard`)."""
 
 
 def available_cores() -> int:
@@ -284,11 +286,17 @@ class ConnectionGuard:
     def __init__(self, limits: ServerLimits) -> None:
         self.limits = limits
         self.max_connections = limits.max_connections
+        self.backlog = LISTEN_BACKLOG
         soft_fds, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-        if soft_fds != resource.RLIM_INFINITY and soft_fds - RESERVED_FDS < self.max_connections:
-            self.max_connections = max(1, soft_fds - RESERVED_FDS)
-            log.warning("open-file limit %d caps the retrieval server at %d connections",
-                        soft_fds, self.max_connections)
+        if soft_fds != resource.RLIM_INFINITY:
+            # asyncio accepts up to `backlog` connections in one go before an evicted one's descriptor is freed,
+            # so open connections plus one accept burst must fit under the limit, or accept() fails with EMFILE.
+            usable = max(2, soft_fds - RESERVED_FDS)
+            self.backlog = min(self.backlog, usable // 2)
+            if usable - self.backlog < self.max_connections:
+                self.max_connections = usable - self.backlog
+                log.warning("open-file limit %d caps the retrieval server at %d connections",
+                            soft_fds, self.max_connections)
         self.evictable: OrderedDict[_GuardedConnection, None] = OrderedDict()  # oldest first
         self.by_transport: dict[Any, _GuardedConnection] = {}
         self.busy = 0
@@ -433,7 +441,8 @@ class RetrievalServer:
         """Listen on host:port with every connection behind the guard (after `await runner.setup()`)."""
         handler_factory = runner.server
         return await asyncio.get_running_loop().create_server(
-            lambda: _GuardedConnection(handler_factory(), self.guard), host, port, reuse_address=True, backlog=1024)
+            lambda: _GuardedConnection(handler_factory(), self.guard), host, port, reuse_address=True,
+            backlog=self.guard.backlog)
 
     async def _start_scheduler(self, app: Any) -> None:
         self.scheduler = FairScheduler(self.retriever, self.limits)

@@ -67,7 +67,7 @@ def test_evaluate_metrics_match_the_reward_functions(world):
                                                      "mine": records[:2]},
                       cfg, topk=3, max_questions=5, batch_size=4, progress=False)
     assert set(engine.temperatures) == {0.0}
-    assert result.ordered_names() == ["hotpotqa_dev", "musique_dev", "mine"]
+    assert result.ordered_names() == ["musique_dev", "hotpotqa_dev", "mine"]  # the order given, names as given
     musique = result.datasets["musique_dev"]
     assert musique.num_questions == 5
     rows = result.trajectories["musique_dev"]
@@ -82,8 +82,8 @@ def test_evaluate_metrics_match_the_reward_functions(world):
     assert 0.0 <= musique.redundancy_per_search <= 1.0
     assert result.average["em"] == pytest.approx(sum(d.em for d in result.datasets.values()) / 3)
     table = result.markdown()
-    assert table.splitlines()[0] == "| metric | HotpotQA | MuSiQue | mine | Avg. |"
-    assert f"| EM | {100 * result.datasets['hotpotqa_dev'].em:.1f} | 60.0 |" in table
+    assert table.splitlines()[0] == "| metric | musique_dev | hotpotqa_dev | mine | Avg. |"
+    assert f"| EM | 60.0 | {100 * result.datasets['hotpotqa_dev'].em:.1f} |" in table
     assert result.metrics()["eval/musique_dev/em"] == pytest.approx(0.6)
 
 

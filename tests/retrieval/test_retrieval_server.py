@@ -48,20 +48,42 @@ def test_contract_with_scores(server, bm25_index):
         assert [item["score"] for item in items] == pytest.approx([d.score for d in docs])
 
 
-def test_contract_without_scores_has_no_score_key(server):
+def test_contract_without_scores_returns_bare_documents_like_search_r1(server):
     status, body = _post_json(server.url, {"queries": ["marker11"], "topk": 2, "return_scores": False})
     assert status == 200
     (item,) = body["result"][0]
-    assert set(item) == {"document"} and item["document"]["id"] == "doc-11"
-    assert item["document"]["contents"].startswith('"Entity 11"\nEntity 11 is a ')
+    assert set(item) == {"id", "contents"} and item["id"] == "doc-11"
+    assert item["contents"].startswith('"Entity 11"\nEntity 11 is a ')
     status, default = _post_json(server.url, {"queries": ["marker11 river"]})  # Search-R1 defaults: topk 3, no scores
-    assert status == 200 and len(default["result"][0]) == 3 and "score" not in default["result"][0][0]
+    assert status == 200 and len(default["result"][0]) == 3 and set(default["result"][0][0]) == {"id", "contents"}
 
 
-def test_health_reports_the_index(server):
+@pytest.mark.parametrize("topk", [0, None, "absent"])
+def test_missing_null_or_zero_topk_means_the_server_default(server, topk):
+    payload = {"queries": ["marker11 river king"], "return_scores": True}
+    if topk != "absent":
+        payload["topk"] = topk
+    status, body = _post_json(server.url, payload)
+    assert status == 200 and len(body["result"][0]) == 3  # ServerLimits.default_topk
+
+
+def test_empty_queries_are_answered_as_search_r1_trainers_send_them(server):
+    assert _post_json(server.url, {"queries": [], "topk": 3}) == (200, {"result": []})
+    status, body = _post_json(server.url, {"queries": ["", "marker3", "   "], "topk": 2})
+    assert status == 200
+    assert body["result"][0] == [] and body["result"][2] == []  # BM25: no query term, no document
+    assert body["result"][1][0]["id"] == "doc-3"
+
+
+def test_health_reports_counts_method_and_version_but_no_paths(server, bm25_index_dir):
+    from stepsearch import __version__
+
     with urllib.request.urlopen(server.url + "/health", timeout=10) as response:
-        health = json.loads(response.read())
-    assert health["status"] == "ok" and health["index"]["method"] == "bm25" and health["index"]["num_docs"] == 200
+        raw = response.read().decode()
+    health = json.loads(raw)
+    assert health["status"] == "ok" and health["version"] == __version__
+    assert health["index"] == {"method": "bm25", "num_docs": 200, "k1": 1.2, "b": 0.75}
+    assert str(bm25_index_dir) not in raw and "corpus" not in raw and "/" not in raw
 
 
 @pytest.mark.parametrize(
@@ -69,12 +91,14 @@ def test_health_reports_the_index(server):
     [
         (b"{not json", 400, "not valid JSON"),
         (b'"just a string"', 400, "JSON object"),
-        (json.dumps({"queries": []}).encode(), 400, "non-empty list"),
-        (json.dumps({"queries": "marker1"}).encode(), 400, "non-empty list"),
+        (json.dumps({"topk": 3}).encode(), 400, "'queries' must be a list of strings"),
+        (json.dumps({"queries": "marker1"}).encode(), 400, "'queries' must be a list of strings"),
+        (json.dumps({"queries": None}).encode(), 400, "'queries' must be a list of strings"),
         (json.dumps({"queries": ["ok", 5]}).encode(), 400, r"queries\[1\] must be a string"),
-        (json.dumps({"queries": ["ok", "  "]}).encode(), 400, r"queries\[1\] is empty"),
+        (json.dumps({"queries": ["ok", None]}).encode(), 400, r"queries\[1\] must be a string"),
         (json.dumps({"queries": ["x" * 1001]}).encode(), 400, "more than 1000"),
-        (json.dumps({"queries": ["ok"], "topk": 0}).encode(), 400, "'topk' must be an integer in"),
+        (json.dumps({"queries": ["ok"], "topk": -1}).encode(), 400, "'topk' must be an integer in"),
+        (json.dumps({"queries": ["ok"], "topk": 2.5}).encode(), 400, "'topk' must be an integer in"),
         (json.dumps({"queries": ["ok"], "topk": 10**9}).encode(), 400, "'topk' must be an integer in"),
         (json.dumps({"queries": ["ok"], "topk": "3"}).encode(), 400, "'topk'"),
         (json.dumps({"queries": ["ok"], "topk": True}).encode(), 400, "'topk'"),
@@ -93,7 +117,7 @@ def test_bad_requests_get_4xx_json_errors(server, body, status, message):
 def test_server_survives_bad_requests(server):
     for body in (b"\xff\xfe", b"[" * 10000, b""):
         assert _post(server.url, body)[0] == 400
-    assert _post_json(server.url, {"queries": ["marker2"], "topk": 1})[1]["result"][0][0]["document"]["id"] == "doc-2"
+    assert _post_json(server.url, {"queries": ["marker2"], "topk": 1})[1]["result"][0][0]["id"] == "doc-2"
 
 
 def test_hundreds_of_concurrent_requests_all_answered_and_equal_to_direct_search(bm25_index):

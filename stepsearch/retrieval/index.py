@@ -13,6 +13,7 @@ device is visible (sharded across GPUs in fp16), faiss-cpu otherwise. bm25s, fai
 from __future__ import annotations
 
 import json
+import re
 import time
 import warnings
 from pathlib import Path
@@ -34,6 +35,9 @@ META_FILE = "meta.json"
 DOCS_FILE = "docs.jsonl"
 FAISS_FILE = "faiss.index"
 BM25_DIR = "bm25"
+
+_TOKEN_PATTERN = re.compile(r"(?u)\b\w\w+\b")
+"""bm25s's default token pattern (scikit-learn's CountVectorizer's)."""
 
 Hits = tuple[list[list[int]], list[list[float]]]
 """Per query: document positions in the corpus, and their scores, best first."""
@@ -93,7 +97,10 @@ class BM25Index(SearchIndex):
         super().__init__(docs, meta)
         import scipy.sparse
 
+        import bm25s.stopwords
+
         self.model = model
+        self._stopwords = frozenset(bm25s.stopwords.STOPWORDS_EN)
         scores = model.scores  # bm25s's CSC: column t holds the documents containing term t and their scores
         self.term_doc_scores = scipy.sparse.csr_matrix(
             (scores["data"], scores["indices"], scores["indptr"]),
@@ -130,22 +137,25 @@ class BM25Index(SearchIndex):
             scores += chunk_scores
         return positions, scores
 
+    def query_term_ids(self, query: str) -> list[int]:
+        """The vocabulary ids of a query's terms, tokenised exactly as bm25s.tokenize(stopwords="en") does (lower
+        case, `(?u)\\b\\w\\w+\\b`, English stop words dropped), without its per-call set-up cost."""
+        vocab = self.model.vocab_dict
+        return [vocab[t] for t in _TOKEN_PATTERN.findall(query.lower()) if t not in self._stopwords and t in vocab]
+
     def _search_chunk(self, queries: list[str], topk: int) -> Hits:
-        import bm25s
         import scipy.sparse
 
         if not queries:
             return [], []
-        vocab = self.model.vocab_dict
-        tokens = bm25s.tokenize(queries, stopwords="en", return_ids=False, show_progress=False)
-        rows, cols = [], []
-        for row, query_tokens in enumerate(tokens):
-            ids = [vocab[t] for t in query_tokens if t in vocab]  # a repeated term counts again, as in bm25s
-            rows += [row] * len(ids)
-            cols += ids
+        term_ids = [self.query_term_ids(q) for q in queries]  # a repeated term counts again, as in bm25s
+        indptr = np.zeros(len(queries) + 1, dtype=np.int64)
+        np.cumsum([len(ids) for ids in term_ids], out=indptr[1:])
+        indices = np.fromiter((i for ids in term_ids for i in ids), dtype=np.int64, count=int(indptr[-1]))
         query_terms = scipy.sparse.csr_matrix(
-            (np.ones(len(cols), dtype=np.float32), (rows, cols)), shape=(len(queries), self.term_doc_scores.shape[0])
-        )  # (nq, V); duplicate (row, term) entries are summed
+            (np.ones(len(indices), dtype=np.float32), indices, indptr),
+            shape=(len(queries), self.term_doc_scores.shape[0]),
+        )  # (nq, V); a repeated (row, term) entry is summed by the product
         doc_scores = (query_terms @ self.term_doc_scores).tocsr()  # (nq, N), only documents sharing a term
         positions, scores = [], []
         for row in range(len(queries)):

@@ -111,7 +111,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="index worker threads (default 0: one per available core)")
     serve.add_argument("--intra-op-threads", type=_int_at_least(1), default=1,
                        help="torch/FAISS threads per worker")
-    serve.add_argument("--max-batch-queries", type=_int_at_least(1), default=64, help="most queries per index call")
+    serve.add_argument("--max-batch-queries", type=_int_at_least(1), default=16,
+                       help="most queries per index call (raise it for a GPU encoder)")
     serve.add_argument("--request-share", type=_int_at_least(1), default=16,
                        help="most queries of one request per batch before others get their turn")
     serve.add_argument("--max-connections", type=_int_at_least(1), default=1000)

@@ -10,11 +10,12 @@ and an empty query is searched like any other (BM25 finds nothing; a dense index
 the empty text). Every other malformed request, and every bound (body size, number of queries, query length,
 topk), answers a 4xx JSON error `{"error": ...}`; the server never crashes on input.
 
-Scheduling: requests' queries wait in a round-robin queue; whenever one of `workers` index threads is free it takes
-a batch of up to `max_batch_queries`, at most `request_share` from each waiting request before going round again, so
-a small request never waits behind the whole of a large one: the wait is bounded by one batch per worker. Batches are
-split evenly over the free workers (no batch larger than needed), and each worker runs the encoder/FAISS with
-`intra_op_threads` threads, so all cores work on concurrent requests.
+Scheduling: requests' queries wait in a queue; whenever one of `workers` index threads is free it takes a batch of
+up to `max_batch_queries`, at most `request_share` from each request: first from the request at the head of the
+queue (which then moves to the back, so every request's turn comes round), then from the requests with the fewest
+queries left. A small request therefore waits for at most one batch per worker, however many maximum-size requests
+are queued. The waiting work is split evenly over the free workers (no batch larger than needed), and each worker
+runs the encoder/FAISS with `intra_op_threads` threads, so all cores work on concurrent requests.
 
 Connections: at most `max_connections` are open; a new one beyond that first evicts the connection idle or reading
 for the longest (a request being answered is never evicted), and is refused with a 503 when every connection is
@@ -51,6 +52,8 @@ log = logging.getLogger(__name__)
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 RESERVED_FDS = 64
 """File descriptors kept free for the index, logs and the listening socket when capping connections."""
+LINGER_S = 1.0
+"""How long a refused connection may still send its request (discarded) before it is reset."""
 LISTEN_BACKLOG = 128
 """Pending connections the kernel queues (fewer under a low open-file limit, see `ConnectionGuard`)."""
 
@@ -77,8 +80,9 @@ class ServerLimits:
     """Largest accepted topk (400 above)."""
     default_topk: int = 3
     """topk when a request gives none, null or 0 (Search-R1's default)."""
-    max_batch_queries: int = 64
-    """Most queries in one index call: bounds how long a worker is busy with one batch."""
+    max_batch_queries: int = 16
+    """Most queries in one index call: bounds how long a worker is busy with one batch (a CPU encoder gains
+    little from larger batches; on a GPU raise it)."""
     request_share: int = 16
     """Most queries one request puts into a batch before other waiting requests get their turn."""
     workers: int = 0
@@ -215,21 +219,30 @@ class FairScheduler:
             done.add_done_callback(lambda fut, batch=batch: self._finish(batch, fut))
 
     def _take(self, size: int) -> list[_Slice]:
-        """Up to `size` queries, at most `request_share` per request per turn; a request not finished goes back."""
-        batch: list[_Slice] = []
-        while self._waiting and size > 0:
-            request = self._waiting.popleft()
-            left = len(request.queries) - request.dispatched
+        """Up to `size` queries, at most `request_share` per request: first the request at the head of the queue
+        (its turn comes round, so none starves), then those with the fewest queries left (a small request is
+        answered after at most one batch per worker, however much large work is queued)."""
+        live = []
+        for request in self._waiting:
             if request.future.done():  # the client went away, or an earlier batch of it failed
-                self._waiting_queries -= left
-                continue
-            count = min(left, self.limits.request_share, size)
+                self._waiting_queries -= len(request.queries) - request.dispatched
+            else:
+                live.append(request)
+        if not live:
+            self._waiting.clear()
+            return []
+        head, others = live[0], sorted(live[1:], key=lambda r: len(r.queries) - r.dispatched)
+        batch: list[_Slice] = []
+        for request in (head, *others):
+            if size == 0:
+                break
+            count = min(len(request.queries) - request.dispatched, self.limits.request_share, size)
             batch.append(_Slice(request, request.dispatched, request.dispatched + count))
             request.dispatched += count
             self._waiting_queries -= count
             size -= count
-            if request.dispatched < len(request.queries):
-                self._waiting.append(request)
+        # the head goes to the back of the queue; everyone else keeps their place in arrival order
+        self._waiting = deque(r for r in (*live[1:], head) if r.dispatched < len(r.queries))
         return batch
 
     def _finish(self, batch: list[_Slice], done: asyncio.Future) -> None:
@@ -290,16 +303,18 @@ class ConnectionGuard:
         soft_fds, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
         if soft_fds != resource.RLIM_INFINITY:
             # asyncio accepts up to `backlog` connections in one go before an evicted one's descriptor is freed,
-            # so open connections plus one accept burst must fit under the limit, or accept() fails with EMFILE.
-            usable = max(2, soft_fds - RESERVED_FDS)
-            self.backlog = min(self.backlog, usable // 2)
-            if usable - self.backlog < self.max_connections:
-                self.max_connections = usable - self.backlog
+            # and up to `backlog` refused ones may linger: open connections plus both must fit under the limit,
+            # or accept() fails with EMFILE and stalls for a second.
+            usable = max(4, soft_fds - RESERVED_FDS)
+            self.backlog = min(self.backlog, usable // 4)
+            if usable - 2 * self.backlog < self.max_connections:
+                self.max_connections = usable - 2 * self.backlog
                 log.warning("open-file limit %d caps the retrieval server at %d connections",
                             soft_fds, self.max_connections)
         self.evictable: OrderedDict[_GuardedConnection, None] = OrderedDict()  # oldest first
         self.by_transport: dict[Any, _GuardedConnection] = {}
         self.busy = 0
+        self.lingering = 0
         self.evicted = 0
         self.refused = 0
         self.timed_out = 0
@@ -341,9 +356,16 @@ class _GuardedConnection(asyncio.Protocol):
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
         if not self.guard.admit():
-            transport.write(_OVERLOADED)
-            transport.close()
             self.state = "closed"
+            transport.write(_OVERLOADED)
+            if self.guard.lingering >= self.guard.backlog:
+                transport.abort()
+                return
+            # Closing now, with the client's request unread, would reset the connection before it reads the 503:
+            # send it, stop writing, and discard what comes in until the client closes (or LINGER_S passes).
+            self.guard.lingering += 1
+            transport.write_eof()
+            self.timer = asyncio.get_running_loop().call_later(LINGER_S, transport.abort)
             return
         self.admitted = True
         self.guard.by_transport[transport] = self
@@ -391,9 +413,15 @@ class _GuardedConnection(asyncio.Protocol):
         self.inner.data_received(data)
 
     def eof_received(self) -> bool | None:
-        return self.inner.eof_received() if self.admitted else None
+        if not self.admitted:
+            self.transport.close()
+            return None
+        return self.inner.eof_received()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if not self.admitted and self.timer is not None:  # a refused connection that was lingering
+            self.timer.cancel()
+            self.guard.lingering -= 1
         if self.state != "closed":
             self._enter("closed")
         self.guard.by_transport.pop(self.transport, None)

@@ -11,14 +11,16 @@ real index work):
   torch/FAISS threads are left at their defaults, as Search-R1 leaves them. Needs `pip install stepsearch[bench]`.
 
 Workloads, from `c` concurrent keep-alive clients for c in `--concurrency`, `topk` 3 with scores:
-- throughput: `--requests` requests of `q` distinct queries each, for q in `--queries-per-request` (1 and 8); reports
-  queries/s, p50/p99 request latency, and our throughput over searchr1's.
+- throughput: `--requests` requests of `q` distinct queries each, for q in `--queries-per-request` (1 and 8),
+  `--repeats` times per server with the servers alternating; reports the median queries/s, p50/p99 request latency
+  over all runs, and our throughput over searchr1's.
 - mixed (`--mixed`): `--heavy-clients` clients send maximum-size requests (`--heavy-queries` queries) back to back
   while `--light-clients` clients send one-query requests; reports the light requests' p50/p99 latency.
 - BM25 parameters (`--bm25-grid`, no servers): recall@1/@3 and MRR@10 of BM25 over a (k1, b) grid on real English
   text available offline: every docstring of the Python standard library and of numpy/scipy/torch with a summary
   line and a body of 30+ words; the query is the summary line, the passage the body (first 150 words) titled with
-  the object's name. Numbers depend on the installed library versions.
+  the object's name. Numbers depend on the installed library versions. Also prints how many tokens (padding included)
+  a dense build pushes through the encoder for these passages in corpus order and sorted by length.
 
 Corpora for the server workloads are generated: `--docs` (BM25) / `--dense-docs` (dense, encoded on CPU) passages of
 60-100 English words (Zipf over MiniLM's whole-word vocabulary); queries of 4-8 words with a serial number, so no two
@@ -310,14 +312,23 @@ def _measure(method: str, urls: dict[str, str], vocabulary: list[str], args: arg
                 count = max(16, count // per_request)  # the dense encoder on CPU: keep each point under a minute
             queries = make_queries(vocabulary, count * per_request, seed=1000 * per_request + concurrency)
             requests = [queries[i : i + per_request] for i in range(0, len(queries), per_request)]
-            for server, url in urls.items():
-                wall, latencies = asyncio.run(throughput(url, requests, concurrency))
+            qps: dict[str, list[float]] = {server: [] for server in urls}
+            latencies: dict[str, list[np.ndarray]] = {server: [] for server in urls}
+            for repeat in range(args.repeats):  # alternate the order: a machine's load drifts over time
+                for server in (list(urls) if repeat % 2 == 0 else list(urls)[::-1]):
+                    wall, measured = asyncio.run(throughput(urls[server], requests, concurrency))
+                    qps[server].append(len(queries) / wall)
+                    latencies[server].append(measured)
+            for server in urls:
+                pooled = np.concatenate(latencies[server])
                 row = {"method": method, "server": server, "workload": "throughput",
-                       "queries_per_request": per_request, "concurrency": concurrency, "qps": len(queries) / wall,
-                       "p50_ms": float(np.percentile(latencies, 50)), "p99_ms": float(np.percentile(latencies, 99))}
+                       "queries_per_request": per_request, "concurrency": concurrency,
+                       "qps": float(np.median(qps[server])), "p50_ms": float(np.percentile(pooled, 50)),
+                       "p99_ms": float(np.percentile(pooled, 99))}
                 rows.append(row)
                 print(f"  {method:<5} {server:<8} q/req={per_request:<2} c={concurrency:<3} {row['qps']:8.1f} q/s  "
-                      f"p50 {row['p50_ms']:8.1f} ms  p99 {row['p99_ms']:8.1f} ms", flush=True)
+                      f"p50 {row['p50_ms']:8.1f} ms  p99 {row['p99_ms']:8.1f} ms  (q/s of each run: "
+                      f"{', '.join(f'{v:.0f}' for v in qps[server])})", flush=True)
     if args.mixed:
         heavy = make_queries(vocabulary, args.heavy_queries, seed=7)
         light = make_queries(vocabulary, args.light_requests, seed=8)
@@ -404,11 +415,31 @@ def docstring_pairs() -> list[tuple[str, str, str]]:
     return pairs
 
 
+def encoder_tokens(texts: list[str], batch_size: int = 128, max_length: int = 256) -> tuple[int, int, int]:
+    """Tokens a dense build pushes through the encoder, padding included: (in input order, length-sorted, real)."""
+    from transformers import AutoTokenizer
+
+    from stepsearch.retrieval.encoder import default_encoder_path
+
+    tokenizer = AutoTokenizer.from_pretrained(str(default_encoder_path()), local_files_only=True)
+    lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]]
+    by_chars = [lengths[i] for i in sorted(range(len(texts)), key=lambda i: -len(texts[i]))]  # as encoder.py sorts
+
+    def padded(order: list[int]) -> int:
+        return sum(len(order[s : s + batch_size]) * max(order[s : s + batch_size])
+                   for s in range(0, len(order), batch_size))
+
+    return padded(lengths), padded(by_chars), sum(lengths)
+
+
 def bm25_grid(args: argparse.Namespace) -> None:
     from stepsearch.retrieval.index import build_index
 
     pairs = docstring_pairs()
     print(f"{len(pairs)} docstring (summary, body) pairs", flush=True)
+    unsorted, sorted_, real = encoder_tokens([f'"{name}"\n{body}' for name, _, body in pairs])
+    print(f"dense build, batches of 128: {unsorted / real:.2f}x the real tokens through the encoder in corpus order, "
+          f"{sorted_ / real:.2f}x sorted by length", flush=True)
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_bm25_") as tmp:
         corpus = Path(tmp) / "docstrings.jsonl"
@@ -446,6 +477,8 @@ def main() -> None:
     parser.add_argument("--dense-docs", type=int, default=2000, help="dense corpus size (encoded on CPU)")
     parser.add_argument("--requests", type=int, default=512, help="requests per point (dense: divided by q/req)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 64])
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="runs per point and server, alternating the servers (median q/s, pooled latencies)")
     parser.add_argument("--queries-per-request", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--methods", nargs="+", choices=["bm25", "dense"], default=["bm25", "dense"])
     parser.add_argument("--servers", nargs="+", choices=SERVERS, default=list(SERVERS))
@@ -474,7 +507,7 @@ def main() -> None:
         bm25_grid(args)
         return
     if args.quick:
-        args.docs, args.dense_docs, args.requests = 2000, 300, 128
+        args.docs, args.dense_docs, args.requests, args.repeats = 2000, 300, 128, 1
         args.heavy_queries, args.light_requests = 128, 40
     report(run_servers(args), args.out)
 

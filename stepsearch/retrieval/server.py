@@ -11,9 +11,9 @@ the empty text). Every other malformed request, and every bound (body size, numb
 topk), answers a 4xx JSON error `{"error": ...}`; the server never crashes on input.
 
 Scheduling: requests' queries wait in a queue; whenever one of `workers` index threads is free it takes a batch of
-up to `max_batch_queries`, at most `request_share` from each request: first from the request at the head of the
-queue (which then moves to the back, so every request's turn comes round), then from the requests with the fewest
-queries left. A small request therefore waits for at most one batch per worker, however many maximum-size requests
+up to `max_batch_queries`, at most `request_share` from each request: up to half of it from the request at the head
+of the queue (which then moves to the back, so every request's turn comes round), then from the requests with the
+fewest queries left. A small request therefore waits for at most one batch per worker, however many maximum-size requests
 are queued. The waiting work is split evenly over the free workers (no batch larger than needed), and each worker
 runs the encoder/FAISS with `intra_op_threads` threads, so all cores work on concurrent requests.
 
@@ -219,9 +219,10 @@ class FairScheduler:
             done.add_done_callback(lambda fut, batch=batch: self._finish(batch, fut))
 
     def _take(self, size: int) -> list[_Slice]:
-        """Up to `size` queries, at most `request_share` per request: first the request at the head of the queue
-        (its turn comes round, so none starves), then those with the fewest queries left (a small request is
-        answered after at most one batch per worker, however much large work is queued)."""
+        """Up to `size` queries, at most `request_share` per request: up to half the batch from the request at the
+        head of the queue (its turn comes round, so none starves), then from those with the fewest queries left (a
+        small request is answered after at most one batch per worker, however much large work is queued), then
+        the head again if room is left."""
         live = []
         for request in self._waiting:
             if request.future.done():  # the client went away, or an earlier batch of it failed
@@ -232,15 +233,24 @@ class FairScheduler:
             self._waiting.clear()
             return []
         head, others = live[0], sorted(live[1:], key=lambda r: len(r.queries) - r.dispatched)
+        taken = {id(request): 0 for request in live}
         batch: list[_Slice] = []
-        for request in (head, *others):
-            if size == 0:
-                break
-            count = min(len(request.queries) - request.dispatched, self.limits.request_share, size)
-            batch.append(_Slice(request, request.dispatched, request.dispatched + count))
-            request.dispatched += count
-            self._waiting_queries -= count
-            size -= count
+
+        def take(request: _Request, most: int) -> None:
+            nonlocal size
+            count = min(len(request.queries) - request.dispatched, most - taken[id(request)], size)
+            if count > 0:
+                batch.append(_Slice(request, request.dispatched, request.dispatched + count))
+                request.dispatched += count
+                taken[id(request)] += count
+                self._waiting_queries -= count
+                size -= count
+
+        share = self.limits.request_share
+        take(head, share if not others else max(1, min(share, size // 2)))  # the head's turn leaves room for others
+        for request in others:
+            take(request, share)
+        take(head, share)  # what the others left
         # the head goes to the back of the queue; everyone else keeps their place in arrival order
         self._waiting = deque(r for r in (*live[1:], head) if r.dispatched < len(r.queries))
         return batch

@@ -32,10 +32,12 @@ class SlowIndex(SearchIndex):
         self.seconds_per_query = seconds_per_query
         self.threads: set[str] = set()
         self.batch_sizes: list[int] = []
+        self.batches: list[tuple[float, list[str]]] = []  # (start time, queries)
 
     def search_positions(self, queries: list[str], topk: int):
         self.threads.add(threading.current_thread().name)
         self.batch_sizes.append(len(queries))
+        self.batches.append((time.perf_counter(), list(queries)))
         time.sleep(self.seconds_per_query * len(queries))
         positions = [[int(q[1:]) + j for j in range(topk)] for q in queries]
         return positions, [[1.0 / (j + 1) for j in range(topk)] for _ in queries]
@@ -79,6 +81,21 @@ def test_a_small_request_is_answered_before_large_ones_that_arrived_first():
         assert [[d["id"] for d in docs] for docs in body["result"]] == [[f"doc-{i}", f"doc-{i + 1}"]
                                                                          for i in range(400)]
     assert max(index.batch_sizes) <= 16
+
+
+def test_a_small_request_rides_in_the_very_next_batch_even_when_one_request_could_fill_it():
+    index = SlowIndex(seconds_per_query=0.005)
+    limits = ServerLimits(workers=1, max_batch_queries=16, request_share=16, max_queries=512)
+    with start_server_in_thread(index, limits=limits, cache_size=0) as handle, ThreadPoolExecutor(4) as pool:
+        heavies = [pool.submit(_post, handle.url, {"queries": [f"q{100 + i}" for i in range(300)], "topk": 1})
+                   for _ in range(3)]
+        time.sleep(0.3)
+        sent = time.perf_counter()
+        assert _post(handle.url, {"queries": ["q7"], "topk": 1})["result"][0][0]["id"] == "doc-7"
+        [h.result() for h in heavies]
+    started_after = [queries for start, queries in index.batches if start > sent]
+    assert "q7" in started_after[0]  # not after a full batch of each heavy request in turn
+    assert sum(len(q) for _, q in index.batches) == 3 * 300 + 1  # every query searched once, none lost
 
 
 def test_concurrent_requests_spread_over_the_workers():

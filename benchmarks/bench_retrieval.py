@@ -8,12 +8,15 @@ real index work):
   encoder call for the request's queries and one FAISS search; BM25: one search per query in a loop (Search-R1 calls
   Pyserini per query). BM25 per query uses our sparse scorer by default, which like Lucene touches only the query
   terms' postings (`--baseline-bm25 stock` uses bm25s's own per-query `retrieve`, a dense pass over the corpus).
-  torch/FAISS threads are left at their defaults, as Search-R1 leaves them. Needs `pip install stepsearch[bench]`.
+  torch/FAISS threads are left at their defaults, as Search-R1 leaves them; uvicorn parses HTTP with httptools when
+  installed and runs the standard asyncio loop, as ours does. Needs `pip install stepsearch[bench]`.
 
 Workloads, from `c` concurrent keep-alive clients for c in `--concurrency`, `topk` 3 with scores:
 - throughput: `--requests` requests of `q` distinct queries each, for q in `--queries-per-request` (1 and 8),
   `--repeats` times per server with the servers alternating; reports the median queries/s, p50/p99 request latency
-  over all runs, and our throughput over searchr1's.
+  over all runs, our throughput over searchr1's, and queries per CPU-second of the server process (on a shared
+  machine the kernel shares CPU per thread, which favours a server with many runnable threads; CPU-seconds do not
+  depend on that share).
 - mixed (`--mixed`): `--heavy-clients` clients send maximum-size requests (`--heavy-queries` queries) back to back
   while `--light-clients` clients send one-query requests; reports the light requests' p50/p99 latency.
 - BM25 parameters (`--bm25-grid`, no servers): recall@1/@3 and MRR@10 of BM25 over a (k1, b) grid on real English
@@ -140,10 +143,13 @@ def serve_searchr1(index_dir: str, bm25_search: str) -> None:
     app.post("/retrieve")(retrieve)
     listener = socket.socket()
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    # uvicorn.run(host=, port=) gets TCP_NODELAY from asyncio; a socket handed over with `sockets=` does not, and
+    # Nagle's algorithm with delayed ACKs would then stall every keep-alive response by ~40 ms.
+    listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     listener.bind(("127.0.0.1", 0))
     listener.listen(2048)  # clients may connect before uvicorn has started: they wait in the backlog
     print(f"searchr1-shaped server on http://127.0.0.1:{listener.getsockname()[1]}", flush=True)
-    config = uvicorn.Config(app, log_level="warning", access_log=False, backlog=2048)
+    config = uvicorn.Config(app, log_level="warning", access_log=False, backlog=2048, loop="asyncio")
     uvicorn.Server(config).run(sockets=[listener])
 
 
@@ -295,7 +301,8 @@ def run_servers(args: argparse.Namespace) -> list[dict]:
                 print(f"  built in {time.perf_counter() - started:.1f} s", flush=True)
             servers = {server: start(server, index_dir, args) for server in args.servers}
             try:  # both servers are up (the idle one costs nothing); each point is measured on both back to back
-                rows += _measure(method, {server: url for server, (_, url) in servers.items()}, vocabulary, args)
+                rows += _measure(method, {server: url for server, (_, url) in servers.items()},
+                                 {server: process.pid for server, (process, _) in servers.items()}, vocabulary, args)
             finally:
                 for process, _ in servers.values():
                     process.terminate()
@@ -303,7 +310,14 @@ def run_servers(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def _measure(method: str, urls: dict[str, str], vocabulary: list[str], args: argparse.Namespace) -> list[dict]:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+def _measure(method: str, urls: dict[str, str], pids: dict[str, int], vocabulary: list[str],
+             args: argparse.Namespace) -> list[dict]:
     rows = []
     for per_request in args.queries_per_request:
         for concurrency in args.concurrency:
@@ -313,10 +327,13 @@ def _measure(method: str, urls: dict[str, str], vocabulary: list[str], args: arg
             queries = make_queries(vocabulary, count * per_request, seed=1000 * per_request + concurrency)
             requests = [queries[i : i + per_request] for i in range(0, len(queries), per_request)]
             qps: dict[str, list[float]] = {server: [] for server in urls}
+            cpu: dict[str, float] = {server: 0.0 for server in urls}
             latencies: dict[str, list[np.ndarray]] = {server: [] for server in urls}
             for repeat in range(args.repeats):  # alternate the order: a machine's load drifts over time
                 for server in (list(urls) if repeat % 2 == 0 else list(urls)[::-1]):
+                    cpu_before = cpu_seconds(pids[server])
                     wall, measured = asyncio.run(throughput(urls[server], requests, concurrency))
+                    cpu[server] += cpu_seconds(pids[server]) - cpu_before
                     qps[server].append(len(queries) / wall)
                     latencies[server].append(measured)
             for server in urls:
@@ -324,10 +341,12 @@ def _measure(method: str, urls: dict[str, str], vocabulary: list[str], args: arg
                 row = {"method": method, "server": server, "workload": "throughput",
                        "queries_per_request": per_request, "concurrency": concurrency,
                        "qps": float(np.median(qps[server])), "p50_ms": float(np.percentile(pooled, 50)),
-                       "p99_ms": float(np.percentile(pooled, 99))}
+                       "p99_ms": float(np.percentile(pooled, 99)),
+                       "queries_per_cpu_s": len(queries) * args.repeats / max(cpu[server], 1e-9)}
                 rows.append(row)
                 print(f"  {method:<5} {server:<8} q/req={per_request:<2} c={concurrency:<3} {row['qps']:8.1f} q/s  "
-                      f"p50 {row['p50_ms']:8.1f} ms  p99 {row['p99_ms']:8.1f} ms  (q/s of each run: "
+                      f"p50 {row['p50_ms']:8.1f} ms  p99 {row['p99_ms']:8.1f} ms  "
+                      f"{row['queries_per_cpu_s']:8.1f} q/CPU-s  (q/s of each run: "
                       f"{', '.join(f'{v:.0f}' for v in qps[server])})", flush=True)
     if args.mixed:
         heavy = make_queries(vocabulary, args.heavy_queries, seed=7)
@@ -351,14 +370,16 @@ def report(rows: list[dict], out: Path) -> None:
     by_key = {key(r, r["server"]): r for r in rows}
     print(f"\nmachine: {host}")
     print(f"{'method':<6} {'workload':<14} {'q/req':>5} {'conc':>4} {'server':<9} {'q/s':>9} {'p50 ms':>9} "
-          f"{'p99 ms':>9} {'x searchr1':>10}")
+          f"{'p99 ms':>9} {'q/CPU-s':>9} {'x searchr1':>10}")
     long_rows = []
     for r in rows:
         base = by_key.get(key(r, "searchr1"))
         ratio = r["qps"] / base["qps"] if base and r["workload"] == "throughput" else float("nan")
         print(f"{r['method']:<6} {r['workload']:<14} {r['queries_per_request']:>5} {r['concurrency']:>4} "
-              f"{r['server']:<9} {r['qps']:>9.1f} {r['p50_ms']:>9.1f} {r['p99_ms']:>9.1f} {ratio:>10.2f}")
-        metrics = {"qps": r["qps"], "p50_ms": r["p50_ms"], "p99_ms": r["p99_ms"], "throughput_vs_searchr1": ratio}
+              f"{r['server']:<9} {r['qps']:>9.1f} {r['p50_ms']:>9.1f} {r['p99_ms']:>9.1f} "
+              f"{r.get('queries_per_cpu_s', float('nan')):>9.1f} {ratio:>10.2f}")
+        metrics = {"qps": r["qps"], "p50_ms": r["p50_ms"], "p99_ms": r["p99_ms"], "throughput_vs_searchr1": ratio,
+                   "queries_per_cpu_s": r.get("queries_per_cpu_s", float("nan"))}
         if "heavy_requests_done" in r:
             metrics["heavy_requests_done"] = r["heavy_requests_done"]
         for metric, value in metrics.items():

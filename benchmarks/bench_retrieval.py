@@ -224,8 +224,9 @@ def _body(queries: list[str]) -> bytes:
     return json.dumps({"queries": queries, "topk": 3, "return_scores": True}).encode()
 
 
-async def throughput(url: str, requests: list[list[str]], concurrency: int) -> tuple[float, np.ndarray]:
-    """Send every request from `concurrency` clients; (wall seconds, per-request latencies in ms)."""
+async def throughput(url: str, requests: list[list[str]], concurrency: int, pid: int
+                     ) -> tuple[float, float, np.ndarray]:
+    """Send every request from `concurrency` clients; (wall seconds, server CPU seconds, latencies in ms)."""
     latencies: list[float] = []
     cursor = iter(range(len(requests)))
     clients = [RawHTTPClient(url) for _ in range(concurrency)]
@@ -239,12 +240,12 @@ async def throughput(url: str, requests: list[list[str]], concurrency: int) -> t
 
     for client in clients:  # connect and pay first-request costs (lazy imports) outside the clock
         await client.post(_body(["warm up"]))
-    started = time.perf_counter()
+    cpu_before, started = cpu_seconds(pid), time.perf_counter()
     await asyncio.gather(*(run_client(client) for client in clients))
-    wall = time.perf_counter() - started
+    wall, cpu = time.perf_counter() - started, cpu_seconds(pid) - cpu_before
     for client in clients:
         await client.close()
-    return wall, np.asarray(latencies)
+    return wall, cpu, np.asarray(latencies)
 
 
 async def mixed(url: str, heavy: list[str], light: list[str], heavy_clients: int, light_clients: int
@@ -331,9 +332,9 @@ def _measure(method: str, urls: dict[str, str], pids: dict[str, int], vocabulary
             latencies: dict[str, list[np.ndarray]] = {server: [] for server in urls}
             for repeat in range(args.repeats):  # alternate the order: a machine's load drifts over time
                 for server in (list(urls) if repeat % 2 == 0 else list(urls)[::-1]):
-                    cpu_before = cpu_seconds(pids[server])
-                    wall, measured = asyncio.run(throughput(urls[server], requests, concurrency))
-                    cpu[server] += cpu_seconds(pids[server]) - cpu_before
+                    wall, cpu_used, measured = asyncio.run(throughput(urls[server], requests, concurrency,
+                                                                       pids[server]))
+                    cpu[server] += cpu_used
                     qps[server].append(len(queries) / wall)
                     latencies[server].append(measured)
             for server in urls:

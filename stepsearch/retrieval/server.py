@@ -15,7 +15,8 @@ up to `max_batch_queries`, at most `request_share` from each request: up to half
 of the queue (which then moves to the back, so every request's turn comes round), then from the requests with the
 fewest queries left. A small request therefore waits for at most one batch per worker, however many maximum-size requests
 are queued. The waiting work is split evenly over the free workers (no batch larger than needed), and each worker
-runs the encoder/FAISS with `intra_op_threads` threads, so all cores work on concurrent requests.
+runs the encoder/FAISS with `intra_op_threads` threads, so all cores work on concurrent requests (by default
+cores / 2 workers of 2 threads each: at least two workers, so one's Python code overlaps the other's operations).
 
 Connections: at most `max_connections` are open; a new one beyond that first evicts the connection idle or reading
 for the longest (a request being answered is never evicted), and is refused with a 503 when every connection is
@@ -86,9 +87,11 @@ class ServerLimits:
     request_share: int = 16
     """Most queries one request puts into a batch before other waiting requests get their turn."""
     workers: int = 0
-    """Index worker threads; 0 = one per available core."""
-    intra_op_threads: int = 1
-    """torch/FAISS threads inside each worker's index call."""
+    """Index worker threads; 0 = available cores / `intra_op_threads`, at least 2."""
+    intra_op_threads: int = 2
+    """torch/FAISS threads inside each worker's index call. The encoder's Python code between operations holds the
+    GIL, so a few workers with two threads each keep the cores busier than one single-threaded worker per core
+    (benchmarks/README.md, "Retrieval server")."""
     max_connections: int = 1000
     """Open connections at most (further capped by the file-descriptor limit)."""
     read_timeout_s: float = 10.0
@@ -186,7 +189,7 @@ class FairScheduler:
     def __init__(self, retriever: LocalRetriever, limits: ServerLimits) -> None:
         self.retriever = retriever
         self.limits = limits
-        self.workers = limits.workers or available_cores()
+        self.workers = limits.workers or max(2, available_cores() // limits.intra_op_threads)
         self._executor = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="retrieval-index",
                                             initializer=_limit_threads, initargs=(limits.intra_op_threads,))
         self._waiting: deque[_Request] = deque()

@@ -437,21 +437,18 @@ def docstring_pairs() -> list[tuple[str, str, str]]:
     return pairs
 
 
-def encoder_tokens(texts: list[str], batch_size: int = 128, max_length: int = 256) -> tuple[int, int, int]:
-    """Tokens a dense build pushes through the encoder, padding included: (in input order, length-sorted, real)."""
-    from transformers import AutoTokenizer
+def encoder_tokens(texts: list[str], batch_size: int = 128) -> tuple[int, int, int]:
+    """Tokens a dense build pushes through the encoder, padding included: (in input order, as `TextEncoder` batches
+    them, real)."""
+    from stepsearch.retrieval.encoder import TextEncoder
 
-    from stepsearch.retrieval.encoder import default_encoder_path
-
-    tokenizer = AutoTokenizer.from_pretrained(str(default_encoder_path()), local_files_only=True)
-    lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]]
-    by_chars = [lengths[i] for i in sorted(range(len(texts)), key=lambda i: -len(texts[i]))]  # as encoder.py sorts
-
-    def padded(order: list[int]) -> int:
-        return sum(len(order[s : s + batch_size]) * max(order[s : s + batch_size])
-                   for s in range(0, len(order), batch_size))
-
-    return padded(lengths), padded(by_chars), sum(lengths)
+    encoder = TextEncoder(max_length=256)
+    lengths = [len(ids) for ids in encoder.tokenizer(texts, truncation=True, max_length=256)["input_ids"]]
+    in_order = sum(len(lengths[s : s + batch_size]) * max(lengths[s : s + batch_size])
+                   for s in range(0, len(lengths), batch_size))
+    sorted_batches = sum(len(rows) * max(len(ids) for ids in encoded["input_ids"])
+                         for rows, encoded in encoder._length_sorted_batches(texts, batch_size))
+    return in_order, sorted_batches, sum(lengths)
 
 
 def bm25_grid(args: argparse.Namespace) -> None:

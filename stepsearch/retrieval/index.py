@@ -386,8 +386,8 @@ def build_index(
 ) -> SearchIndex:
     """Index a JSONL corpus with `method` and save it (with its metadata and a copy of the corpus) to `out_dir`.
 
-    `params` go to the method's builder: BM25 `k1`, `b` (defaults `BM25_DEFAULT_K1`, `BM25_DEFAULT_B`); dense `index_type` (flat|ivf|hnsw), `nlist`, `nprobe`,
-    `hnsw_m`, `ef_search`, `batch_size`, `max_length`.
+    `params` go to the method's builder: BM25 `k1`, `b` (defaults `BM25_DEFAULT_K1`, `BM25_DEFAULT_B`); dense
+    `index_type` (flat|ivf|hnsw), `nlist`, `nprobe`, `hnsw_m`, `ef_search`, `batch_size`, `max_length`.
     """
     if method not in INDEX_CLASSES:
         raise RetrieverError(f"unknown index method {method!r} (expected one of {sorted(INDEX_CLASSES)})")

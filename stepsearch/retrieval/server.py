@@ -13,9 +13,9 @@ topk), answers a 4xx JSON error `{"error": ...}`; the server never crashes on in
 Scheduling: requests' queries wait in a queue; whenever one of `workers` index threads is free it takes a batch of
 up to `max_batch_queries`, at most `request_share` from each request: up to half of it from the request at the head
 of the queue (which then moves to the back, so every request's turn comes round), then from the requests with the
-fewest queries left. A small request therefore waits for at most one batch per worker, however many maximum-size requests
-are queued. The waiting work is split evenly over the free workers (no batch larger than needed), and each worker
-runs the encoder/FAISS with `intra_op_threads` threads, so all cores work on concurrent requests (by default
+fewest queries left. A small request therefore waits for at most one batch per worker, however many maximum-size
+requests are queued. The waiting work is split evenly over the free workers (no batch larger than needed), and each
+worker runs the encoder/FAISS with `intra_op_threads` threads, so all cores work on concurrent requests (by default
 cores / 2 workers of 2 threads each: at least two workers, so one's Python code overlaps the other's operations).
 
 Connections: at most `max_connections` are open; a new one beyond that first evicts the connection idle or reading

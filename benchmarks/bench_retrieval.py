@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import csv
 import json
 import os
 import platform
@@ -49,6 +48,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import bench_common
 import numpy as np
 
 RESULTS = Path(__file__).parent / "results" / "retrieval.csv"
@@ -387,12 +387,7 @@ def report(rows: list[dict], out: Path) -> None:
             if value == value:  # NaN: not measured for this workload
                 long_rows.append({**{k: r[k] for k in CSV_FIELDS[:5]}, "metric": metric, "value": round(value, 4),
                                   "machine": host})
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
-        writer.writeheader()
-        writer.writerows(long_rows)
-    print(f"\nwrote {out}")
+    bench_common.write_csv(out, long_rows, CSV_FIELDS)
 
 
 # -- BM25 parameters on real text ---------------------------------------------------------------------------------
@@ -478,15 +473,9 @@ def bm25_grid(args: argparse.Namespace) -> None:
                 print(f"k1={k1:<4} b={b:<5} R@1 {row['recall@1']:.4f}  R@3 {row['recall@3']:.4f}  "
                       f"MRR@10 {row['mrr@10']:.4f}", flush=True)
     out = args.out.with_name("bm25_params.csv") if args.out == RESULTS else args.out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["k1", "b", "metric", "value", "queries"])
-        writer.writeheader()
-        for row in rows:
-            for metric in ("recall@1", "recall@3", "mrr@10"):
-                writer.writerow({"k1": row["k1"], "b": row["b"], "metric": metric, "value": round(row[metric], 4),
-                                 "queries": len(pairs)})
-    print(f"wrote {out}")
+    long_rows = [{"k1": row["k1"], "b": row["b"], "metric": metric, "value": round(row[metric], 4),
+                  "queries": len(pairs)} for row in rows for metric in ("recall@1", "recall@3", "mrr@10")]
+    bench_common.write_csv(out, long_rows)
 
 
 def main() -> None:

@@ -23,10 +23,11 @@ registers. Otherwise `_gae_summary_kernel` first writes each chunk's composite m
 program of `_gae_chunk_kernel` composes the summaries of the chunks to its right (a short scalar loop) to get its
 carry-in: B x chunks programs, so few long rows still fill the device (the inputs are read twice in that case).
 
-Rewards are formed in registers (KL from old/ref log-probs, step scores matched against `step_ends` per tile, the
-outcome through O) and only written to global memory when `return_rewards=True`. Everything is fp32 in registers;
-outputs are fp32; float64 inputs are delegated to the twin. Step ends outside [0, T) are ignored (checking would
-need a host sync; the twin raises on them). Under TRITON_INTERPRET=1 the same kernels run on CPU tensors.
+Rewards are formed in registers (KL from old/ref log-probs, step scores matched per tile against the row's
+`step_ends`, loaded once per program as a vector, the outcome through O) and only written to global memory when
+`return_rewards=True`. Everything is fp32 in registers; outputs are fp32; float64 inputs are delegated to the twin.
+Step ends outside [0, T) are ignored (checking would need a host sync; the twin raises on them). Under
+TRITON_INTERPRET=1 the same kernels run on CPU tensors.
 """
 
 from __future__ import annotations
@@ -44,9 +45,12 @@ from stepsearch.kernels.launch import K3_CLAMP, LOG_RATIO_CLAMP, launch_options,
 __all__ = ["compute_gae", "scatter_rewards_and_gae"]
 
 _KL_CODES = {"k1": 1, "k2": 2, "k3": 3}
-# 512-token tiles at 4 warps: 80 registers, no spills, 6 programs resident per SM (offline sm_90 compile read with
-# cuobjdump -res-usage; 1024-token tiles need 129 registers and leave B=512 rows in 1.3 waves on 132 SMs).
+# 512-token tiles at 4 warps (offline sm_90 compile read with cuobjdump -res-usage, ints specialised as at 512 x 4096,
+# 8 step slots): the fused chunk kernel needs 153 registers (3 programs per SM), the summary kernel 78-128; no spills.
 _GPU_BLOCK = 512
+# Left to itself ptxas keeps the plain-GAE summary kernel at 56 registers and spills 5 loop-invariant scalars around
+# the scan (24-byte stack); a 128-register ceiling lets it keep them (no stack) at the same occupancy class.
+_SUMMARY_MAX_REGISTERS = 128
 # ~2 programs per SM: enough chunks for few long rows, while the summary pass (inputs read twice) stays rare.
 _PROGRAMS_PER_SM = 2
 
@@ -71,10 +75,26 @@ def _last(x, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _row_steps(row, step_ends_ptr, step_scores_ptr, num_steps, length, FUSED: tl.constexpr, STEPS: tl.constexpr):
+    """A row's step ends (int32, -1 where absent or outside [0, T)) and scores (fp32), once per program."""
+    slots = tl.arange(0, STEPS)
+    present = slots < num_steps
+    if FUSED:
+        offsets = row.to(tl.int64) * num_steps + slots
+        ends = tl.load(step_ends_ptr + offsets, mask=present, other=-1)
+        ends = tl.where((ends >= 0) & (ends < length), ends, -1).to(tl.int32)  # no int64 tiles, no wrap-around
+        scores = tl.load(step_scores_ptr + offsets, mask=present, other=0.0).to(tl.float32)
+    else:
+        ends = tl.full([STEPS], -1, tl.int32)
+        scores = tl.zeros([STEPS], dtype=tl.float32)
+    return ends, scores
+
+
+@triton.jit
 def _tile_maps(
     row, tile_end, tile_start, length,
-    rewards_ptr, values_ptr, mask_ptr, old_logp_ptr, ref_logp_ptr, step_scores_ptr, step_ends_ptr,
-    stride_rewards, stride_values, stride_mask, stride_old, stride_ref, num_steps,
+    rewards_ptr, values_ptr, mask_ptr, old_logp_ptr, ref_logp_ptr, step_ends_row, step_scores_row,
+    stride_rewards, stride_values, stride_mask, stride_old, stride_ref,
     kl_coef, gamma, gamma_lam,
     FUSED: tl.constexpr, HAS_KL: tl.constexpr, KL_ESTIMATOR: tl.constexpr, BLOCK: tl.constexpr,
 ):
@@ -97,10 +117,10 @@ def _tile_maps(
             else:
                 kl = tl.minimum(tl.maximum(tl.exp(-log_ratio) - 1.0 + log_ratio, -K3_CLAMP), K3_CLAMP)
             rewards -= kl_coef * kl
-        for step in range(num_steps):
-            step_end = tl.load(step_ends_ptr + row64 * num_steps + step)
-            step_score = tl.load(step_scores_ptr + row64 * num_steps + step).to(tl.float32)
-            rewards += tl.where(t == step_end, step_score, 0.0)
+        # (STEPS, BLOCK) match against the row's step ends, loaded once per program; two steps on one token add up.
+        # Steps on axis 0: each thread holds every step of its own tokens, so the sum stays in registers.
+        at_step_end = step_ends_row[:, None] == t[None, :]
+        rewards += tl.sum(tl.where(at_step_end, step_scores_row[:, None], 0.0), axis=0)
         rewards = tl.where(masked_in, rewards, 0.0)
     else:
         rewards = tl.load(rewards_ptr + row64 * stride_rewards + t, mask=masked_in, other=0.0).to(tl.float32)
@@ -122,19 +142,21 @@ def _gae_summary_kernel(
     stride_rewards, stride_values, stride_mask, stride_old, stride_ref, num_steps,
     kl_coef, gamma, gamma_lam,
     FUSED: tl.constexpr, HAS_KL: tl.constexpr, KL_ESTIMATOR: tl.constexpr, BLOCK: tl.constexpr,
+    STEPS: tl.constexpr,
 ):
     """summary[:, row, chunk] = composite map (p, q, k, u, s, w) of all tokens of one chunk (6, B, chunks)."""
     chunk = tl.program_id(0)
     row = tl.program_id(1)
     chunk_start = chunk * chunk_len
     chunk_end = tl.minimum(chunk_start + chunk_len, length)
+    step_ends_row, step_scores_row = _row_steps(row, step_ends_ptr, step_scores_ptr, num_steps, length, FUSED, STEPS)
     agg_p, agg_q, agg_k, agg_u, agg_s, agg_w = 1.0, 0.0, 0.0, 0.0, 1.0, 0.0
     for tile in range(0, tiles_per_chunk):
         tile_end = chunk_end - tile * BLOCK
         _t, _in, _m, _v, _r, p, q, k, u, s, w = _tile_maps(
             row, tile_end, chunk_start, length,
-            rewards_ptr, values_ptr, mask_ptr, old_logp_ptr, ref_logp_ptr, step_scores_ptr, step_ends_ptr,
-            stride_rewards, stride_values, stride_mask, stride_old, stride_ref, num_steps,
+            rewards_ptr, values_ptr, mask_ptr, old_logp_ptr, ref_logp_ptr, step_ends_row, step_scores_row,
+            stride_rewards, stride_values, stride_mask, stride_old, stride_ref,
             kl_coef, gamma, gamma_lam, FUSED, HAS_KL, KL_ESTIMATOR, BLOCK,
         )
         p, q, k, u, s, w = tl.associative_scan((p, q, k, u, s, w), 0, _compose)
@@ -159,7 +181,7 @@ def _gae_chunk_kernel(
     stride_rewards, stride_values, stride_mask, stride_old, stride_ref, num_steps,
     kl_coef, gamma, gamma_lam,
     FUSED: tl.constexpr, HAS_KL: tl.constexpr, KL_ESTIMATOR: tl.constexpr, STORE_REWARDS: tl.constexpr,
-    BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr, STEPS: tl.constexpr,
 ):
     """Advantages and returns of one chunk of one row; outputs are contiguous (B, T)."""
     chunk = tl.program_id(0)
@@ -185,12 +207,13 @@ def _gae_chunk_kernel(
         carry_o = s * carry_o
     chunk_start = chunk * chunk_len
     chunk_end = tl.minimum(chunk_start + chunk_len, length)
+    step_ends_row, step_scores_row = _row_steps(row, step_ends_ptr, step_scores_ptr, num_steps, length, FUSED, STEPS)
     for tile in range(0, tiles_per_chunk):
         tile_end = chunk_end - tile * BLOCK
         t, in_tile, masked_in, values, rewards, p, q, k, u, s, w = _tile_maps(
             row, tile_end, chunk_start, length,
-            rewards_ptr, values_ptr, mask_ptr, old_logp_ptr, ref_logp_ptr, step_scores_ptr, step_ends_ptr,
-            stride_rewards, stride_values, stride_mask, stride_old, stride_ref, num_steps,
+            rewards_ptr, values_ptr, mask_ptr, old_logp_ptr, ref_logp_ptr, step_ends_row, step_scores_row,
+            stride_rewards, stride_values, stride_mask, stride_old, stride_ref,
             kl_coef, gamma, gamma_lam, FUSED, HAS_KL, KL_ESTIMATOR, BLOCK,
         )
         p, q, k, u, s, w = tl.associative_scan((p, q, k, u, s, w), 0, _compose)
@@ -249,15 +272,18 @@ def _launch(
         step_scores.shape[1] if fused else 0,
     )
     scalars = (float(kl_coef), float(gamma), float(gamma * lam))
-    flags = dict(FUSED=fused, HAS_KL=has_kl, KL_ESTIMATOR=_KL_CODES[kl_estimator], BLOCK=block)
+    num_steps = step_scores.shape[1] if fused else 0
+    flags = dict(FUSED=fused, HAS_KL=has_kl, KL_ESTIMATOR=_KL_CODES[kl_estimator], BLOCK=block,
+                 STEPS=triton.next_power_of_2(max(num_steps, 1)))
     launch = launch_options()
+    summary_launch = dict(launch, maxnreg=_SUMMARY_MAX_REGISTERS) if launch else launch
     grid = (num_chunks, batch)
     summary = placeholder
     if num_chunks > 1:
         summary = torch.empty(6, batch, num_chunks, dtype=torch.float32, device=device)  # (6, B, chunks)
         _gae_summary_kernel[grid](summary, num_chunks, chunk_len, chunk_len // block, length, *pointers, *strides,
                                   *scalars,
-                                  **flags, **launch)
+                                  **flags, **summary_launch)
     _gae_chunk_kernel[grid](
         advantages, returns, rewards_out if return_rewards else placeholder, summary, num_chunks, chunk_len,
         chunk_len // block, length,

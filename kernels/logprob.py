@@ -42,22 +42,39 @@ __all__ = ["logprob_entropy"]
 # since bf16 products are exact in fp32.
 _INTERPRET_LAUNCH = {"BLOCK_N": 16, "BLOCK_V": 16, "BLOCK_H": 16, "UPCAST_DOT_OPERANDS": True}
 
-# H100 candidates. Offline sm_90 compiles (ptxas -v, no GPU at hand) showed the 64x128 / 128x64 tiles at 8 warps
-# spill least; the larger tiles stay in the set for the autotuner to judge on real hardware.
-_GPU_CONFIGS = [
+# H100 candidates, none of which spills (offline sm_90 compile read with cuobjdump -res-usage, registers per thread,
+# forward / d-logits, pointers and H-multiple-of-16 ints specialised as a real launch specialises them; the sm_90
+# compile test pins "no spill" for each). bf16/fp16 (wgmma): 64x128 127/80, 128x64 128/101, 128x128 214/128,
+# 64x256 210/127, 64x64 at 4 warps 126/96.
+_TENSOR_CORE_CONFIGS = [
     triton.Config({"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_H": 64}, num_warps=8, num_stages=4),
     triton.Config({"BLOCK_N": 128, "BLOCK_V": 64, "BLOCK_H": 64}, num_warps=8, num_stages=4),
     triton.Config({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_H": 64}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_N": 128, "BLOCK_V": 256, "BLOCK_H": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_N": 64, "BLOCK_V": 256, "BLOCK_H": 64}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_H": 64}, num_warps=4, num_stages=4),
 ]
+# fp32 inputs take IEEE FMA dots whose operands live in registers: the 128x128 and 64x256 tiles spill there, so fp32
+# gets its own smaller set (64x128 206/128, 64x64x32 168/128, 32x64x32 128/96).
+_FP32_CONFIGS = [
+    triton.Config({"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_H": 64}, num_warps=8, num_stages=4),
+    triton.Config({"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_H": 32}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_N": 32, "BLOCK_V": 64, "BLOCK_H": 32}, num_warps=4, num_stages=3),
+]
+
+
+def _configs_for_dtype(configs, named_args, **kwargs):
+    """Autotuner pruning: the candidate set of the input dtype."""
+    return _FP32_CONFIGS if named_args["hidden_ptr"].dtype == torch.float32 else _TENSOR_CORE_CONFIGS
 
 
 def _maybe_autotune(fn):
     """Autotune on GPU keyed on the model's shape (Triton adds tensor dtypes): N changes every step, no re-tuning."""
     if INTERPRET:
         return fn
-    return triton.autotune(configs=_GPU_CONFIGS, key=["hidden_size", "vocab"])(fn)
+    return triton.autotune(
+        configs=_TENSOR_CORE_CONFIGS + _FP32_CONFIGS, key=["hidden_size", "vocab"],
+        prune_configs_by={"early_config_prune": _configs_for_dtype},
+    )(fn)
 
 
 @triton.jit
@@ -68,17 +85,22 @@ def _logit_tile(
 ):
     """Logits z (BLOCK_N, BLOCK_V) fp32 = hidden[rows] . weight[cols] / temperature, accumulated over H."""
     acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
-    row_base = hidden_ptr + rows.to(tl.int64)[:, None] * stride_h
-    col_base = weight_ptr + cols.to(tl.int64)[None, :] * stride_w
+    hs = tl.arange(0, BLOCK_H)
+    # Out-of-range rows and columns read a valid row (clamped) and are masked by the callers: no 2-D load masks.
+    safe_rows = tl.where(row_ok, rows, 0).to(tl.int64)
+    safe_cols = tl.where(col_ok, cols, 0).to(tl.int64)
+    hidden_ptrs = hidden_ptr + safe_rows[:, None] * stride_h + hs[None, :]
+    weight_ptrs = weight_ptr + safe_cols[None, :] * stride_w + hs[:, None]
     for h_start in range(0, hidden_size, BLOCK_H):
-        hs = h_start + tl.arange(0, BLOCK_H)
-        h_ok = hs < hidden_size
-        hidden_tile = tl.load(row_base + hs[None, :], mask=row_ok[:, None] & h_ok[None, :], other=0.0)
-        weight_tile = tl.load(col_base + hs[:, None], mask=h_ok[:, None] & col_ok[None, :], other=0.0)
+        h_left = hidden_size - h_start
+        hidden_tile = tl.load(hidden_ptrs, mask=hs[None, :] < h_left, other=0.0)
+        weight_tile = tl.load(weight_ptrs, mask=hs[:, None] < h_left, other=0.0)
         if UPCAST_DOT_OPERANDS:
             hidden_tile = hidden_tile.to(tl.float32)
             weight_tile = weight_tile.to(tl.float32)
         acc = tl.dot(hidden_tile, weight_tile, acc, input_precision=DOT_PRECISION)
+        hidden_ptrs += BLOCK_H
+        weight_ptrs += BLOCK_H
     return acc * inv_temp
 
 
@@ -86,7 +108,7 @@ def _logit_tile(
 @triton.jit
 def _fwd_kernel(
     hidden_ptr, weight_ptr, targets_ptr,
-    part_max_ptr, part_sum_ptr, part_shifted_ptr, target_logit_ptr,
+    part_max_ptr, part_sum_ptr, part_dot_ptr, target_logit_ptr,
     n_rows, hidden_size, vocab, split_cols, stride_h, stride_w, inv_temp,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, DOT_PRECISION: tl.constexpr,
     UPCAST_DOT_OPERANDS: tl.constexpr,
@@ -96,12 +118,10 @@ def _fwd_kernel(
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < n_rows
     targets = tl.load(targets_ptr + rows, mask=row_ok, other=-1).to(tl.int32)  # V < 2**31; int64 costs registers
-    # Finite start so the first rescale is 0 * finite, never inf * 0.
     running_max = tl.full((BLOCK_N,), -1.0e30, dtype=tl.float32)
     running_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    running_shifted = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    running_dot = tl.zeros((BLOCK_N,), dtype=tl.float32)
     target_logit = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    target_hits = tl.zeros((BLOCK_N,), dtype=tl.int32)
     v_begin = pid_split * split_cols
     v_end = tl.minimum(v_begin + split_cols, vocab)
     for v_start in range(v_begin, v_end, BLOCK_V):
@@ -111,26 +131,21 @@ def _fwd_kernel(
             hidden_ptr, weight_ptr, rows, cols, row_ok, col_ok, hidden_size, stride_h, stride_w, inv_temp,
             BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION, UPCAST_DOT_OPERANDS,
         )
-        logits = tl.where(col_ok[None, :], logits, float("-inf"))
+        logits = tl.where(col_ok[None, :], logits, -1.0e30)
         new_max = tl.maximum(running_max, tl.max(logits, axis=1))
-        shift = running_max - new_max
-        scale = tl.exp(shift)
-        centred = logits - new_max[:, None]
-        probs_unnorm = tl.exp(centred)
-        # Masked columns have probs_unnorm = 0 and centred = -inf: zero the factor, not the product (0 * inf = NaN).
-        centred_weighted = probs_unnorm * tl.where(col_ok[None, :], centred, 0.0)
-        running_shifted = scale * (running_shifted + shift * running_sum) + tl.sum(centred_weighted, axis=1)
+        scale = tl.exp(running_max - new_max)
+        probs_unnorm = tl.exp(logits - new_max[:, None])
         running_sum = scale * running_sum + tl.sum(probs_unnorm, axis=1)
+        running_dot = scale * running_dot + tl.sum(probs_unnorm * logits, axis=1)
         running_max = new_max
-        hit = (cols[None, :] == targets[:, None]) & col_ok[None, :]
-        target_logit += tl.sum(tl.where(hit, logits, 0.0), axis=1)
-        target_hits += tl.sum(hit.to(tl.int32), axis=1)
+        target_logit += tl.sum(tl.where(cols[None, :] == targets[:, None], logits, 0.0), axis=1)
+    owns_target = row_ok & (targets >= v_begin) & (targets < v_end)
     part_offsets = pid_split * n_rows + rows
     tl.store(part_max_ptr + part_offsets, running_max, mask=row_ok)
     tl.store(part_sum_ptr + part_offsets, running_sum, mask=row_ok)
-    tl.store(part_shifted_ptr + part_offsets, running_shifted, mask=row_ok)
+    tl.store(part_dot_ptr + part_offsets, running_dot, mask=row_ok)
     # Exactly one split owns each valid target; the buffer starts as NaN so an out-of-range target stays NaN.
-    tl.store(target_logit_ptr + rows, target_logit, mask=row_ok & (target_hits > 0))
+    tl.store(target_logit_ptr + rows, target_logit, mask=owns_target)
 
 
 @_maybe_autotune
@@ -182,42 +197,42 @@ def _forward(hidden, weight, targets, chunk_size, inv_temp):
     num_splits = triton.cdiv(vocab, chunk_size)
     part_max = torch.empty((num_splits, n_rows), dtype=torch.float32, device=hidden.device)
     part_sum = torch.empty_like(part_max)
-    part_shifted = torch.empty_like(part_max)
+    part_dot = torch.empty_like(part_max)
     target_logit = torch.full((n_rows,), float("nan"), dtype=torch.float32, device=hidden.device)
     if n_rows:
         grid = lambda meta: (triton.cdiv(n_rows, meta["BLOCK_N"]), num_splits)  # noqa: E731
         _fwd_kernel[grid](
-            hidden, weight, targets, part_max, part_sum, part_shifted, target_logit,
+            hidden, weight, targets, part_max, part_sum, part_dot, target_logit,
             n_rows, hidden_size, vocab, chunk_size, hidden.stride(0), weight.stride(0), inv_temp,
             DOT_PRECISION=_dot_precision(hidden.dtype), **_launch_kwargs(),
         )
     # Merge the splits' online statistics; every split holds >= 1 column so part_max is finite.
     global_max = part_max.amax(dim=0)  # (N,)
-    shift = part_max - global_max  # (S, N)
-    scale = torch.exp(shift)
+    scale = torch.exp(part_max - global_max)  # (S, N)
     total_sum = (scale * part_sum).sum(dim=0)
-    total_shifted = (scale * (part_shifted + shift * part_sum)).sum(dim=0)
-    log_sum = torch.log(total_sum)
-    lse = global_max + log_sum
-    entropy = log_sum - total_shifted / total_sum
+    mean_logit = (scale * part_dot).sum(dim=0) / total_sum  # E_p[z]
+    lse = global_max + torch.log(total_sum)
+    # lse - E_p[z] loses ~1e-7 x |z| to rounding: a near-one-hot row must not come out at -1e-6.
+    entropy = (lse - mean_logit).clamp_min(0.0)
     logp = target_logit - lse
-    return logp, entropy, lse, lse - entropy
+    return logp, entropy, lse, mean_logit
 
 
-# torch >= 2.8 can return a bf16 x bf16 GEMM in fp32 on CUDA (aten::mm.dtype).
-_MM_HAS_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
+# torch >= 2.8 runs a bf16 x bf16 GEMM with an fp32 C operand on CUDA (aten::addmm.dtype_out): cuBLAS adds each
+# chunk's product straight into the fp32 accumulator (beta = 1), no (N, H) partial product in between.
+_ADDMM_HAS_OUT_DTYPE = hasattr(torch.ops.aten.addmm, "dtype_out")
 
 
 def _matmul_into_fp32(accumulator: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """accumulator (fp32) += a @ b, without rounding the partial product to bf16 first where torch allows."""
+    """accumulator (fp32) += a @ b, in place, in fp32."""
     if a.dtype == torch.float32:
         accumulator.addmm_(a, b)
-    elif a.is_cuda and _MM_HAS_OUT_DTYPE:
-        accumulator.add_(torch.mm(a, b, out_dtype=torch.float32))
+    elif a.is_cuda and _ADDMM_HAS_OUT_DTYPE:
+        torch.ops.aten.addmm.dtype_out(accumulator, a, b, torch.float32, out=accumulator)
     elif a.is_cuda:
-        accumulator.add_(a @ b)  # older torch: each chunk's partial product is rounded to bf16 once
+        accumulator.add_(a @ b)  # torch < 2.8: one (N, H) partial product per chunk, rounded to bf16 once
     else:
-        accumulator.addmm_(a.float(), b.float())
+        accumulator.addmm_(a.float(), b.float())  # interpreter runs: CPU addmm needs one dtype
 
 
 def _backward(hidden, weight, targets, lse, mean_logit, grad_logp, grad_entropy, chunk_size, inv_temp,

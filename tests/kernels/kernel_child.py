@@ -1,14 +1,18 @@
 """Running a kernel test file as a child process: under the Triton interpreter, or compiling for sm_90.
 
 The child keeps TRITON_INTERPRET (and triton itself) out of the pytest process. Each kernel test file calls these
-from its fixtures and handles `python <test file> IN OUT` / `--compile-for-hopper` in its `__main__` block.
+from its fixtures and handles `python <test file> IN OUT` / `--compile-for-hopper` in its `__main__` block; in the
+compile child, `compile_sm90` compiles one kernel variant and prints its register and stack use, which the parent
+checks with `assert_no_spills`.
 """
 from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -40,8 +44,53 @@ def compile_for_hopper(test_file: str, timeout: int) -> list[str]:
     spec = importlib.util.find_spec("triton")
     if spec is None:
         pytest.skip("triton is not installed")
-    if not (Path(spec.origin).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
-        pytest.skip("this triton build ships no ptxas")
+    tools = Path(spec.origin).parent / "backends" / "nvidia" / "bin"
+    if not ((tools / "ptxas").exists() and (tools / "cuobjdump").exists()):
+        pytest.skip("this triton build ships no ptxas / cuobjdump")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(OMP_NUM_THREADS="1", TRITON_DEFAULT_FP_FUSION="1")
     return _run(test_file, ["--compile-for-hopper"], env, timeout, "sm_90 compile").splitlines()
+
+
+def compile_sm90(kernel, constants: dict, *, label: str, options: dict, pointer_types: dict | None = None,
+                 float_args: frozenset = frozenset(), aligned_ints: frozenset = frozenset()) -> None:
+    """Compile `kernel` for sm_90 and print `label regs=R stack=S shared=B` read from `cuobjdump -res-usage`.
+
+    Pointers (allocator-aligned) and the ints in `aligned_ints` carry Triton's divisible-by-16 attribute, as a real
+    launch at the benchmark shapes specialises them (`tt.divisibility`); without it loads are neither vectorised
+    nor pipelined and the compile would not be the one the GPU runs. A non-zero stack means register spills.
+    """
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    pointer_types = pointer_types or {}
+    signature, attrs = {}, {}
+    for index, name in enumerate(kernel.arg_names):
+        if name in constants:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name] = pointer_types.get(name, "*fp32")
+        else:
+            signature[name] = "fp32" if name in float_args else "i32"
+        if name.endswith("_ptr") or name in aligned_ints:
+            attrs[(index,)] = [["tt.divisibility", 16]]
+    compiled = triton.compile(ASTSource(kernel, signature, constants, attrs), target=GPUTarget("cuda", 90, 32),
+                              options=options)
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        usage = subprocess.run([str(cuobjdump), "-res-usage", cubin.name], capture_output=True, text=True,
+                               check=True).stdout
+    registers = re.search(r"REG:(\d+)", usage)
+    stack = re.search(r"STACK:(\d+)", usage)
+    assert registers and stack, usage
+    print(f"{label} regs={registers.group(1)} stack={stack.group(1)} shared={compiled.metadata.shared}", flush=True)
+
+
+def assert_no_spills(lines: list[str], expected_count: int) -> None:
+    """Every compiled variant reported, each with an empty stack frame (no register spills)."""
+    assert len(lines) == expected_count, lines
+    spilling = [line for line in lines if not re.search(r" stack=0 ", line)]
+    assert not spilling, "register spills on sm_90:\n" + "\n".join(spilling)

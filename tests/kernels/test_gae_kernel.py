@@ -1,11 +1,12 @@
 """Tests for the fused reward scatter + KL + GAE Triton kernel (`stepsearch.kernels.gae`).
 
-CPU: the kernels run under the Triton interpreter in one child process (TRITON_INTERPRET=1 must be set before
-triton is imported and must not leak into the rest of the suite). The parent builds the cases, the child runs the
-kernels, the parent compares with the float64 twin (relative error < 1e-5, masked-out outputs exactly 0). Small
-BLOCK / chunk overrides make the tiny shapes cross several tiles and chunks, so the carried state and the
-chunk-summary path are both exercised. A second child compiles every kernel variant for sm_90 with Triton's bundled
-ptxas, so GPU compile errors surface without a GPU. GPU (`gpu` marker): full shapes against the twin.
+CPU: the kernels run under the Triton interpreter in one child process (TRITON_INTERPRET=1 must be set before triton
+is imported and must not leak into the rest of the suite). The parent builds the cases, the child runs the kernels,
+the parent compares with the float64 twin (relative error < 1e-5, masked-out outputs exactly 0). Small BLOCK / chunk
+overrides make the tiny shapes cross several tiles and chunks, so the carried state and the chunk-summary path are
+both exercised. A second child compiles every kernel variant for sm_90 with Triton's bundled ptxas, so GPU compile
+errors and register spills (read with the bundled cuobjdump) surface without a GPU. GPU (`gpu` marker): full shapes
+against the twin.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import sys
 
 import pytest
 import torch
-from kernel_child import compile_for_hopper, run_interpreter_cases
+from kernel_child import assert_no_spills, compile_for_hopper, compile_sm90, run_interpreter_cases
 
 from stepsearch.algo.gae import compute_gae as twin_compute_gae
 from stepsearch.algo.gae import scatter_rewards_and_gae as twin_scatter_rewards_and_gae
@@ -198,36 +199,28 @@ def test_masked_out_garbage_does_not_leak(interpreter_results):
 
 def _compile_for_hopper_main() -> None:
     """Child-process entry point: compile every kernel variant for sm_90 (no GPU needed: Triton's bundled ptxas)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     from stepsearch.kernels import gae as kernels
     from stepsearch.kernels.launch import launch_options
 
-    pointer_types = {"mask_ptr": "*u8", "step_ends_ptr": "*i64", "values_ptr": "*bf16"}
-    float_args = {"kl_coef", "gamma", "gamma_lam"}
+    # At the benchmark shape (512 x 4096) every row stride, T and the chunk length are multiples of 16.
+    aligned = frozenset({"stride_rewards", "stride_values", "stride_mask", "stride_old", "stride_ref", "length",
+                         "chunk_len"})
     for kernel, extra in ((kernels._gae_summary_kernel, {}), (kernels._gae_chunk_kernel, {"STORE_REWARDS": True})):
         for fused, has_kl, estimator in ((False, False, 1), (True, True, 1), (True, True, 3), (True, False, 2)):
-            constants = dict(FUSED=fused, HAS_KL=has_kl, KL_ESTIMATOR=estimator, BLOCK=kernels._GPU_BLOCK, **extra)
-            signature = {}
-            for name in kernel.arg_names:
-                if name in constants:
-                    signature[name] = "constexpr"
-                elif name.endswith("_ptr"):
-                    signature[name] = pointer_types.get(name, "*fp32")
-                else:
-                    signature[name] = "fp32" if name in float_args else "i32"
-            compiled = triton.compile(ASTSource(kernel, signature, constants), target=GPUTarget("cuda", 90, 32),
-                                      options=launch_options())
-            print(f"{kernel.__name__} fused={fused} kl={has_kl}/{estimator} shared={compiled.metadata.shared}",
-                  flush=True)
+            constants = dict(FUSED=fused, HAS_KL=has_kl, KL_ESTIMATOR=estimator, BLOCK=kernels._GPU_BLOCK, STEPS=8,
+                             **extra)
+            options = launch_options()
+            if kernel is kernels._gae_summary_kernel:
+                options["maxnreg"] = kernels._SUMMARY_MAX_REGISTERS
+            compile_sm90(kernel, constants, label=f"{kernel.__name__} fused={fused} kl={has_kl}/{estimator}",
+                         options=options,
+                         pointer_types={"mask_ptr": "*u8", "step_ends_ptr": "*i64", "values_ptr": "*bf16"},
+                         float_args=frozenset({"kl_coef", "gamma", "gamma_lam"}), aligned_ints=aligned)
 
 
-def test_kernels_compile_for_hopper():
-    """Compile (not run) both kernels in every flag combination for sm_90 with this machine's Triton."""
-    lines = compile_for_hopper(__file__, timeout=600)
-    assert len(lines) == 8
+def test_kernels_compile_for_hopper_without_spills():
+    """Compile (not run) both kernels in every flag combination for sm_90: none may spill."""
+    assert_no_spills(compile_for_hopper(__file__, timeout=600), expected_count=8)
 
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -3,7 +3,8 @@
 CPU: the kernel runs under the Triton interpreter in one child process (TRITON_INTERPRET=1 must be set before
 triton is imported, and must not leak into the rest of the suite). The parent builds the inputs, the child runs
 the kernel forward and backward on them, and the parent checks the results against a float64 referee.
-A second child compiles both kernels for sm_90 with Triton's bundled ptxas, so GPU compile errors surface on CPU.
+A second child compiles both kernels for sm_90 in every autotune config with Triton's bundled ptxas, so GPU
+compile errors and register spills (read with the bundled cuobjdump) surface on CPU.
 GPU (`gpu` marker): Qwen2.5-3B-like shapes against the float64 referee and the twin, in this process.
 """
 
@@ -15,7 +16,7 @@ import sys
 
 import pytest
 import torch
-from kernel_child import compile_for_hopper, run_interpreter_cases
+from kernel_child import assert_no_spills, compile_for_hopper, compile_sm90, run_interpreter_cases
 
 from stepsearch.algo.logprob import logprob_entropy as twin_logprob_entropy
 from stepsearch.algo.logprob import logprob_entropy_materialized
@@ -158,42 +159,31 @@ def test_interpreter_out_of_range_target_gives_nan_not_a_wrong_number(interprete
 
 
 def _compile_for_hopper_main() -> None:
-    """Child-process entry point: compile both kernels for sm_90 (no GPU needed: Triton's bundled ptxas)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
+    """Child-process entry point: compile both kernels for sm_90 in every autotune config of each dtype."""
     from stepsearch.kernels import logprob as kernels
 
-    pointer_types = {
-        "targets_ptr": "*i64", "hidden_ptr": "*{dtype}", "weight_ptr": "*{dtype}", "dlogits_ptr": "*{dtype}",
-    }
-    config = kernels._GPU_CONFIGS[0]
-    for dtype, precision in (("bf16", "tf32"), ("fp32", "ieee")):
-        for autotuned in (kernels._fwd_kernel, kernels._dlogits_kernel):
-            kernel = autotuned.fn
-            constants = dict(config.kwargs, DOT_PRECISION=precision, UPCAST_DOT_OPERANDS=False)
-            signature = {}
-            for name in kernel.arg_names:
-                if name in constants:
-                    signature[name] = "constexpr"
-                elif name.endswith("_ptr"):
-                    signature[name] = pointer_types.get(name, "*fp32").format(dtype=dtype)
-                else:
-                    signature[name] = "fp32" if name == "inv_temp" else "i32"
-            compiled = triton.compile(
-                ASTSource(kernel, signature, constants), target=GPUTarget("cuda", 90, 32),
-                options={"num_warps": config.num_warps, "num_stages": config.num_stages},
-            )
-            print(f"{kernel.__name__} {dtype} shared={compiled.metadata.shared} "
-                  f"mma={'wgmma' if 'wgmma' in compiled.asm['ptx'] else 'mma.sync'}", flush=True)
+    # H = 2048 and V = 151936 (Qwen2.5-3B) and the 4096-column chunks are multiples of 16.
+    aligned = frozenset({"stride_h", "stride_w", "stride_d", "hidden_size", "vocab", "split_cols", "col_begin",
+                         "col_end"})
+    for dtype, precision, configs in (("bf16", "tf32", kernels._TENSOR_CORE_CONFIGS),
+                                      ("fp32", "ieee", kernels._FP32_CONFIGS)):
+        pointer_types = {"targets_ptr": "*i64", "hidden_ptr": f"*{dtype}", "weight_ptr": f"*{dtype}",
+                         "dlogits_ptr": f"*{dtype}"}
+        for config in configs:
+            tiles = "x".join(str(config.kwargs[name]) for name in ("BLOCK_N", "BLOCK_V", "BLOCK_H"))
+            for autotuned in (kernels._fwd_kernel, kernels._dlogits_kernel):
+                compile_sm90(
+                    autotuned.fn, dict(config.kwargs, DOT_PRECISION=precision, UPCAST_DOT_OPERANDS=False),
+                    label=f"{autotuned.fn.__name__} {dtype} {tiles}/w{config.num_warps}",
+                    options={"num_warps": config.num_warps, "num_stages": config.num_stages},
+                    pointer_types=pointer_types, float_args=frozenset({"inv_temp"}), aligned_ints=aligned,
+                )
 
 
-def test_kernels_compile_for_hopper():
-    """Compile (not run) both kernels for sm_90, bf16 and fp32, with this machine's Triton."""
-    lines = compile_for_hopper(__file__, timeout=300)
-    assert len(lines) == 4
-    assert all("wgmma" in line for line in lines if " bf16 " in line), lines
+def test_kernels_compile_for_hopper_without_spills():
+    """Compile (not run) both kernels for sm_90 in every autotune config (5 bf16, 3 fp32): none may spill."""
+    lines = compile_for_hopper(__file__, timeout=600)
+    assert_no_spills(lines, expected_count=2 * (5 + 3))
 
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

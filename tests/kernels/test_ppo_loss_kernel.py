@@ -6,8 +6,8 @@ forward + backward, the parent compares losses, diagnostics and gradients with t
 aggregation mode, actor-only / critic-only calls, dual clip, global normalisers (tensor and number), holes and empty
 rows, clamped log-ratios, strided and bf16 inputs, non-unit upstream gradients on all four losses, actor and critic
 parts backpropagated in two separate calls (the trainer's pattern), several tiles and chunks (small BLOCK / chunk
-overrides), and bitwise-identical reruns. A second child compiles the kernels for sm_90. GPU (`gpu` marker):
-2M tokens against the twin.
+overrides), and bitwise-identical reruns. A second child compiles the kernels for sm_90 and checks they do not spill
+registers. GPU (`gpu` marker): 2M tokens against the twin.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import sys
 
 import pytest
 import torch
-from kernel_child import compile_for_hopper, run_interpreter_cases
+from kernel_child import assert_no_spills, compile_for_hopper, compile_sm90, run_interpreter_cases
 
 from stepsearch.algo.ppo_loss import PPOLossOutput
 from stepsearch.algo.ppo_loss import ppo_loss as twin_ppo_loss
@@ -176,15 +176,11 @@ def test_all_masked_batch_is_zero_not_nan(interpreter_results):
 
 def _compile_for_hopper_main() -> None:
     """Child-process entry point: compile the three kernels for sm_90 (no GPU needed: Triton's bundled ptxas)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     from stepsearch.kernels import ppo_loss as kernels
     from stepsearch.kernels.launch import launch_options
 
-    float_args = {"clip_low", "clip_high", "dual_clip", "value_clip", "global_tokens", "global_seqs", "vf_coef",
-                  "entropy_coef"}
+    float_args = frozenset({"clip_low", "clip_high", "dual_clip", "value_clip", "global_tokens", "global_seqs",
+                            "vf_coef", "entropy_coef"})
     variants = [
         (kernels._ppo_fwd_kernel, dict(HAS_POLICY=True, HAS_VALUE=True, HAS_ENTROPY=True, DUAL_CLIP=True,
                                        BLOCK=kernels._GPU_BLOCK)),
@@ -195,22 +191,16 @@ def _compile_for_hopper_main() -> None:
         (kernels._ppo_bwd_kernel, dict(HAS_POLICY=True, HAS_VALUE=True, HAS_ENTROPY=True, BLOCK=kernels._GPU_BLOCK)),
     ]
     for kernel, constants in variants:
-        signature = {}
-        for name in kernel.arg_names:
-            if name in constants:
-                signature[name] = "constexpr"
-            elif name.endswith("_ptr"):
-                signature[name] = "*u8" if name == "mask_ptr" else "*fp32"
-            else:
-                signature[name] = "fp32" if name in float_args else "i32"
-        compiled = triton.compile(ASTSource(kernel, signature, constants), target=GPUTarget("cuda", 90, 32),
-                                  options=launch_options())
-        print(f"{kernel.__name__} shared={compiled.metadata.shared}", flush=True)
+        # At the benchmark shape (512 x 4096) every row stride, T and the chunk length are multiples of 16.
+        aligned = frozenset(name for name in kernel.arg_names if name.startswith("stride_")) | {"length", "chunk_len"}
+        compile_sm90(kernel, constants, label=f"{kernel.__name__} {sorted(k for k, v in constants.items() if v)}",
+                     options=launch_options(), pointer_types={"mask_ptr": "*u8"}, float_args=float_args,
+                     aligned_ints=aligned)
 
 
-def test_kernels_compile_for_hopper():
-    lines = compile_for_hopper(__file__, timeout=600)
-    assert len(lines) == 4
+def test_kernels_compile_for_hopper_without_spills():
+    """Compile (not run) the fwd / finalize / bwd kernels for sm_90: none may spill."""
+    assert_no_spills(compile_for_hopper(__file__, timeout=600), expected_count=4)
 
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

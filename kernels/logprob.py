@@ -6,16 +6,20 @@ for the maths and the gradient derivation). Structure (Liger style): private `@t
 
 Forward (`_fwd_kernel`): programs over (row tile, vocabulary split of `chunk_size` columns). Each program walks its
 split in (BLOCK_N, BLOCK_V) logit tiles computed on the fly with `tl.dot` over H, and keeps an online log-sum-exp
-(running max m, sum exp(z - m), sum exp(z - m)(z - m)) plus the target logit. A tiny torch combine merges the
-splits (num_splits x N floats). Splitting V keeps the GPU full when N is small (rollout scoring of few tokens).
+(running max m, sum exp(z - m), sum exp(z - m) z, so E_p[z] comes out directly) plus the target logit. Rows and
+columns past the ends read a clamped valid row and are masked afterwards, so the tile loads carry only the H mask;
+with those few full-tile temporaries no autotune config spills on sm_90 (numbers next to the config tables). A tiny
+torch combine merges the splits (num_splits x N floats). Splitting V keeps the GPU full when N is small (rollout
+scoring of few tokens).
 
 Backward: for each vocabulary chunk, `_dlogits_kernel` recomputes the logit tiles and writes
 dz = (g ([j == target] - p) + e p (E_p[z] - z)) / temperature into an (N, chunk_size) buffer in the input dtype;
 then two cuBLAS GEMMs take d hidden += dz @ W_chunk (fp32 accumulator) and d W_chunk = dz^T @ hidden (complete per
 chunk, written once). No atomics: results are bitwise deterministic. FLOPs: forward 2NHV, backward 6NHV (logit
 recompute, d hidden, d weight), i.e. exactly the 8NHV the benchmark counts. Extra memory besides the gradients:
-N * chunk_size elements for dz, an fp32 (N, H) accumulator and, for bf16 on CUDA, one fp32 (N, H) partial product,
-plus (num_splits, N) statistics: ~0.4 GiB at N=16k, H=2048, chunk 4096, whatever V is.
+N * chunk_size elements for dz and one fp32 (N, H) accumulator that every chunk's GEMM adds into in place (bf16 on
+torch >= 2.8: cuBLAS with an fp32 C operand), plus (num_splits, N) statistics: ~0.4 GiB at N=16k, H=2048, chunk
+4096, whatever V is.
 
 Precision: tile loads stay in bf16/fp16 for the tensor cores, `tl.dot` accumulates in fp32 and everything after
 the dot (softmax statistics, entropy, gradients) is fp32. fp32 inputs use IEEE fp32 dots (no TF32), so fp32 results

@@ -25,16 +25,22 @@ is tokenized on its own, never the trajectory. Outcomes of a turn, decided here 
   `max_information_tokens` per block (the document text is truncated so that the block still closes),
   `max_response_tokens` in total. A block that cannot fit while leaving room for one more generated token is not
   inserted and the trajectory ends ("budget"), as it does when generation fills the budget.
+- Row groups (`row_groups`): the trajectories advance in independent groups, each turn-synchronous on its own, so
+  a turn waits only for the slowest row of its group and a group's retrieval overlaps the others' generation. The
+  rules above hold per trajectory whatever the grouping; a fixed grouping gives a reproducible rollout.
 - A retriever failure raises `RetrieverError` naming the turn and the queries (the HTTP client has already retried
   with backoff). Training on notices in place of a broken retriever would teach the policy the wrong environment,
   so the rollout stops and the trainer's last checkpoint stays the resume point.
 """
 from __future__ import annotations
 
+import threading
 import time
 import weakref
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -120,25 +126,52 @@ def closing_tag_and_query(turn: Segmentation) -> tuple[str | None, str]:
     return None, ""
 
 
+@dataclass
+class _LoopState:
+    """What the row groups of one rollout share. `lock` guards everything but the engine and retriever calls."""
+
+    engine: "Engine"
+    retriever: "Retriever"
+    renderer: TrajectoryRenderer
+    table: TagTable
+    rollout_cfg: "RolloutConfig"
+    topk: int
+    temperature: float
+    seed: int | None
+    max_query_chars: int
+    num_groups: int
+    timings: dict[str, float]
+    bar: object | None
+    lock: threading.RLock = field(default_factory=threading.RLock)
+    retrieval_lock: threading.Lock = field(default_factory=threading.Lock)
+    failed: bool = False
+
+
 def run_agent_loop(engine: "Engine", retriever: "Retriever", tokenizer: "PreTrainedTokenizerBase",
                    records: Sequence["QARecord"], rollout_cfg: "RolloutConfig", *, topk: int, greedy: bool = False,
                    seed: int | None = None, samples_per_prompt: int | None = None, max_query_chars: int = 512,
-                   progress: bool = False, tag_table: TagTable | None = None) -> RolloutBatch:
+                   progress: bool = False, tag_table: TagTable | None = None, row_groups: int = 1) -> RolloutBatch:
     """Roll out `samples_per_prompt` (default `rollout_cfg.samples_per_prompt`) trajectories per record.
 
     Trajectories are record-major (`record_indices` = 0,0,…,1,1,…). `greedy` decodes with temperature 0; otherwise
     `rollout_cfg.temperature`/`top_p`. `seed` makes sampling reproducible for a given engine. `tag_table`: the
     segmenter's table of `tokenizer` (default `agent_tag_table(tokenizer)`).
+
+    `row_groups`: the trajectories are dealt round-robin into this many groups, each advancing through its own turns
+    in its own thread, so a turn waits only for the slowest row of its group, and one group's retrieval overlaps the
+    generation of the others. An engine with `concurrent_calls = True` (SGLang over HTTP) serves the groups' calls
+    at once (its scheduler batches them); any other engine runs one call at a time. Each group's engine calls and
+    their seeds depend only on the group, never on thread timing, so a fixed `row_groups` gives reproducible
+    rollouts; 1 is the turn-synchronous loop. Timings are summed over groups (they can exceed `total_s`).
     """
+    if row_groups < 1:
+        raise ValueError(f"row_groups must be >= 1, got {row_groups}")
     table = agent_tag_table(tokenizer) if tag_table is None else tag_table
     start = time.perf_counter()
     timings = {"generate_s": 0.0, "retrieve_s": 0.0, "segment_s": 0.0}
     samples = rollout_cfg.samples_per_prompt if samples_per_prompt is None else samples_per_prompt
     if samples < 1:
         raise ValueError(f"samples_per_prompt must be >= 1, got {samples}")
-    temperature = 0.0 if greedy else rollout_cfg.temperature
-    budget = rollout_cfg.max_response_tokens
-    renderer = TrajectoryRenderer(tokenizer, rollout_cfg)
 
     trajectories: list[_Trajectory] = []
     for record_index, record in enumerate(records):
@@ -150,60 +183,15 @@ def run_agent_loop(engine: "Engine", retriever: "Retriever", tokenizer: "PreTrai
         from tqdm import tqdm
 
         bar = tqdm(total=len(trajectories), desc="rollout", unit="traj", leave=False)
-    call_index = 0
-    turn = 0
-    active = list(trajectories)
-    while active:
-        # 1. generate: one engine call per distinct token allowance (all equal except near the total budget)
-        by_allowance: dict[int, list[_Trajectory]] = defaultdict(list)
-        for trajectory in active:
-            by_allowance[renderer.turn_allowance(len(trajectory.ids))].append(trajectory)
-        pending: list[_PendingBlock] = []
-        for allowance, group in by_allowance.items():
-            tick = time.perf_counter()
-            generations = engine.generate(
-                [t.prompt_ids + t.ids for t in group], max_new_tokens=allowance, stop_strings=STOP_STRINGS,
-                temperature=temperature, top_p=rollout_cfg.top_p,
-                seed=None if seed is None else derive_seed(seed, "generate", call_index),
-            )
-            timings["generate_s"] += time.perf_counter() - tick
-            call_index += 1
-            tick = time.perf_counter()
-            turns = segment_batch([generation.token_ids for generation in generations], table,
-                                  inserted=[[] for _ in generations])
-            timings["segment_s"] += time.perf_counter() - tick
-            for trajectory, generation, turn_segmentation in zip(group, generations, turns):
-                trajectory.extend(generation.token_ids, generation.logprobs)
-                block = _end_of_turn(trajectory, turn_segmentation, generation.finish_reason, rollout_cfg, budget,
-                                     max_query_chars)
-                if block is not None:
-                    pending.append(block)
-
-        # 2. retrieve: every query of this turn in one call
-        to_search = [block for block in pending if block.notice is None]
-        if to_search:
-            tick = time.perf_counter()
-            queries = [block.query for block in to_search]
-            try:
-                results = retriever.search(queries, topk)
-            except Exception as exc:
-                shown = ", ".join(repr(q[:60]) for q in queries[:3]) + (" …" if len(queries) > 3 else "")
-                raise RetrieverError(f"retrieval failed in rollout turn {turn} for {len(queries)} queries "
-                                     f"({shown}): {exc}") from exc
-            if len(results) != len(queries):
-                raise RetrieverError(f"the retriever returned {len(results)} result lists for {len(queries)} queries")
-            timings["retrieve_s"] += time.perf_counter() - tick
-            for block, docs in zip(to_search, results):
-                block.docs = list(docs)
-
-        # 3. insert the information blocks (or end trajectories that have no room for one)
-        _insert_blocks(pending, renderer)
-
-        still_active = [t for t in active if t.finish_reason is None]
-        if bar is not None:
-            bar.update(len(active) - len(still_active))
-        active = still_active
-        turn += 1
+    groups = [trajectories[g::row_groups] for g in range(min(row_groups, len(trajectories)))]
+    state = _LoopState(engine, retriever, TrajectoryRenderer(tokenizer, rollout_cfg), table, rollout_cfg, topk,
+                       0.0 if greedy else rollout_cfg.temperature, seed, max_query_chars, len(groups), timings, bar)
+    if len(groups) <= 1:
+        turns = [_advance_group(state, 0, group) for group in groups]
+    else:
+        with ThreadPoolExecutor(max_workers=len(groups), thread_name_prefix="rollout-group") as pool:
+            futures = [pool.submit(_advance_group, state, index, group) for index, group in enumerate(groups)]
+            turns = [future.result() for future in futures]
     if bar is not None:
         bar.close()
 
@@ -213,8 +201,96 @@ def run_agent_loop(engine: "Engine", retriever: "Retriever", tokenizer: "PreTrai
                                          - batch.timings["segment_s"], 0.0)
     batch.timings["total_s"] = time.perf_counter() - start
     batch.timings["collate_s"] = time.perf_counter() - tick
-    batch.timings["turns"] = float(turn)
+    batch.timings["turns"] = float(max(turns, default=0))
     return batch
+
+
+def _advance_group(state: _LoopState, group_index: int, trajectories: list[_Trajectory]) -> int:
+    """Run one group of trajectories turn by turn until all are done; returns its number of turns."""
+    engine_is_concurrent = getattr(state.engine, "concurrent_calls", False)
+    budget = state.rollout_cfg.max_response_tokens
+    call_index = 0
+    turn = 0
+    active = list(trajectories)
+    try:
+        with state.lock:
+            while active and not state.failed:
+                # 1. generate: one engine call per distinct token allowance (all equal except near the total budget)
+                by_allowance: dict[int, list[_Trajectory]] = defaultdict(list)
+                for trajectory in active:
+                    by_allowance[state.renderer.turn_allowance(len(trajectory.ids))].append(trajectory)
+                pending: list[_PendingBlock] = []
+                for allowance, group in by_allowance.items():
+                    prompts = [t.prompt_ids + t.ids for t in group]
+                    # Seeds depend on (group, call) only: call k of group g is stream position k * groups + g.
+                    seed = (None if state.seed is None
+                            else derive_seed(state.seed, "generate", call_index * state.num_groups + group_index))
+                    tick = time.perf_counter()
+                    with _released(state.lock) if engine_is_concurrent else nullcontext():
+                        generations = state.engine.generate(
+                            prompts, max_new_tokens=allowance, stop_strings=STOP_STRINGS,
+                            temperature=state.temperature, top_p=state.rollout_cfg.top_p, seed=seed,
+                        )
+                    state.timings["generate_s"] += time.perf_counter() - tick
+                    call_index += 1
+                    tick = time.perf_counter()
+                    turns = segment_batch([generation.token_ids for generation in generations], state.table,
+                                          inserted=[[] for _ in generations])
+                    state.timings["segment_s"] += time.perf_counter() - tick
+                    for trajectory, generation, turn_segmentation in zip(group, generations, turns):
+                        trajectory.extend(generation.token_ids, generation.logprobs)
+                        block = _end_of_turn(trajectory, turn_segmentation, generation.finish_reason,
+                                             state.rollout_cfg, budget, state.max_query_chars)
+                        if block is not None:
+                            pending.append(block)
+
+                # 2. retrieve: every query of this group's turn in one call, the other groups running meanwhile
+                to_search = [block for block in pending if block.notice is None]
+                if to_search:
+                    queries = [block.query for block in to_search]
+                    with _released(state.lock):
+                        tick = time.perf_counter()
+                        results = _search(state, queries, turn)
+                        elapsed = time.perf_counter() - tick
+                    state.timings["retrieve_s"] += elapsed
+                    for block, docs in zip(to_search, results):
+                        block.docs = list(docs)
+
+                # 3. insert the information blocks (or end trajectories that have no room for one)
+                _insert_blocks(pending, state.renderer)
+
+                still_active = [t for t in active if t.finish_reason is None]
+                if state.bar is not None:
+                    state.bar.update(len(active) - len(still_active))
+                active = still_active
+                turn += 1
+    except BaseException:
+        state.failed = True  # the other groups stop at their next turn instead of rolling out for nothing
+        raise
+    return turn
+
+
+def _search(state: _LoopState, queries: list[str], turn: int) -> list[list[Document]]:
+    with state.retrieval_lock:
+        try:
+            results = state.retriever.search(queries, state.topk)
+        except Exception as exc:
+            shown = ", ".join(repr(q[:60]) for q in queries[:3]) + (" …" if len(queries) > 3 else "")
+            raise RetrieverError(f"retrieval failed in rollout turn {turn} for {len(queries)} queries "
+                                 f"({shown}): {exc}") from exc
+    if len(results) != len(queries):
+        raise RetrieverError(f"the retriever returned {len(results)} result lists for {len(queries)} queries")
+    return results
+
+
+@contextmanager
+def _released(lock: threading.RLock) -> Iterator[None]:
+    """Let the other groups run while this one waits on the engine or the retriever."""
+    lock.release()
+    try:
+        yield
+    finally:
+        lock.acquire()
 
 
 def _end_of_turn(trajectory: _Trajectory, turn: Segmentation, finish_reason: str, rollout_cfg: "RolloutConfig",

@@ -169,6 +169,8 @@ class HFEngine:
     `max_batch_size` rows to limit padding and memory.
     """
 
+    concurrent_calls = False  # one model, one generate at a time: the agent loop serialises its row groups' calls
+
     def __init__(self, model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase",
                  device: torch.device | str | None = None, max_batch_size: int = 64) -> None:
         if tokenizer.pad_token_id is None:
@@ -419,6 +421,9 @@ class SGLangEngine:
         self._synced_dir: Path | None = None  # the last weights directory the HTTP server loaded
         self._sync_count = 0
         self._engine = None
+        # Over HTTP each call is an independent request, so the agent loop's row groups call at once and the
+        # server's scheduler batches them as they arrive; the in-process engine takes one call at a time.
+        self.concurrent_calls = url is not None
         if model_path is not None:
             try:
                 import sglang

@@ -3,6 +3,7 @@ fixed texts (to pin each outcome exactly) and the real HFEngine on the tiny mode
 from __future__ import annotations
 
 import re
+import time
 
 import pytest
 import torch
@@ -276,3 +277,79 @@ def test_step_ends_and_loss_mask_agree_with_the_segmenter(world):
             if from_text != from_loop:
                 assert (from_text, from_loop) == (1, 0.0)
                 assert tokenizer.decode([int(batch.response_ids[row, index])]).strip() == ""
+
+
+class _SlowEngine(ScriptedEngine):
+    """ScriptedEngine with a latency per call, recording each call's [start, end) on the wall clock."""
+
+    def __init__(self, tokenizer, scripts, seconds):
+        super().__init__(tokenizer, scripts)
+        self.seconds, self.intervals = seconds, []
+
+    def generate(self, prompts, **kwargs):
+        start = time.perf_counter()
+        time.sleep(self.seconds)
+        out = super().generate(prompts, **kwargs)
+        self.intervals.append((start, time.perf_counter()))
+        return out
+
+
+class _SlowRetriever(CountingRetriever):
+    def __init__(self, inner, seconds):
+        super().__init__(inner)
+        self.seconds, self.intervals = seconds, []
+
+    def search(self, queries, topk):
+        start = time.perf_counter()
+        time.sleep(self.seconds)
+        out = super().search(queries, topk)
+        self.intervals.append((start, time.perf_counter()))
+        return out
+
+
+def _content(batch):
+    return (batch.response_ids.tolist(), batch.loss_mask.tolist(), batch.step_ends.tolist(), batch.queries,
+            batch.retrieved, batch.finish_reasons, batch.num_searches, batch.inserted_spans, batch.answers,
+            batch.valid_format, batch.rollout_logp.tolist(), batch.record_indices)
+
+
+def test_row_groups_give_the_same_trajectories_as_the_synchronous_loop(world):
+    tokenizer, retriever, _ = world
+    records = [_record(Q_TWO_HOP), _record(Q_EMPTY), _record(Q_LOOP)]
+    synchronous = run_agent_loop(ScriptedEngine(tokenizer, SCRIPTS), retriever, tokenizer, records,
+                                 _cfg(max_turns=2), topk=2, samples_per_prompt=2, greedy=True)
+    for groups in (2, 3, 6, 50):
+        grouped = run_agent_loop(ScriptedEngine(tokenizer, SCRIPTS), retriever, tokenizer, records,
+                                 _cfg(max_turns=2), topk=2, samples_per_prompt=2, greedy=True, row_groups=groups)
+        assert _content(grouped) == _content(synchronous), groups
+    # the refusal after max_turns still holds per trajectory
+    assert synchronous.finish_reasons[4] == "search_limit" and synchronous.num_searches[4] == 2
+
+
+def test_row_groups_overlap_retrieval_with_generation_and_stay_reproducible(world):
+    tokenizer, retriever, _ = world
+    records = [_record(Q_TWO_HOP), _record(Q_LOOP)]
+    runs = []
+    for _ in range(2):
+        engine, slow = _SlowEngine(tokenizer, SCRIPTS, 0.05), _SlowRetriever(retriever, 0.1)
+        batch = run_agent_loop(engine, slow, tokenizer, records, _cfg(max_turns=2), topk=2, samples_per_prompt=2,
+                               seed=3, row_groups=2)
+        runs.append((batch, engine, slow))
+    (first, engine, slow), (second, engine_again, _) = runs
+    assert _content(first) == _content(second)
+    assert sorted(call["seed"] for call in engine.calls) == sorted(call["seed"] for call in engine_again.calls)
+    # group 0 = rows 0, 2 (both questions), group 1 = rows 1, 3: one search call per group per turn
+    assert sorted(len(queries) for queries in slow.calls) == [2, 2, 2, 2]
+    overlapping = [(g, r) for g in engine.intervals for r in slow.intervals if g[0] < r[1] and r[0] < g[1]]
+    assert overlapping, "no generation ran while a retrieval was in flight"
+
+
+def test_row_groups_propagate_a_retriever_error_and_reject_zero_groups(world):
+    tokenizer, retriever, _ = world
+    records = [_record(Q_TWO_HOP), _record(Q_LOOP)]
+    with pytest.raises(RetrieverError, match="retrieval failed in rollout turn 0"):
+        run_agent_loop(ScriptedEngine(tokenizer, SCRIPTS), CountingRetriever(retriever, fail=True), tokenizer,
+                       records, _cfg(), topk=2, row_groups=2)
+    with pytest.raises(ValueError, match="row_groups must be >= 1, got 0"):
+        run_agent_loop(ScriptedEngine(tokenizer, SCRIPTS), retriever, tokenizer, records, _cfg(), topk=2,
+                       row_groups=0)

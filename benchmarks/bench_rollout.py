@@ -11,16 +11,26 @@ is the peers' bookkeeping (Search-R1, verl's agent loop before token-level track
 decoding the whole context to text and re-tokenizing it after every turn; the extra cost is measured on the same
 trajectories and reported as the ratio (ours + re-tokenization) / ours.
 
+Row groups (`--row-groups`, `run_agent_loop(row_groups=...)`): 1 is the turn-synchronous loop; more groups let
+trajectories advance independently and overlap one group's retrieval with the others' generation. `--simulated`
+replaces the model by an engine that answers with the gold turns after a latency that varies per row like a real
+multi-turn batch (a decode time per token times the slowest row of the call, lognormal lengths), and retrieval by
+BM25 plus a fixed round-trip, so the scheduling gain is measured without a GPU and without loading the CPU; it runs
+the engine both serialised (one call at a time, like HF) and concurrent (like SGLang's server batching requests).
+
     python benchmarks/bench_rollout.py --quick      # seconds on CPU
+    python benchmarks/bench_rollout.py --simulated  # scheduling only: sleeps, no model
     python benchmarks/bench_rollout.py --engine sglang --model PATH   # GPU with SGLang installed
 
-Writes long-format CSV to benchmarks/results/rollout.csv (device, engine, batch_size, metric, value).
+Writes long-format CSV to benchmarks/results/rollout.csv (device, engine, batch_size, row_groups, metric, value).
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import math
 import platform
+import random
 import statistics
 import sys
 import tempfile
@@ -41,6 +51,7 @@ from stepsearch.rollout.agent_loop import run_agent_loop
 from stepsearch.rollout.engine import HFEngine, SGLangEngine
 from stepsearch.rollout.prompts import render_instruction
 from stepsearch.rollout.render import INFORMATION_PREFIX, INFORMATION_SUFFIX, format_documents
+from stepsearch.rollout.types import Generation
 
 RESULTS_PATH = Path(__file__).resolve().parent / "results" / "rollout.csv"
 
@@ -53,6 +64,10 @@ def _parse_args(argv):
     parser.add_argument("--fit-steps", type=int, default=None, help="warm-start steps (default 80; quick 30)")
     parser.add_argument("--repeats", type=int, default=None, help="timed rollouts per batch size (default 3; quick 2)")
     parser.add_argument("--engine", choices=["hf", "sglang"], default="hf")
+    parser.add_argument("--row-groups", default="1,4", help="comma-separated row-group counts to compare")
+    parser.add_argument("--simulated", action="store_true", help="latency-model engine and retriever (sleeps)")
+    parser.add_argument("--sim-token-ms", type=float, default=1.0, help="simulated decode time per token (ms)")
+    parser.add_argument("--sim-retrieve-ms", type=float, default=40.0, help="simulated retrieval round-trip (ms)")
     parser.add_argument("--model", default=None, help="checkpoint directory for --engine sglang")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--out", type=Path, default=RESULTS_PATH)
@@ -81,6 +96,81 @@ def _retokenize_seconds(batch, tokenizer) -> float:
     return time.perf_counter() - start
 
 
+class _SimulatedEngine:
+    """Answers each prompt with its record's next gold turn after `overhead + token_s x slowest row` of sleep.
+
+    A row's simulated decode length is lognormal (median 80 tokens, sigma 0.8: a few rows think much longer), fixed
+    per (question, turn) so every scheduling sees the same work. `concurrent_calls` models an engine that batches
+    concurrent requests (SGLang's server) rather than one that runs one call at a time (HF)."""
+
+    def __init__(self, tokenizer, turns_by_question, token_s, concurrent_calls):
+        self.tokenizer, self.turns_by_question, self.token_s = tokenizer, turns_by_question, token_s
+        self.concurrent_calls = concurrent_calls
+
+    def _decode_length(self, question, turn):
+        generator = random.Random(f"{question}:{turn}")
+        return min(int(generator.lognormvariate(math.log(80), 0.8)), 1024)
+
+    def generate(self, prompts, *, max_new_tokens, stop_strings, temperature, top_p, seed=None):
+        out, slowest = [], 0
+        for prompt in prompts:
+            text = self.tokenizer.decode(prompt)
+            question = text.split("Question: ")[-1].split("\n")[0].strip()
+            turn = text.split("Question: ")[-1].count("<information>")
+            turns = self.turns_by_question[question]
+            ids = self.tokenizer.encode(turns[min(turn, len(turns) - 1)], add_special_tokens=False)[:max_new_tokens]
+            out.append(Generation(ids, [-0.5] * len(ids), "stop"))
+            slowest = max(slowest, self._decode_length(question, turn))
+        time.sleep(0.005 + self.token_s * slowest)
+        return out
+
+
+class _DelayedRetriever:
+    """The real retriever plus a fixed round-trip per call (a remote retrieval server)."""
+
+    def __init__(self, inner, seconds):
+        self.inner, self.seconds = inner, seconds
+
+    def search(self, queries, topk):
+        time.sleep(self.seconds)
+        return self.inner.search(queries, topk)
+
+
+def _gold_turns(record, retriever) -> list[str]:
+    gold = gold_trajectory(record)
+    turns = [f"<think>{step.sub_question}</think>\n<search>{step.query}</search>" for step in gold.steps]
+    return turns + [f"<think>done</think>\n<answer>{gold.final_answer}</answer>"]
+
+
+def _simulated(args, records, retriever, tokenizer, cfg, batch_sizes, group_counts, repeats) -> list[dict]:
+    turns_by_question = {record.question.strip(): _gold_turns(record, retriever) for record in records}
+    delayed = _DelayedRetriever(retriever, args.sim_retrieve_ms / 1000)
+    rows = []
+    print(f"\nsimulated engine: {args.sim_token_ms} ms/token x slowest row per call, retrieval +"
+          f"{args.sim_retrieve_ms} ms per call; median of {repeats}")
+    print(f"{'engine':>10} {'B':>4} {'groups':>6} {'total s':>8} {'traj/s':>7} {'speed-up':>8}")
+    for concurrent in (False, True):
+        engine = _SimulatedEngine(tokenizer, turns_by_question, args.sim_token_ms / 1000, concurrent)
+        name = "sim-concurrent" if concurrent else "sim-serial"
+        for batch_size in batch_sizes:
+            baseline = None
+            for groups in group_counts:
+                totals = []
+                for repeat in range(repeats):
+                    batch = run_agent_loop(engine, delayed, tokenizer, records[:batch_size], cfg, topk=3, seed=repeat,
+                                           row_groups=groups)
+                    totals.append(batch.timings["total_s"])
+                total = statistics.median(totals)
+                baseline = total if baseline is None else baseline
+                print(f"{name:>10} {batch_size:>4} {groups:>6} {total:>8.3f} {batch_size / total:>7.2f} "
+                      f"{baseline / total:>7.2f}x")
+                for metric, value in (("total_s", total), ("trajectories_per_s", batch_size / total),
+                                      ("speedup_over_first_row_groups", baseline / total)):
+                    rows.append({"device": "simulated", "engine": name, "batch_size": batch_size,
+                                 "row_groups": groups, "metric": metric, "value": f"{value:.6g}"})
+    return rows
+
+
 def main(argv=None) -> int:
     args = _parse_args(argv)
     quick = args.quick
@@ -97,6 +187,11 @@ def main(argv=None) -> int:
     tokenizer = train_tokenizer(gold_texts + [d.text for d in load_corpus(files.corpus)], vocab_size=2048)
     cfg = RolloutConfig(max_turns=4, max_new_tokens_per_turn=64, max_information_tokens=256, max_response_tokens=1024,
                         temperature=1.0)
+    group_counts = [int(g) for g in args.row_groups.split(",")]
+    if args.simulated:
+        rows = _simulated(args, records, retriever, tokenizer, cfg, batch_sizes, group_counts, repeats)
+        _write(args.out, rows)
+        return 0
     if args.engine == "sglang":
         if args.model is None:
             print("bench_rollout: --engine sglang needs --model PATH", file=sys.stderr)
@@ -118,11 +213,11 @@ def main(argv=None) -> int:
                        else f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)")
 
     rows, table = [], []
-    for batch_size in batch_sizes:
+    for batch_size, groups in [(b, g) for b in batch_sizes for g in group_counts]:
         chunk = records[:batch_size]
         runs = []
         for repeat in range(repeats + 1):
-            batch = run_agent_loop(engine, retriever, tokenizer, chunk, cfg, topk=3, seed=repeat)
+            batch = run_agent_loop(engine, retriever, tokenizer, chunk, cfg, topk=3, seed=repeat, row_groups=groups)
             if repeat:
                 runs.append((batch.timings, int(batch.loss_mask.sum()), int(batch.response_mask.sum()),
                              sum(batch.num_searches), _retokenize_seconds(batch, tokenizer)))
@@ -142,28 +237,32 @@ def main(argv=None) -> int:
             "peer_bookkeeping_over_ours": (bookkeeping + retokenize) / max(bookkeeping, 1e-9),
         }
         for metric, value in metrics.items():
-            rows.append({"device": device_name, "engine": args.engine, "batch_size": batch_size, "metric": metric,
-                         "value": f"{value:.6g}"})
-        table.append((batch_size, metrics))
+            rows.append({"device": device_name, "engine": args.engine, "batch_size": batch_size,
+                         "row_groups": groups, "metric": metric, "value": f"{value:.6g}"})
+        table.append(((batch_size, groups), metrics))
 
     print(f"\nrollout benchmark on {device_name}, engine={args.engine}, median of {repeats}")
-    header = (f"{'B':>4} {'traj/s':>8} {'gen tok/s':>10} {'searches':>9} {'gen %':>6} {'retr %':>7} {'book %':>7} "
-              f"{'peer/ours':>10}")
+    header = (f"{'B':>4} {'groups':>6} {'traj/s':>8} {'gen tok/s':>10} {'searches':>9} {'gen %':>6} {'retr %':>7} "
+              f"{'book %':>7} {'peer/ours':>10}")
     print(header)
-    for batch_size, m in table:
-        print(f"{batch_size:>4} {m['trajectories_per_s']:>8.2f} {m['generated_tokens_per_s']:>10.1f} "
+    for (batch_size, groups), m in table:
+        print(f"{batch_size:>4} {groups:>6} {m['trajectories_per_s']:>8.2f} {m['generated_tokens_per_s']:>10.1f} "
               f"{m['searches_per_trajectory']:>9.2f} {100 * m['generate_s'] / m['total_s']:>6.1f} "
               f"{100 * m['retrieve_s'] / m['total_s']:>7.1f} {100 * m['bookkeeping_fraction']:>7.2f} "
               f"{m['peer_bookkeeping_over_ours']:>9.1f}x")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["device", "engine", "batch_size", "metric", "value"])
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"wrote {args.out}")
+    _write(args.out, rows)
     worst = max(m["bookkeeping_fraction"] for _, m in table)
     print(f"bookkeeping {'<' if worst < 0.05 else '>='} 5% of the total (worst {100 * worst:.2f}%)")
     return 0
+
+
+def _write(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["device", "engine", "batch_size", "row_groups", "metric", "value"])
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -34,12 +34,13 @@ is tokenized on its own, never the trajectory. Outcomes of a turn, decided here 
 """
 from __future__ import annotations
 
+import queue
 import threading
 import time
 import weakref
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -142,9 +143,59 @@ class _LoopState:
     num_groups: int
     timings: dict[str, float]
     bar: object | None
+    retrieval: "_RetrievalBatcher | None" = None  # several groups: one retrieval thread merging their searches
     lock: threading.RLock = field(default_factory=threading.RLock)
-    retrieval_lock: threading.Lock = field(default_factory=threading.Lock)
     failed: bool = False
+
+
+class _RetrievalBatcher:
+    """One retrieval thread fed by the row groups: every search queued while the previous call ran goes out as one
+    `retriever.search` call (a retriever never sees two calls at once), and each group gets its own results."""
+
+    def __init__(self, retriever: "Retriever", topk: int) -> None:
+        self._retriever, self._topk = retriever, topk
+        self._requests: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._serve, name="rollout-retrieval", daemon=True)
+        self._thread.start()
+
+    def search(self, queries: list[str]) -> list[list[Document]]:
+        done: Future = Future()
+        self._requests.put((queries, done))
+        return done.result()
+
+    def close(self) -> None:
+        self._requests.put(None)
+        self._thread.join()
+
+    def _serve(self) -> None:
+        while True:
+            request = self._requests.get()
+            if request is None:
+                return
+            batch = [request]
+            while True:
+                try:
+                    request = self._requests.get_nowait()
+                except queue.Empty:
+                    break
+                if request is None:
+                    self._requests.put(None)  # serve what is queued, then stop
+                    break
+                batch.append(request)
+            merged = [query for queries, _ in batch for query in queries]
+            try:
+                results = self._retriever.search(merged, self._topk)
+                if len(results) != len(merged):
+                    raise RetrieverError(f"the retriever returned {len(results)} result lists for {len(merged)} "
+                                         "queries")
+            except BaseException as exc:  # handed to every waiting group, which raises it with its own context
+                for _, done in batch:
+                    done.set_exception(exc)
+                continue
+            offset = 0
+            for queries, done in batch:
+                done.set_result(results[offset:offset + len(queries)])
+                offset += len(queries)
 
 
 def run_agent_loop(engine: "Engine", retriever: "Retriever", tokenizer: "PreTrainedTokenizerBase",
@@ -159,10 +210,11 @@ def run_agent_loop(engine: "Engine", retriever: "Retriever", tokenizer: "PreTrai
 
     `row_groups`: the trajectories are dealt round-robin into this many groups, each advancing through its own turns
     in its own thread, so a turn waits only for the slowest row of its group, and one group's retrieval overlaps the
-    generation of the others. An engine with `concurrent_calls = True` (SGLang over HTTP) serves the groups' calls
-    at once (its scheduler batches them); any other engine runs one call at a time. Each group's engine calls and
-    their seeds depend only on the group, never on thread timing, so a fixed `row_groups` gives reproducible
-    rollouts; 1 is the turn-synchronous loop. Timings are summed over groups (they can exceed `total_s`).
+    generation of the others; one retrieval thread sends the searches queued meanwhile as one call. An engine with
+    `concurrent_calls = True` (SGLang over HTTP) serves the groups' calls at once (its scheduler batches them); any
+    other engine runs one call at a time. Each group's engine calls and their seeds depend only on the group, never
+    on thread timing, so a fixed `row_groups` gives reproducible rollouts; 1 is the turn-synchronous loop. Timings
+    are summed over groups (they can exceed `total_s`).
     """
     if row_groups < 1:
         raise ValueError(f"row_groups must be >= 1, got {row_groups}")
@@ -189,9 +241,13 @@ def run_agent_loop(engine: "Engine", retriever: "Retriever", tokenizer: "PreTrai
     if len(groups) <= 1:
         turns = [_advance_group(state, 0, group) for group in groups]
     else:
-        with ThreadPoolExecutor(max_workers=len(groups), thread_name_prefix="rollout-group") as pool:
-            futures = [pool.submit(_advance_group, state, index, group) for index, group in enumerate(groups)]
-            turns = [future.result() for future in futures]
+        state.retrieval = _RetrievalBatcher(retriever, topk)
+        try:
+            with ThreadPoolExecutor(max_workers=len(groups), thread_name_prefix="rollout-group") as pool:
+                futures = [pool.submit(_advance_group, state, index, group) for index, group in enumerate(groups)]
+                turns = [future.result() for future in futures]
+        finally:
+            state.retrieval.close()
     if bar is not None:
         bar.close()
 
@@ -271,13 +327,14 @@ def _advance_group(state: _LoopState, group_index: int, trajectories: list[_Traj
 
 
 def _search(state: _LoopState, queries: list[str], turn: int) -> list[list[Document]]:
-    with state.retrieval_lock:
-        try:
-            results = state.retriever.search(queries, state.topk)
-        except Exception as exc:
-            shown = ", ".join(repr(q[:60]) for q in queries[:3]) + (" …" if len(queries) > 3 else "")
-            raise RetrieverError(f"retrieval failed in rollout turn {turn} for {len(queries)} queries "
-                                 f"({shown}): {exc}") from exc
+    try:
+        if state.retrieval is not None:
+            return state.retrieval.search(queries)
+        results = state.retriever.search(queries, state.topk)
+    except Exception as exc:
+        shown = ", ".join(repr(q[:60]) for q in queries[:3]) + (" …" if len(queries) > 3 else "")
+        raise RetrieverError(f"retrieval failed in rollout turn {turn} for {len(queries)} queries ({shown}): "
+                             f"{exc}") from exc
     if len(results) != len(queries):
         raise RetrieverError(f"the retriever returned {len(results)} result lists for {len(queries)} queries")
     return results

@@ -54,6 +54,7 @@ from stepsearch.rollout.render import INFORMATION_PREFIX, INFORMATION_SUFFIX, fo
 from stepsearch.rollout.types import Generation
 
 RESULTS_PATH = Path(__file__).resolve().parent / "results" / "rollout.csv"
+SIMULATED_RESULTS_PATH = RESULTS_PATH.with_name("rollout_simulated.csv")
 
 
 def _parse_args(argv):
@@ -70,7 +71,8 @@ def _parse_args(argv):
     parser.add_argument("--sim-retrieve-ms", type=float, default=40.0, help="simulated retrieval round-trip (ms)")
     parser.add_argument("--model", default=None, help="checkpoint directory for --engine sglang")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--out", type=Path, default=RESULTS_PATH)
+    parser.add_argument("--out", type=Path, default=None,
+                        help="CSV path (default results/rollout.csv, results/rollout_simulated.csv with --simulated)")
     return parser.parse_args(argv)
 
 
@@ -190,7 +192,7 @@ def main(argv=None) -> int:
     group_counts = [int(g) for g in args.row_groups.split(",")]
     if args.simulated:
         rows = _simulated(args, records, retriever, tokenizer, cfg, batch_sizes, group_counts, repeats)
-        _write(args.out, rows)
+        _write(args.out or SIMULATED_RESULTS_PATH, rows)
         return 0
     if args.engine == "sglang":
         if args.model is None:
@@ -250,7 +252,7 @@ def main(argv=None) -> int:
               f"{m['searches_per_trajectory']:>9.2f} {100 * m['generate_s'] / m['total_s']:>6.1f} "
               f"{100 * m['retrieve_s'] / m['total_s']:>7.1f} {100 * m['bookkeeping_fraction']:>7.2f} "
               f"{m['peer_bookkeeping_over_ours']:>9.1f}x")
-    _write(args.out, rows)
+    _write(args.out or RESULTS_PATH, rows)
     worst = max(m["bookkeeping_fraction"] for _, m in table)
     print(f"bookkeeping {'<' if worst < 0.05 else '>='} 5% of the total (worst {100 * worst:.2f}%)")
     return 0

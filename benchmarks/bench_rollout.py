@@ -27,7 +27,6 @@ Writes long-format CSV to benchmarks/results/rollout.csv (device, engine, batch_
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import platform
 import random
@@ -37,6 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import bench_common
 import torch
 
 from stepsearch.config import ModelConfig, RolloutConfig
@@ -192,7 +192,7 @@ def main(argv=None) -> int:
     group_counts = [int(g) for g in args.row_groups.split(",")]
     if args.simulated:
         rows = _simulated(args, records, retriever, tokenizer, cfg, batch_sizes, group_counts, repeats)
-        _write(args.out or SIMULATED_RESULTS_PATH, rows)
+        bench_common.write_csv(args.out or SIMULATED_RESULTS_PATH, rows)
         return 0
     if args.engine == "sglang":
         if args.model is None:
@@ -252,19 +252,10 @@ def main(argv=None) -> int:
               f"{m['searches_per_trajectory']:>9.2f} {100 * m['generate_s'] / m['total_s']:>6.1f} "
               f"{100 * m['retrieve_s'] / m['total_s']:>7.1f} {100 * m['bookkeeping_fraction']:>7.2f} "
               f"{m['peer_bookkeeping_over_ours']:>9.1f}x")
-    _write(args.out or RESULTS_PATH, rows)
+    bench_common.write_csv(args.out or RESULTS_PATH, rows)
     worst = max(m["bookkeeping_fraction"] for _, m in table)
     print(f"bookkeeping {'<' if worst < 0.05 else '>='} 5% of the total (worst {100 * worst:.2f}%)")
     return 0
-
-
-def _write(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["device", "engine", "batch_size", "row_groups", "metric", "value"])
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

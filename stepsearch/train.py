@@ -34,8 +34,10 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -69,7 +71,15 @@ if __package__ in (None, ""):
 
 from stepsearch import ops  # noqa: E402
 from stepsearch.config import Config, load_config  # noqa: E402
-from stepsearch.models.actor_critic import SequenceBatch, build_sequences  # noqa: E402
+from stepsearch.models.actor_critic import (  # noqa: E402
+    PackedSequences,
+    SequenceBatch,
+    build_sequences,
+    pack_sequences,
+    packed_to_rows,
+    packed_token_index,
+    packs_into_one_row,
+)
 from stepsearch.rewards import RewardBatch, score_rollout  # noqa: E402
 from stepsearch.seeds import derive_seed  # noqa: E402
 from stepsearch.trainer import build, ranks  # noqa: E402
@@ -104,7 +114,8 @@ class Advantages:
 
 @dataclass(frozen=True)
 class Experience:
-    """What the PPO update reads."""
+    """What the PPO update reads. With `token_offsets` (model.packing) old_logp, values, advantages and returns are
+    packed token vectors (N,) over the loss-mask tokens, sequence b's at token_offsets[b]:token_offsets[b + 1]."""
 
     sequences: SequenceBatch
     loss_mask: torch.Tensor
@@ -112,6 +123,7 @@ class Experience:
     values: torch.Tensor
     advantages: torch.Tensor
     returns: torch.Tensor
+    token_offsets: torch.Tensor | None = None
 
 
 # ================================================================================================================
@@ -147,20 +159,40 @@ def micro_batch_rows(ctx: Context) -> int:
     return min(ctx.cfg.ppo.micro_batch_size, max(ctx.cfg.ppo.mini_batch_size // ctx.world_size, 1))
 
 
+def _pack(ctx: Context, models: Models, sequences: SequenceBatch, loss_mask: torch.Tensor):
+    """The rows of `sequences` packed without pads (model.packing), their loss-mask tokens scored."""
+    return pack_sequences(sequences, loss_mask, one_row=packs_into_one_row(models.critic.module)).to(ctx.device)
+
+
 @torch.no_grad()
 def score_tokens_stage(ctx: Context, models: Models, sequences: SequenceBatch, loss_mask: torch.Tensor) -> TokenScores:
-    """old_logp (actor), ref_logp (reference), values (critic) for every response token, without gradients."""
+    """old_logp (actor), ref_logp (reference), values (critic) for every response token, without gradients.
+
+    Packed (model.packing): the forward passes score the loss-mask tokens of each micro-batch without pads, and the
+    packed vectors are scattered into (B, T) once, here, for the reward scatter + GAE (its kernel walks rows) and
+    the metrics; values are then 0 off the loss mask, where GAE and every metric ignore them."""
     temperature = ctx.cfg.rollout.temperature or 1.0
     models.actor.eval()
     models.critic.eval()
     old, ref, values = [], [], []
     for rows in _micro_batches(len(loss_mask), micro_batch_rows(ctx)):
-        micro = sequences.rows(rows).to(ctx.device)
-        mask = loss_mask[rows].to(ctx.device)
+        micro = sequences.rows(rows)
+        if ctx.cfg.model.packing:
+            micro, mask = _pack(ctx, models, micro, loss_mask[rows]), None
+        else:
+            micro, mask = micro.to(ctx.device), loss_mask[rows].to(ctx.device)
         old.append(models.actor(micro, mask, temperature)[0])
         ref.append(models.reference(micro, mask, temperature)[0])
         values.append(models.critic(micro))
-    return TokenScores(torch.cat(old), torch.cat(ref), torch.cat(values))
+    if not ctx.cfg.model.packing:
+        return TokenScores(torch.cat(old), torch.cat(ref), torch.cat(values))
+    scored = loss_mask.to(ctx.device).bool()  # (B, T)
+
+    def unpack(tokens: list[torch.Tensor]) -> torch.Tensor:
+        zeros = torch.zeros(scored.shape, dtype=torch.float32, device=ctx.device)
+        return zeros.masked_scatter(scored, torch.cat(tokens))
+
+    return TokenScores(unpack(old), unpack(ref), unpack(values))
 
 
 def reward_stage(ctx: Context, rollout, records: list, metrics: StepMetrics) -> RewardBatch:
@@ -182,6 +214,54 @@ def advantage_stage(ctx: Context, rollout, scores: TokenScores, rewards: RewardB
         kl_estimator=ppo.kl_estimator, return_rewards=True)
     advantages = ops.masked_whiten(advantages, mask) if ppo.whiten_advantages else advantages
     return Advantages(token_rewards, advantages, returns)
+
+
+def experience_of(ctx: Context, sequences: SequenceBatch, loss_mask: torch.Tensor, scores: TokenScores,
+                  advantages: Advantages) -> Experience:
+    """What the update reads; packed (model.packing): the loss-mask tokens of the (B, T) results gathered once."""
+    per_token = (scores.old_logp, scores.values, advantages.advantages, advantages.returns)
+    if not ctx.cfg.model.packing:
+        return Experience(sequences, loss_mask, *per_token)
+    scored = loss_mask.bool()
+    counts = scored.sum(dim=1).cpu()  # (B,)
+    offsets = torch.cat([counts.new_zeros(1), counts.cumsum(dim=0)])  # (B + 1,)
+    scored = scored.to(ctx.device)
+    return Experience(sequences, loss_mask, *(tokens[scored] for tokens in per_token), token_offsets=offsets)
+
+
+class UpdateInputs(NamedTuple):
+    """One micro-batch of the update. `loss_layout` maps the forward outputs to the layout of the other fields,
+    the one `ops.ppo_loss` reads: (b, T) rows when padded; packed, the token vectors as one row for `token-mean` (a
+    mean over tokens needs no sequence boundaries), or per-sequence rows for the `seq-mean-*` modes, the one place
+    where the update scatters packed tokens into rows."""
+
+    sequences: SequenceBatch | PackedSequences
+    score_mask: torch.Tensor | None  # the forward's; None when packed (the scored tokens were chosen when packing)
+    loss_layout: Callable[[torch.Tensor], torch.Tensor]
+    loss_mask: torch.Tensor
+    old_logp: torch.Tensor
+    advantages: torch.Tensor
+    old_values: torch.Tensor
+    returns: torch.Tensor
+
+
+def _update_inputs(ctx: Context, models: Models, experience: Experience, index: torch.Tensor) -> UpdateInputs:
+    """The update's micro-batch of sequences `index` (b,)."""
+    fields = (experience.old_logp, experience.advantages, experience.values, experience.returns)
+    if experience.token_offsets is None:
+        mask = experience.loss_mask[index].to(ctx.device)
+        return UpdateInputs(experience.sequences.rows(index).to(ctx.device), mask, lambda tensor: tensor, mask,
+                            *(field[index] for field in fields))
+    packed = _pack(ctx, models, experience.sequences.rows(index), experience.loss_mask[index])
+    tokens = packed_token_index(experience.token_offsets, index).to(ctx.device)
+
+    def loss_layout(tensor: torch.Tensor) -> torch.Tensor:
+        if ctx.cfg.ppo.loss_agg_mode == "token-mean":
+            return tensor[None]
+        return packed_to_rows(tensor, packed.token_offsets)
+
+    return UpdateInputs(packed, None, loss_layout, loss_layout(torch.ones(len(tokens), device=ctx.device)),
+                        *(loss_layout(field[tokens]) for field in fields))
 
 
 UPDATE_METRICS = ("loss/policy", "loss/value", "loss/approx_kl", "loss/clip_frac", "loss/value_clip_frac",
@@ -210,15 +290,16 @@ def update_stage(ctx: Context, models: Models, experience: Experience, step: int
             # Each micro-batch's loss is its share of the mini-batch loss (global normalisers): shares add up.
             shares = torch.zeros(len(UPDATE_METRICS), device=ctx.device)
             for micro_rows in _micro_batches(len(rows), micro):
-                index = rows[micro_rows]
-                sequences = experience.sequences.rows(index).to(ctx.device)
-                micro_mask = experience.loss_mask[index].to(ctx.device)
+                micro_batch = _update_inputs(ctx, models, experience, rows[micro_rows])
+                micro_mask = micro_batch.loss_mask
                 with torch.set_grad_enabled(update_actor):
-                    logp, entropy = models.actor(sequences, micro_mask, temperature, with_entropy=True)
-                values = models.critic(sequences)
+                    logp, entropy = models.actor(micro_batch.sequences, micro_batch.score_mask, temperature,
+                                                 with_entropy=True)
+                logp, entropy = micro_batch.loss_layout(logp), micro_batch.loss_layout(entropy)
+                values = micro_batch.loss_layout(models.critic(micro_batch.sequences))
                 out = ops.ppo_loss(
-                    logp, experience.old_logp[index], experience.advantages[index], values,
-                    experience.values[index], experience.returns[index], micro_mask,
+                    logp, micro_batch.old_logp, micro_batch.advantages, values, micro_batch.old_values,
+                    micro_batch.returns, micro_mask,
                     entropy if ppo.entropy_coef > 0 else None, clip_ratio=ppo.clip_ratio, dual_clip=ppo.dual_clip,
                     value_clip=ppo.value_clip, vf_coef=ppo.vf_coef, entropy_coef=ppo.entropy_coef,
                     loss_agg_mode=ppo.loss_agg_mode, global_token_count=counts[0], global_seq_count=counts[1])
@@ -273,8 +354,7 @@ def train_step(run: Run) -> tuple[dict[str, float], list[dict]]:
     lap("rewards")
     advantages = advantage_stage(ctx, rollout, scores, rewards)
     lap("advantages")
-    experience = Experience(sequences, rollout.loss_mask, scores.old_logp, scores.values, advantages.advantages,
-                            advantages.returns)
+    experience = experience_of(ctx, sequences, rollout.loss_mask, scores, advantages)
     state.skipped_updates += update_stage(ctx, models, experience, state.step, metrics)
     lap("update")
 

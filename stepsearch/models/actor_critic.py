@@ -10,6 +10,15 @@ Sequence layout (`SequenceBatch`): prompts are left-padded to a common width P, 
 response token t of every row sits at column P + t and is predicted by the hidden state at column P + t - 1. The
 value V_t of token t is read from the same column (the state before token t is generated), as in verl.
 
+Packed layout (`PackedSequences`, `model.packing=true`): the same sequences without any pad. Each sequence's real
+tokens (prompt, then response) are laid end to end, its positions restart at 0, and attention stays inside each
+sequence: transformers reads the restarts in `position_ids` (with no attention mask) as sequence boundaries, which
+FlashAttention-2 turns into its varlen kernel over one row per micro-batch, and SDPA / eager into a block-diagonal
+causal mask (there the sequences are packed first-fit-decreasing into rows as long as the longest one, so the mask
+stays row-sized). The forward passes then return packed token vectors (N,) over the scored tokens only, sequence by
+sequence in batch order with response positions ascending: the order of `x[score_mask.bool()]` for a (B, T) `x`.
+Responses are prefixes of their row (right padding only), as the agent loop builds them.
+
 ZeRO-3: the LM-head weight is partitioned and is used here outside its own module's forward (we never call
 `lm_head`, we hand its weight to the fused log-prob). `PolicyModel` therefore registers it as an external
 parameter of itself (`deepspeed.zero.register_external_parameter`): DeepSpeed gathers it when `PolicyModel`'s
@@ -140,6 +149,110 @@ def build_sequences(prompt_ids: list[list[int]], response_ids: torch.Tensor, res
     return SequenceBatch(input_ids, attention_mask, position_ids, prompt_width, response_width)
 
 
+@dataclass
+class PackedSequences:
+    """Sequences packed without pads for one forward pass (see "Packed layout" in the module docstring).
+
+    input_ids, position_ids: (R, C) packed rows; predict_index: (N,) index into the R * C flattened positions of the
+    hidden state that predicts each scored token (the token before it); targets: (N,) the scored token ids;
+    token_offsets: (b + 1,) int64 on the host (it sizes tensors), sequence i's scored tokens are entries
+    token_offsets[i]:token_offsets[i + 1] of every packed token vector.
+    """
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    predict_index: torch.Tensor
+    targets: torch.Tensor
+    token_offsets: torch.Tensor
+
+    def to(self, device: torch.device | str) -> "PackedSequences":
+        return PackedSequences(self.input_ids.to(device), self.position_ids.to(device), self.predict_index.to(device),
+                               self.targets.to(device), self.token_offsets)
+
+
+def pack_sequences(sequences: SequenceBatch, score_mask: torch.Tensor, one_row: bool) -> PackedSequences:
+    """Pack the rows of `sequences` (laid out by `build_sequences`) without pads; `score_mask` (b, T) marks the
+    response tokens to score (a subset of the response tokens, e.g. the loss mask).
+
+    one_row: every sequence in one row, for varlen attention (`packs_into_one_row`); otherwise first-fit-decreasing
+    into rows as long as the longest sequence, each row's unused tail a block of its own (token id 0, positions
+    from 0) whose outputs nothing reads. Runs on the host: the inputs are the host-side layout.
+    """
+    input_ids, real = sequences.input_ids.cpu(), sequences.attention_mask.cpu().bool()  # (b, P + T)
+    scored = score_mask.cpu().bool()  # (b, T)
+    lengths = real.sum(dim=1).tolist()
+    row_of, offset_of = [0] * len(lengths), [0] * len(lengths)
+    if one_row:
+        capacity, fills = sum(lengths), [0]
+        for index, length in enumerate(lengths):
+            offset_of[index], fills[0] = fills[0], fills[0] + length
+    else:
+        capacity, fills = max(lengths), []
+        for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+            row = next((r for r, fill in enumerate(fills) if fill + lengths[index] <= capacity), len(fills))
+            if row == len(fills):
+                fills.append(0)
+            row_of[index], offset_of[index] = row, fills[row]
+            fills[row] += lengths[index]
+    packed_ids = torch.zeros((len(fills), capacity), dtype=torch.long)  # (R, C)
+    packed_positions = torch.zeros((len(fills), capacity), dtype=torch.long)  # (R, C)
+    for index, length in enumerate(lengths):
+        row, offset = row_of[index], offset_of[index]
+        packed_ids[row, offset:offset + length] = input_ids[index][real[index]]
+        packed_positions[row, offset:offset + length] = torch.arange(length)
+    for row, fill in enumerate(fills):
+        packed_positions[row, fill:] = torch.arange(capacity - fill)
+    start = torch.tensor(row_of) * capacity + torch.tensor(offset_of)  # (b,) flat position of each sequence's start
+    width = sequences.prompt_width
+    sequence_of_token = scored.nonzero()[:, 0]  # (N,) row-major: sequence by sequence, positions ascending
+    position_in_sequence = sequences.position_ids.cpu()[:, width:][scored]  # (N,) (prompt + response prefix)
+    counts = scored.sum(dim=1)  # (b,)
+    return PackedSequences(
+        input_ids=packed_ids,
+        position_ids=packed_positions,
+        predict_index=start[sequence_of_token] + position_in_sequence - 1,
+        targets=input_ids[:, width:][scored],
+        token_offsets=torch.cat([counts.new_zeros(1), counts.cumsum(dim=0)]),
+    )
+
+
+def packs_into_one_row(model: nn.Module) -> bool:
+    """Whether the HF model inside `model` attends with FlashAttention-2, whose varlen kernel takes a whole packed
+    micro-batch as one row; SDPA and eager build a block-diagonal mask quadratic in the row length instead."""
+    from transformers import PreTrainedModel
+
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel):
+            return module.config._attn_implementation == "flash_attention_2"
+    raise ValueError(f"{type(model).__name__} holds no HF model")
+
+
+def packed_token_index(token_offsets: torch.Tensor, sequences: torch.Tensor) -> torch.Tensor:
+    """(n,) positions in packed token vectors (offsets (B + 1,)) of the tokens of `sequences` (b,), in that order.
+    Host tensors in, a host tensor out."""
+    first, counts = token_offsets[sequences], token_offsets[sequences + 1] - token_offsets[sequences]  # (b,)
+    first_in_output = counts.cumsum(dim=0) - counts  # (b,)
+    return (first - first_in_output).repeat_interleave(counts) + torch.arange(int(counts.sum()))
+
+
+def packed_to_rows(tokens: torch.Tensor, token_offsets: torch.Tensor) -> torch.Tensor:
+    """(b, L) rows of a packed token vector (n,), sequence i's tokens left-aligned in row i and 0 after them;
+    L is the most tokens of one sequence (`token_offsets` (b + 1,) on the host). The row mask is
+    `packed_to_rows(torch.ones_like(tokens), token_offsets)`."""
+    counts = token_offsets[1:] - token_offsets[:-1]  # (b,)
+    present = torch.arange(int(counts.max())) < counts[:, None]  # (b, L)
+    present = present.to(tokens.device)
+    return tokens.new_zeros(present.shape).masked_scatter(present, tokens)
+
+
+def _packed_hidden(backbone: nn.Module, packed: PackedSequences) -> torch.Tensor:
+    """(N, H) hidden states that predict the scored tokens. No attention mask: the restarts in `position_ids` are
+    what confines attention to each sequence (module docstring)."""
+    hidden = backbone(input_ids=packed.input_ids, position_ids=packed.position_ids,
+                      use_cache=False).last_hidden_state  # (R, C, H)
+    return hidden.flatten(0, 1)[packed.predict_index]
+
+
 def _response_hidden(backbone: nn.Module, sequences: SequenceBatch) -> torch.Tensor:
     """(B, T, H) hidden states that predict response tokens 0..T-1 (columns P-1 .. P+T-2)."""
     hidden = backbone(input_ids=sequences.input_ids, attention_mask=sequences.attention_mask,
@@ -162,16 +275,24 @@ class PolicyModel(nn.Module):
 
         deepspeed.zero.register_external_parameter(self, self.lm.get_output_embeddings().weight)
 
-    def forward(self, sequences: SequenceBatch, score_mask: torch.Tensor, temperature: float = 1.0,
-                with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logp, entropy), both (B, T) fp32, nonzero only where `score_mask` (B, T) is set.
+    def forward(self, sequences: SequenceBatch | PackedSequences, score_mask: torch.Tensor | None = None,
+                temperature: float = 1.0, with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logp, entropy) fp32: (B, T) for a `SequenceBatch`, nonzero only where `score_mask` (B, T) is set; packed
+        token vectors (N,) for `PackedSequences` (whose scored tokens were chosen when packing; no `score_mask`).
+        The entropy is zeros unless `with_entropy`.
 
         Only the scored tokens go through the LM head (prompt, retrieved and padding tokens cost nothing there).
         """
+        weight = self.lm.get_output_embeddings().weight  # (V, H)
+        if isinstance(sequences, PackedSequences):
+            hidden = _packed_hidden(backbone_of(self.lm), sequences)  # (N, H)
+            logp, entropy = ops.logprob_entropy(hidden.to(weight.dtype), weight, sequences.targets,
+                                                chunk_size=self.chunk_size, temperature=temperature)
+            logp = logp.float()
+            return logp, entropy.float() if with_entropy else torch.zeros_like(logp)
         hidden = _response_hidden(backbone_of(self.lm), sequences)  # (B, T, H)
         selected = score_mask.bool()  # (B, T)
         targets = sequences.input_ids[:, sequences.prompt_width:][selected]  # (N,)
-        weight = self.lm.get_output_embeddings().weight  # (V, H)
         logp_selected, entropy_selected = ops.logprob_entropy(
             hidden[selected].to(weight.dtype), weight, targets, chunk_size=self.chunk_size, temperature=temperature)
         logp = torch.zeros(selected.shape, dtype=torch.float32, device=hidden.device)  # (B, T)
@@ -183,7 +304,7 @@ class PolicyModel(nn.Module):
 
 
 class Critic(nn.Module):
-    """Backbone + scalar value head; forward returns values (B, T) fp32 for the response tokens."""
+    """Backbone + scalar value head; forward returns values fp32 for the response tokens."""
 
     def __init__(self, backbone: nn.Module, hidden_size: int, seed: int = 0) -> None:
         super().__init__()
@@ -196,7 +317,11 @@ class Critic(nn.Module):
             self.value_head.weight.copy_(weight.to(self.value_head.weight.dtype))
             self.value_head.bias.zero_()
 
-    def forward(self, sequences: SequenceBatch) -> torch.Tensor:
+    def forward(self, sequences: SequenceBatch | PackedSequences) -> torch.Tensor:
+        """Values fp32: (B, T) for a `SequenceBatch`, packed token vectors (N,) over the scored tokens for
+        `PackedSequences`."""
+        if isinstance(sequences, PackedSequences):
+            return self.value_head(_packed_hidden(self.backbone, sequences)).squeeze(-1).float()  # (N,)
         hidden = _response_hidden(self.backbone, sequences)  # (B, T, H)
         return self.value_head(hidden).squeeze(-1).float()  # (B, T)
 

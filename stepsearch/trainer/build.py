@@ -87,10 +87,6 @@ def setup(cfg: Config) -> Context:
     if device.type == "cpu":
         if distributed and "OMP_NUM_THREADS" not in os.environ:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
-    if cfg.model.packing:
-        raise ConfigError(
-            "model.packing=true: padding-free packing is not implemented by this trainer yet; set model.packing=false"
-        )
     if distributed and cfg.ppo.rollout_batch_size % world:
         raise ConfigError(
             f"ppo.rollout_batch_size ({cfg.ppo.rollout_batch_size}) must be a multiple of the number of ranks ({world})"

@@ -1,0 +1,148 @@
+"""Padding-free packing (`model.packing`): the packed layout by hand, and packed forward passes equal to padded ones.
+
+On batches whose lengths differ by an order of magnitude, the actor's log-probs and entropies, the critic's values
+and the gradients of a loss over all three are the same packed (rows as long as the longest sequence, or one row)
+as padded, with SDPA and eager attention, to fp32 rounding. FlashAttention-2's varlen path is checked the same way
+on a GPU (`gpu` marker).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from stepsearch.models.actor_critic import (
+    Critic,
+    PolicyModel,
+    build_sequences,
+    pack_sequences,
+    packed_to_rows,
+    packed_token_index,
+    packs_into_one_row,
+)
+
+VOCAB = 97
+PAD = 0
+
+
+def tiny_lm(attn_implementation: str, dtype: torch.dtype = torch.float32):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=True, pad_token_id=PAD)
+    config._attn_implementation = attn_implementation
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return Qwen2ForCausalLM(config).to(dtype)
+
+
+def ragged_batch(seed: int = 0):
+    """Prompts of 1-13 tokens, responses of 1-60 (right-padded to 60), retrieved blocks masked out of the scores."""
+    generator = torch.Generator().manual_seed(seed)
+    prompt_lengths, response_lengths = [13, 1, 6, 2, 9], [3, 60, 1, 41, 17]
+    prompts = [torch.randint(1, VOCAB, (n,), generator=generator).tolist() for n in prompt_lengths]
+    width = max(response_lengths)
+    response_ids = torch.full((len(prompts), width), PAD, dtype=torch.long)
+    response_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, length in enumerate(response_lengths):
+        response_ids[row, :length] = torch.randint(1, VOCAB, (length,), generator=generator)
+        response_mask[row, :length] = 1
+    loss_mask = response_mask.float()
+    loss_mask[1, 10:25] = 0  # a retrieved <information> block inside a response
+    loss_mask[3, 5:30] = 0
+    return build_sequences(prompts, response_ids, response_mask, PAD), loss_mask
+
+
+def test_pack_layout_by_hand():
+    sequences = build_sequences([[5, 6], [4]], torch.tensor([[7, 8, 9], [3, 0, 0]]),
+                                torch.tensor([[1, 1, 1], [1, 0, 0]]), PAD)
+    score_mask = torch.tensor([[1, 0, 1], [1, 0, 0]])  # token 8 is retrieved text
+    rows = pack_sequences(sequences, score_mask, one_row=False)
+    assert rows.input_ids.tolist() == [[5, 6, 7, 8, 9], [4, 3, 0, 0, 0]]
+    assert rows.position_ids.tolist() == [[0, 1, 2, 3, 4], [0, 1, 0, 1, 2]]
+    assert rows.predict_index.tolist() == [1, 3, 5]  # 7 by the state at 6, 9 at 8, 3 at 4 (row 1 starts at 5)
+    assert rows.targets.tolist() == [7, 9, 3]
+    assert rows.token_offsets.tolist() == [0, 2, 3]
+    one = pack_sequences(sequences, score_mask, one_row=True)
+    assert one.input_ids.tolist() == [[5, 6, 7, 8, 9, 4, 3]]
+    assert one.position_ids.tolist() == [[0, 1, 2, 3, 4, 0, 1]]
+    assert one.predict_index.tolist() == [1, 3, 5]
+    # First-fit-decreasing, lengths 3, 7, 4, 5, 2 (a 1-token response each), capacity 7: sequence 1 fills row 0;
+    # 3 opens row 1; 2 does not fit there (5 + 4) and opens row 2; 0 fits row 2 (4 + 3); 4 fits row 1 (5 + 2).
+    lengths = [2, 6, 3, 4, 1]
+    sequences = build_sequences([[1] * n for n in lengths], torch.ones((5, 1), dtype=torch.long),
+                                torch.ones((5, 1), dtype=torch.long), PAD)
+    packed = pack_sequences(sequences, torch.ones((5, 1)), one_row=False)
+    assert packed.input_ids.shape == (3, 7)
+    assert packed.position_ids.tolist() == [[0, 1, 2, 3, 4, 5, 6], [0, 1, 2, 3, 4, 0, 1], [0, 1, 2, 3, 0, 1, 2]]
+    # each response token is predicted by the state one before the sequence's end: row * 7 + offset + length - 2
+    assert packed.predict_index.tolist() == [14 + 4 + 1, 0 + 0 + 5, 14 + 0 + 2, 7 + 0 + 3, 7 + 5 + 0]
+
+
+def test_packed_token_index_and_rows():
+    offsets = torch.tensor([0, 3, 3, 7, 9])  # 4 sequences of 3, 0, 4 and 2 tokens
+    assert packed_token_index(offsets, torch.tensor([2, 0, 1, 3])).tolist() == [3, 4, 5, 6, 0, 1, 2, 7, 8]
+    assert packed_token_index(offsets, torch.tensor([1])).tolist() == []
+    tokens = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+    rows = packed_to_rows(tokens, torch.tensor([0, 2, 2, 6]))
+    assert rows.tolist() == [[1.0, 2.0, 0, 0], [0, 0, 0, 0], [3.0, 4.0, 5.0, 6.0]]
+
+
+def test_packs_into_one_row_only_under_flash_attention_2():
+    assert not packs_into_one_row(PolicyModel(tiny_lm("sdpa")))
+    lm = tiny_lm("eager")
+    lm.config._attn_implementation = "flash_attention_2"  # read only, never run here
+    assert packs_into_one_row(Critic(lm.model, 32))
+
+
+def forward_and_backward(lm, sequences, loss_mask, packed, one_row, device="cpu"):
+    """Log-probs, entropies, values (packed token vectors over the loss mask) and the gradients of a loss that
+    weights each of them per token."""
+    actor = PolicyModel(lm, chunk_size=40)
+    critic = Critic(lm.model, 32, seed=1).to(device=device, dtype=lm.dtype)
+    if packed:
+        batch, mask = pack_sequences(sequences, loss_mask, one_row).to(device), None
+    else:
+        batch, mask = sequences.to(device), loss_mask.to(device)
+    logp, entropy = actor(batch, mask, temperature=0.7, with_entropy=True)
+    values = critic(batch)
+    if not packed:
+        selected = mask.bool()
+        logp, entropy, values = logp[selected], entropy[selected], values[selected]
+    weights = torch.linspace(-1.0, 1.0, len(logp), device=device)
+    (weights * logp + weights.flip(0) * entropy + 0.3 * weights * values).sum().backward()
+    named = [*lm.named_parameters(), *critic.value_head.named_parameters()]  # the critic shares the lm's body
+    grads = {name: parameter.grad.detach().clone() for name, parameter in named}
+    lm.zero_grad(set_to_none=True)
+    return logp.detach(), entropy.detach(), values.detach(), grads
+
+
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+@pytest.mark.parametrize("one_row", [False, True])
+def test_packed_equals_padded_logprobs_values_and_gradients(attn_implementation, one_row):
+    sequences, loss_mask = ragged_batch()
+    assert loss_mask.sum() < 0.5 * sequences.input_ids.numel()  # most of the padded layout is padding
+    lm = tiny_lm(attn_implementation)
+    padded = forward_and_backward(lm, sequences, loss_mask, packed=False, one_row=one_row)
+    packed = forward_and_backward(lm, sequences, loss_mask, packed=True, one_row=one_row)
+    for name, want, got in zip(("logp", "entropy", "values"), padded[:3], packed[:3]):
+        assert got.shape == (int(loss_mask.sum()),)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=name)
+    assert padded[3].keys() == packed[3].keys()
+    for name in padded[3]:
+        torch.testing.assert_close(packed[3][name], padded[3][name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.gpu
+def test_flash_attention_2_varlen_packing_equals_padded_on_gpu():
+    from stepsearch.models.actor_critic import flash_attention_2_status
+
+    if not torch.cuda.is_available() or not flash_attention_2_status()[0]:
+        pytest.skip("needs a GPU with FlashAttention-2")
+    sequences, loss_mask = ragged_batch()
+    lm = tiny_lm("flash_attention_2", torch.bfloat16).cuda()
+    assert packs_into_one_row(lm)
+    padded = forward_and_backward(lm, sequences, loss_mask, packed=False, one_row=True, device="cuda")
+    packed = forward_and_backward(lm, sequences, loss_mask, packed=True, one_row=True, device="cuda")
+    for want, got in zip(padded[:3], packed[:3]):
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)

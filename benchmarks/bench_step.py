@@ -16,6 +16,13 @@ Methods, each timed on the same workload after one warm-up step:
 Prints a table (seconds per stage, and each method's step time as a ratio to ours) and writes long-format CSV
 (workload, method, stage, seconds, ratio_to_ours) to benchmarks/results/step.csv. `--quick` runs one timed step
 of a smaller tiny_cpu workload (seconds); the default times `--steps` steps.
+
+`--packing` measures padding-free packing (`model.packing`) instead, on one real rollout batch of the tiny preset
+from a warm-started policy (the untrained one writes every response to the same budget, so its batches are
+nearly pad-free): the padding fraction of the padded (B, P + T) layout, then the score-tokens stage (actor,
+reference and critic forwards) and the advantage + update stages, padded and packed, each repetition from the
+same weights and optimiser state, alternating, median seconds. Writes benchmarks/results/step_packing.csv
+(workload, device, metric, method, value).
 """
 from __future__ import annotations
 
@@ -23,6 +30,7 @@ import argparse
 import copy
 import statistics
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -36,6 +44,7 @@ from stepsearch.algo import scatter as scatter_ref
 from stepsearch.config import load_config
 
 RESULTS = Path(__file__).parent / "results" / "step.csv"
+PACKING_RESULTS = Path(__file__).parent / "results" / "step_packing.csv"
 STAGES = ("rollout", "segment", "score_tokens", "rewards", "advantages", "update")
 QWEN_05B_BODY = ["model.tiny_hidden_size=896", "model.tiny_num_layers=24", "model.tiny_num_heads=14",
                  "model.tiny_num_kv_heads=2", "model.tiny_intermediate_size=4864", "model.dtype=bfloat16",
@@ -115,12 +124,80 @@ def time_steps(run, saved: list, steps: int) -> dict[str, float]:
     return medians
 
 
+def time_packing(run, saved: list, rollout, records, repeats: int) -> dict[str, dict[str, float]]:
+    """Median seconds of score_tokens and advantages + update, padded and packed, on one rollout."""
+    from stepsearch import train as trainer
+    from stepsearch.trainer.metrics import StepMetrics
+
+    ctx, models = run.ctx, run.models
+    sequences = trainer.segment_stage(rollout, run.tokenizer)
+    rewards = trainer.reward_stage(ctx, rollout, records, StepMetrics())
+    samples = {packing: {"score_tokens": [], "update": []} for packing in ("padded", "packed")}
+    for _ in range(repeats):
+        for packing in ("padded", "packed"):
+            restore(saved)
+            ctx.cfg.model.packing = packing == "packed"
+            start = time.perf_counter()
+            scores = trainer.score_tokens_stage(ctx, models, sequences, rollout.loss_mask)
+            scored = time.perf_counter()
+            advantages = trainer.advantage_stage(ctx, rollout, scores, rewards)
+            experience = trainer.experience_of(ctx, sequences, rollout.loss_mask, scores, advantages)
+            trainer.update_stage(ctx, models, experience, 0, StepMetrics())
+            samples[packing]["score_tokens"].append(scored - start)
+            samples[packing]["update"].append(time.perf_counter() - scored)
+    medians = {packing: {stage: statistics.median(v) for stage, v in stages.items()}
+               for packing, stages in samples.items()}
+    for stages in medians.values():
+        stages["score_and_update"] = stages["score_tokens"] + stages["update"]
+    return medians
+
+
+def packing_main(args) -> int:
+    from stepsearch.train import rollout_stage
+
+    trajectories = 4 * args.questions
+    overrides = ["trainer.device=cpu", f"trainer.warm_start_steps={args.warm_start_steps}",
+                 f"ppo.rollout_batch_size={args.questions}", "rollout.samples_per_prompt=4",
+                 f"ppo.mini_batch_size={min(32, trajectories)}", f"ppo.micro_batch_size={min(16, trajectories)}",
+                 f"data.synth_num_train={max(args.questions, 100)}", "data.synth_num_test=10"]
+    with tempfile.TemporaryDirectory() as out_dir:
+        run = build(overrides, out_dir)
+        records = run.cursor.take(0, run.ctx.cfg.ppo.rollout_batch_size)
+        rollout = rollout_stage(run.ctx, run.models, run.retriever, run.tokenizer, run.tag_table, records, 0)
+        saved = snapshot(run.models)
+        time_packing(run, saved, rollout, records, 1)  # warm-up
+        medians = time_packing(run, saved, rollout, records, args.steps)
+    prompt_lengths = torch.tensor([len(ids) for ids in rollout.prompt_ids])
+    response_lengths = rollout.response_mask.sum(dim=1)
+    padded_tokens = len(rollout) * (int(prompt_lengths.max()) + rollout.response_mask.shape[1])
+    padding = 1.0 - float(prompt_lengths.sum() + response_lengths.sum()) / padded_tokens
+    device = bench_common.device_name(run.ctx.device)
+    print(f"\ntiny_cpu packing ({device}; {len(rollout)} trajectories, response lengths "
+          f"{int(response_lengths.min())}-{int(response_lengths.max())}, prompts {int(prompt_lengths.min())}-"
+          f"{int(prompt_lengths.max())} tokens; padding {padding:.1%} of the padded layout; median of {args.steps})")
+    print(f"{'stage':<18}{'padded':>10}{'packed':>10}{'speed-up':>10}")
+    rows = [{"workload": "tiny_cpu", "device": device, "metric": "padding_fraction", "method": "padded",
+             "value": f"{padding:.4f}"}]
+    for stage in ("score_tokens", "update", "score_and_update"):
+        padded, packed = medians["padded"][stage], medians["packed"][stage]
+        print(f"{stage:<18}{padded:>10.3f}{packed:>10.3f}{padded / packed:>9.2f}x")
+        rows += [{"workload": "tiny_cpu", "device": device, "metric": f"{stage}_s", "method": method,
+                  "value": f"{medians[method][stage]:.6f}"} for method in ("padded", "packed")]
+    bench_common.write_csv(args.csv if args.csv != RESULTS else PACKING_RESULTS, rows)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="one timed step of a smaller CPU workload")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per method (median reported)")
     parser.add_argument("--csv", type=Path, default=RESULTS)
+    parser.add_argument("--packing", action="store_true", help="padded vs packed scoring + update (module docstring)")
+    parser.add_argument("--questions", type=int, default=16, help="--packing: questions per rollout (x4 samples)")
+    parser.add_argument("--warm-start-steps", type=int, default=150, help="--packing: supervised warm-start steps")
     args = parser.parse_args(argv)
+    if args.packing:
+        return packing_main(args)
 
     workloads = {"tiny_cpu": ["trainer.device=cpu"] + (
         ["ppo.rollout_batch_size=4", "rollout.samples_per_prompt=2", "ppo.mini_batch_size=8",

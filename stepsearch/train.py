@@ -78,7 +78,7 @@ from stepsearch.models.actor_critic import (  # noqa: E402
     pack_sequences,
     packed_to_rows,
     packed_token_index,
-    packs_into_one_row,
+    packing_layout,
 )
 from stepsearch.rewards import RewardBatch, score_rollout  # noqa: E402
 from stepsearch.seeds import derive_seed  # noqa: E402
@@ -161,7 +161,8 @@ def micro_batch_rows(ctx: Context) -> int:
 
 def _pack(ctx: Context, models: Models, sequences: SequenceBatch, loss_mask: torch.Tensor):
     """The rows of `sequences` packed without pads (model.packing), their loss-mask tokens scored."""
-    return pack_sequences(sequences, loss_mask, one_row=packs_into_one_row(models.critic.module)).to(ctx.device)
+    zero3 = ctx.distributed and ctx.cfg.deepspeed.zero_stage == 3
+    return pack_sequences(sequences, loss_mask, packing_layout(models.critic.module, zero3)).to(ctx.device)
 
 
 @torch.no_grad()

@@ -11,13 +11,17 @@ response token t of every row sits at column P + t and is predicted by the hidde
 value V_t of token t is read from the same column (the state before token t is generated), as in verl.
 
 Packed layout (`PackedSequences`, `model.packing=true`): the same sequences without any pad. Each sequence's real
-tokens (prompt, then response) are laid end to end, its positions restart at 0, and attention stays inside each
-sequence: transformers reads the restarts in `position_ids` (with no attention mask) as sequence boundaries, which
-FlashAttention-2 turns into its varlen kernel over one row per micro-batch, and SDPA / eager into a block-diagonal
-causal mask (there the sequences are packed first-fit-decreasing into rows as long as the longest one, so the mask
-stays row-sized). The forward passes then return packed token vectors (N,) over the scored tokens only, sequence by
-sequence in batch order with response positions ascending: the order of `x[score_mask.bool()]` for a (B, T) `x`.
-Responses are prefixes of their row (right padding only), as the agent loop builds them.
+tokens (prompt, then response) are laid end to end and its positions restart at 0; attention stays inside each
+sequence in one of three ways (`packing_layout` picks one):
+- `one_row`: the micro-batch is one row; transformers reads the restarts in `position_ids` (with no attention mask)
+  as sequence boundaries, which FlashAttention-2 turns into its varlen kernel.
+- `rows`: first-fit-decreasing into rows as long as the longest sequence; SDPA / eager get a block-diagonal causal
+  mask from the same restarts (row-sized, where one row would need a mask quadratic in the whole micro-batch).
+- `per_sequence`: one row, but the backbone runs on each sequence alone: no mask at all, so SDPA takes its causal
+  kernel, which skips the masked half that a mask makes it compute (CPU, one process: 2x the `rows` backbone).
+The forward passes then return packed token vectors (N,) over the scored tokens only, sequence by sequence in
+batch order with response positions ascending: the order of `x[score_mask.bool()]` for a (B, T) `x`. Responses
+are prefixes of their row (right padding only), as the agent loop builds them.
 
 ZeRO-3: the LM-head weight is partitioned and is used here outside its own module's forward (we never call
 `lm_head`, we hand its weight to the fused log-prob). `PolicyModel` therefore registers it as an external
@@ -156,7 +160,8 @@ class PackedSequences:
     input_ids, position_ids: (R, C) packed rows; predict_index: (N,) index into the R * C flattened positions of the
     hidden state that predicts each scored token (the token before it); targets: (N,) the scored token ids;
     token_offsets: (b + 1,) int64 on the host (it sizes tensors), sequence i's scored tokens are entries
-    token_offsets[i]:token_offsets[i + 1] of every packed token vector.
+    token_offsets[i]:token_offsets[i + 1] of every packed token vector; layout: `one_row`, `rows` or
+    `per_sequence`; lengths: the b sequence lengths, in row order for the one-row layouts.
     """
 
     input_ids: torch.Tensor
@@ -164,25 +169,33 @@ class PackedSequences:
     predict_index: torch.Tensor
     targets: torch.Tensor
     token_offsets: torch.Tensor
+    layout: str
+    lengths: tuple[int, ...]
 
     def to(self, device: torch.device | str) -> "PackedSequences":
         return PackedSequences(self.input_ids.to(device), self.position_ids.to(device), self.predict_index.to(device),
-                               self.targets.to(device), self.token_offsets)
+                               self.targets.to(device), self.token_offsets, self.layout, self.lengths)
 
 
-def pack_sequences(sequences: SequenceBatch, score_mask: torch.Tensor, one_row: bool) -> PackedSequences:
+PACKING_LAYOUTS = ("one_row", "rows", "per_sequence")
+
+
+def pack_sequences(sequences: SequenceBatch, score_mask: torch.Tensor, layout: str) -> PackedSequences:
     """Pack the rows of `sequences` (laid out by `build_sequences`) without pads; `score_mask` (b, T) marks the
     response tokens to score (a subset of the response tokens, e.g. the loss mask).
 
-    one_row: every sequence in one row, for varlen attention (`packs_into_one_row`); otherwise first-fit-decreasing
-    into rows as long as the longest sequence, each row's unused tail a block of its own (token id 0, positions
-    from 0) whose outputs nothing reads. Runs on the host: the inputs are the host-side layout.
+    layout (module docstring): `one_row` and `per_sequence` put every sequence in one row in batch order; `rows`
+    packs first-fit-decreasing into rows as long as the longest sequence, each row's unused tail a block of its own
+    (token id 0, positions from 0) whose outputs nothing reads. Runs on the host: the inputs are the host-side
+    layout.
     """
+    if layout not in PACKING_LAYOUTS:
+        raise ValueError(f"pack_sequences: layout must be one of {PACKING_LAYOUTS}, got {layout!r}")
     input_ids, real = sequences.input_ids.cpu(), sequences.attention_mask.cpu().bool()  # (b, P + T)
     scored = score_mask.cpu().bool()  # (b, T)
     lengths = real.sum(dim=1).tolist()
     row_of, offset_of = [0] * len(lengths), [0] * len(lengths)
-    if one_row:
+    if layout != "rows":
         capacity, fills = sum(lengths), [0]
         for index, length in enumerate(lengths):
             offset_of[index], fills[0] = fills[0], fills[0] + length
@@ -213,18 +226,24 @@ def pack_sequences(sequences: SequenceBatch, score_mask: torch.Tensor, one_row: 
         predict_index=start[sequence_of_token] + position_in_sequence - 1,
         targets=input_ids[:, width:][scored],
         token_offsets=torch.cat([counts.new_zeros(1), counts.cumsum(dim=0)]),
+        layout=layout,
+        lengths=tuple(lengths),
     )
 
 
-def packs_into_one_row(model: nn.Module) -> bool:
-    """Whether the HF model inside `model` attends with FlashAttention-2, whose varlen kernel takes a whole packed
-    micro-batch as one row; SDPA and eager build a block-diagonal mask quadratic in the row length instead."""
+def packing_layout(model: nn.Module, partitioned: bool) -> str:
+    """The packed layout for the HF model inside `model` (module docstring): `one_row` under FlashAttention-2
+    (varlen); else `per_sequence` on the CPU when the weights are whole (`partitioned`: ZeRO-3 would gather every
+    layer's partitions again for each sequence), and `rows` (GPU SDPA: one batched pass, no launch per sequence)."""
     from transformers import PreTrainedModel
 
-    for module in model.modules():
-        if isinstance(module, PreTrainedModel):
-            return module.config._attn_implementation == "flash_attention_2"
-    raise ValueError(f"{type(model).__name__} holds no HF model")
+    hf_model = next((module for module in model.modules() if isinstance(module, PreTrainedModel)), None)
+    if hf_model is None:
+        raise ValueError(f"{type(model).__name__} holds no HF model")
+    if hf_model.config._attn_implementation == "flash_attention_2":
+        return "one_row"
+    on_cpu = next(hf_model.parameters()).device.type == "cpu"
+    return "per_sequence" if on_cpu and not partitioned else "rows"
 
 
 def packed_token_index(token_offsets: torch.Tensor, sequences: torch.Tensor) -> torch.Tensor:
@@ -247,9 +266,18 @@ def packed_to_rows(tokens: torch.Tensor, token_offsets: torch.Tensor) -> torch.T
 
 def _packed_hidden(backbone: nn.Module, packed: PackedSequences) -> torch.Tensor:
     """(N, H) hidden states that predict the scored tokens. No attention mask: the restarts in `position_ids` are
-    what confines attention to each sequence (module docstring)."""
-    hidden = backbone(input_ids=packed.input_ids, position_ids=packed.position_ids,
-                      use_cache=False).last_hidden_state  # (R, C, H)
+    what confines attention to each sequence, or each sequence runs alone (module docstring)."""
+    if packed.layout == "per_sequence":
+        pieces, start = [], 0
+        for length in packed.lengths:
+            span = slice(start, start + length)
+            pieces.append(backbone(input_ids=packed.input_ids[:, span], position_ids=packed.position_ids[:, span],
+                                   use_cache=False).last_hidden_state)  # (1, length, H)
+            start += length
+        hidden = torch.cat(pieces, dim=1)  # (1, C, H)
+    else:
+        hidden = backbone(input_ids=packed.input_ids, position_ids=packed.position_ids,
+                          use_cache=False).last_hidden_state  # (R, C, H)
     return hidden.flatten(0, 1)[packed.predict_index]
 
 

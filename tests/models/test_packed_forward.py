@@ -1,9 +1,9 @@
 """Padding-free packing (`model.packing`): the packed layout by hand, and packed forward passes equal to padded ones.
 
 On batches whose lengths differ by an order of magnitude, the actor's log-probs and entropies, the critic's values
-and the gradients of a loss over all three are the same packed (rows as long as the longest sequence, or one row)
-as padded, with SDPA and eager attention, to fp32 rounding. FlashAttention-2's varlen path is checked the same way
-on a GPU (`gpu` marker).
+and the gradients of a loss over all three are the same packed (in every layout: rows as long as the longest
+sequence, one row, each sequence alone) as padded, with SDPA and eager attention, to fp32 rounding.
+FlashAttention-2's varlen path is checked the same way on a GPU (`gpu` marker).
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from stepsearch.models.actor_critic import (
     pack_sequences,
     packed_to_rows,
     packed_token_index,
-    packs_into_one_row,
+    packing_layout,
 )
 
 VOCAB = 97
@@ -57,22 +57,25 @@ def test_pack_layout_by_hand():
     sequences = build_sequences([[5, 6], [4]], torch.tensor([[7, 8, 9], [3, 0, 0]]),
                                 torch.tensor([[1, 1, 1], [1, 0, 0]]), PAD)
     score_mask = torch.tensor([[1, 0, 1], [1, 0, 0]])  # token 8 is retrieved text
-    rows = pack_sequences(sequences, score_mask, one_row=False)
+    rows = pack_sequences(sequences, score_mask, "rows")
     assert rows.input_ids.tolist() == [[5, 6, 7, 8, 9], [4, 3, 0, 0, 0]]
     assert rows.position_ids.tolist() == [[0, 1, 2, 3, 4], [0, 1, 0, 1, 2]]
     assert rows.predict_index.tolist() == [1, 3, 5]  # 7 by the state at 6, 9 at 8, 3 at 4 (row 1 starts at 5)
     assert rows.targets.tolist() == [7, 9, 3]
     assert rows.token_offsets.tolist() == [0, 2, 3]
-    one = pack_sequences(sequences, score_mask, one_row=True)
-    assert one.input_ids.tolist() == [[5, 6, 7, 8, 9, 4, 3]]
-    assert one.position_ids.tolist() == [[0, 1, 2, 3, 4, 0, 1]]
-    assert one.predict_index.tolist() == [1, 3, 5]
+    for layout in ("one_row", "per_sequence"):
+        one = pack_sequences(sequences, score_mask, layout)
+        assert one.input_ids.tolist() == [[5, 6, 7, 8, 9, 4, 3]]
+        assert one.position_ids.tolist() == [[0, 1, 2, 3, 4, 0, 1]]
+        assert one.predict_index.tolist() == [1, 3, 5] and one.lengths == (5, 2)
+    with pytest.raises(ValueError, match="layout must be one of"):
+        pack_sequences(sequences, score_mask, "columns")
     # First-fit-decreasing, lengths 3, 7, 4, 5, 2 (a 1-token response each), capacity 7: sequence 1 fills row 0;
     # 3 opens row 1; 2 does not fit there (5 + 4) and opens row 2; 0 fits row 2 (4 + 3); 4 fits row 1 (5 + 2).
     lengths = [2, 6, 3, 4, 1]
     sequences = build_sequences([[1] * n for n in lengths], torch.ones((5, 1), dtype=torch.long),
                                 torch.ones((5, 1), dtype=torch.long), PAD)
-    packed = pack_sequences(sequences, torch.ones((5, 1)), one_row=False)
+    packed = pack_sequences(sequences, torch.ones((5, 1)), "rows")
     assert packed.input_ids.shape == (3, 7)
     assert packed.position_ids.tolist() == [[0, 1, 2, 3, 4, 5, 6], [0, 1, 2, 3, 4, 0, 1], [0, 1, 2, 3, 0, 1, 2]]
     # each response token is predicted by the state one before the sequence's end: row * 7 + offset + length - 2
@@ -88,20 +91,24 @@ def test_packed_token_index_and_rows():
     assert rows.tolist() == [[1.0, 2.0, 0, 0], [0, 0, 0, 0], [3.0, 4.0, 5.0, 6.0]]
 
 
-def test_packs_into_one_row_only_under_flash_attention_2():
-    assert not packs_into_one_row(PolicyModel(tiny_lm("sdpa")))
+def test_packing_layout_follows_attention_device_and_partitioning():
+    policy = PolicyModel(tiny_lm("sdpa"))
+    assert packing_layout(policy, partitioned=False) == "per_sequence"
+    assert packing_layout(policy, partitioned=True) == "rows"
     lm = tiny_lm("eager")
     lm.config._attn_implementation = "flash_attention_2"  # read only, never run here
-    assert packs_into_one_row(Critic(lm.model, 32))
+    assert packing_layout(Critic(lm.model, 32), partitioned=True) == "one_row"
+    with pytest.raises(ValueError, match="holds no HF model"):
+        packing_layout(torch.nn.Linear(2, 2), partitioned=False)
 
 
-def forward_and_backward(lm, sequences, loss_mask, packed, one_row, device="cpu"):
+def forward_and_backward(lm, sequences, loss_mask, packed, layout, device="cpu"):
     """Log-probs, entropies, values (packed token vectors over the loss mask) and the gradients of a loss that
     weights each of them per token."""
     actor = PolicyModel(lm, chunk_size=40)
     critic = Critic(lm.model, 32, seed=1).to(device=device, dtype=lm.dtype)
     if packed:
-        batch, mask = pack_sequences(sequences, loss_mask, one_row).to(device), None
+        batch, mask = pack_sequences(sequences, loss_mask, layout).to(device), None
     else:
         batch, mask = sequences.to(device), loss_mask.to(device)
     logp, entropy = actor(batch, mask, temperature=0.7, with_entropy=True)
@@ -118,13 +125,13 @@ def forward_and_backward(lm, sequences, loss_mask, packed, one_row, device="cpu"
 
 
 @pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
-@pytest.mark.parametrize("one_row", [False, True])
-def test_packed_equals_padded_logprobs_values_and_gradients(attn_implementation, one_row):
+@pytest.mark.parametrize("layout", ["rows", "one_row", "per_sequence"])
+def test_packed_equals_padded_logprobs_values_and_gradients(attn_implementation, layout):
     sequences, loss_mask = ragged_batch()
     assert loss_mask.sum() < 0.5 * sequences.input_ids.numel()  # most of the padded layout is padding
     lm = tiny_lm(attn_implementation)
-    padded = forward_and_backward(lm, sequences, loss_mask, packed=False, one_row=one_row)
-    packed = forward_and_backward(lm, sequences, loss_mask, packed=True, one_row=one_row)
+    padded = forward_and_backward(lm, sequences, loss_mask, packed=False, layout=layout)
+    packed = forward_and_backward(lm, sequences, loss_mask, packed=True, layout=layout)
     for name, want, got in zip(("logp", "entropy", "values"), padded[:3], packed[:3]):
         assert got.shape == (int(loss_mask.sum()),)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=name)
@@ -141,8 +148,8 @@ def test_flash_attention_2_varlen_packing_equals_padded_on_gpu():
         pytest.skip("needs a GPU with FlashAttention-2")
     sequences, loss_mask = ragged_batch()
     lm = tiny_lm("flash_attention_2", torch.bfloat16).cuda()
-    assert packs_into_one_row(lm)
-    padded = forward_and_backward(lm, sequences, loss_mask, packed=False, one_row=True, device="cuda")
-    packed = forward_and_backward(lm, sequences, loss_mask, packed=True, one_row=True, device="cuda")
+    assert packing_layout(lm, partitioned=False) == "one_row"
+    padded = forward_and_backward(lm, sequences, loss_mask, packed=False, layout="one_row", device="cuda")
+    packed = forward_and_backward(lm, sequences, loss_mask, packed=True, layout="one_row", device="cuda")
     for want, got in zip(padded[:3], packed[:3]):
         torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)

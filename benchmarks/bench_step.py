@@ -20,8 +20,10 @@ of a smaller tiny_cpu workload (seconds); the default times `--steps` steps.
 `--packing` measures padding-free packing (`model.packing`) instead, on one real rollout batch of the tiny preset
 from a warm-started policy (the untrained one writes every response to the same budget, so its batches are
 nearly pad-free): the padding fraction of the padded (B, P + T) layout, then the score-tokens stage (actor,
-reference and critic forwards) and the advantage + update stages, padded and packed, each repetition from the
-same weights and optimiser state, alternating, median seconds. Writes benchmarks/results/step_packing.csv
+reference and critic forwards) and the advantage + update stages, each repetition from the same weights and
+optimiser state, the methods alternating, median seconds. Methods: `padded`; `packed` (the trainer's choice on a
+CPU: each sequence alone, `per_sequence`); `packed_rows` (the `rows` layout a GPU without FlashAttention-2 gets:
+rows as long as the longest sequence under a block-diagonal mask). Writes benchmarks/results/step_packing.csv
 (workload, device, metric, method, value).
 """
 from __future__ import annotations
@@ -45,6 +47,7 @@ from stepsearch.config import load_config
 
 RESULTS = Path(__file__).parent / "results" / "step.csv"
 PACKING_RESULTS = Path(__file__).parent / "results" / "step_packing.csv"
+PACKING_METHODS = ("padded", "packed", "packed_rows")
 STAGES = ("rollout", "segment", "score_tokens", "rewards", "advantages", "update")
 QWEN_05B_BODY = ["model.tiny_hidden_size=896", "model.tiny_num_layers=24", "model.tiny_num_heads=14",
                  "model.tiny_num_kv_heads=2", "model.tiny_intermediate_size=4864", "model.dtype=bfloat16",
@@ -132,21 +135,24 @@ def time_packing(run, saved: list, rollout, records, repeats: int) -> dict[str, 
     ctx, models = run.ctx, run.models
     sequences = trainer.segment_stage(rollout, run.tokenizer)
     rewards = trainer.reward_stage(ctx, rollout, records, StepMetrics())
-    samples = {packing: {"score_tokens": [], "update": []} for packing in ("padded", "packed")}
+    chosen_layout = trainer.packing_layout
+    samples = {method: {"score_tokens": [], "update": []} for method in PACKING_METHODS}
     for _ in range(repeats):
-        for packing in ("padded", "packed"):
+        for method in PACKING_METHODS:
             restore(saved)
-            ctx.cfg.model.packing = packing == "packed"
+            ctx.cfg.model.packing = method != "padded"
+            trainer.packing_layout = (lambda model, partitioned: "rows") if method == "packed_rows" else chosen_layout
             start = time.perf_counter()
             scores = trainer.score_tokens_stage(ctx, models, sequences, rollout.loss_mask)
             scored = time.perf_counter()
             advantages = trainer.advantage_stage(ctx, rollout, scores, rewards)
             experience = trainer.experience_of(ctx, sequences, rollout.loss_mask, scores, advantages)
             trainer.update_stage(ctx, models, experience, 0, StepMetrics())
-            samples[packing]["score_tokens"].append(scored - start)
-            samples[packing]["update"].append(time.perf_counter() - scored)
-    medians = {packing: {stage: statistics.median(v) for stage, v in stages.items()}
-               for packing, stages in samples.items()}
+            samples[method]["score_tokens"].append(scored - start)
+            samples[method]["update"].append(time.perf_counter() - scored)
+    trainer.packing_layout = chosen_layout
+    medians = {method: {stage: statistics.median(v) for stage, v in stages.items()}
+               for method, stages in samples.items()}
     for stages in medians.values():
         stages["score_and_update"] = stages["score_tokens"] + stages["update"]
     return medians
@@ -175,14 +181,16 @@ def packing_main(args) -> int:
     print(f"\ntiny_cpu packing ({device}; {len(rollout)} trajectories, response lengths "
           f"{int(response_lengths.min())}-{int(response_lengths.max())}, prompts {int(prompt_lengths.min())}-"
           f"{int(prompt_lengths.max())} tokens; padding {padding:.1%} of the padded layout; median of {args.steps})")
-    print(f"{'stage':<18}{'padded':>10}{'packed':>10}{'speed-up':>10}")
+    print(f"{'stage':<18}" + "".join(f"{method:>13}" for method in PACKING_METHODS)
+          + "".join(f"{'padded/' + method:>20}" for method in PACKING_METHODS[1:]))
     rows = [{"workload": "tiny_cpu", "device": device, "metric": "padding_fraction", "method": "padded",
              "value": f"{padding:.4f}"}]
     for stage in ("score_tokens", "update", "score_and_update"):
-        padded, packed = medians["padded"][stage], medians["packed"][stage]
-        print(f"{stage:<18}{padded:>10.3f}{packed:>10.3f}{padded / packed:>9.2f}x")
+        seconds = [medians[method][stage] for method in PACKING_METHODS]
+        print(f"{stage:<18}" + "".join(f"{value:>13.3f}" for value in seconds)
+              + "".join(f"{seconds[0] / value:>19.2f}x" for value in seconds[1:]))
         rows += [{"workload": "tiny_cpu", "device": device, "metric": f"{stage}_s", "method": method,
-                  "value": f"{medians[method][stage]:.6f}"} for method in ("padded", "packed")]
+                  "value": f"{medians[method][stage]:.6f}"} for method in PACKING_METHODS]
     bench_common.write_csv(args.csv if args.csv != RESULTS else PACKING_RESULTS, rows)
     return 0
 

@@ -65,8 +65,10 @@ class ModelConfig:
     """Training dtype: `auto` = bf16 on GPU, fp32 on CPU."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (less memory, ~30% more compute)."""
-    packing: bool = False
-    """Padding-free packing of sequences into one row for the training forward passes."""
+    packing: bool = True
+    """Padding-free scoring and PPO update: each micro-batch's sequences are concatenated without pads, positions
+    restart per sequence and attention stays inside each (FlashAttention-2's varlen kernel when it is used). Same
+    results as padded to fp32 rounding, never more FLOPs; false = the padded (B, P + T) layout."""
     tiny_hidden_size: int = 128
     """Hidden size H of the tiny model (used only when `actor_path` is None)."""
     tiny_num_layers: int = 2

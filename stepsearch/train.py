@@ -11,12 +11,14 @@ Each StePPO step (`train_step`); every stage is a function that returns what the
     rollout          sync weights to the rollout engine; multi-turn generate <-> search      -> RolloutBatch
     segment          the sequences of the rollout's one segmentation of its token ids (C++ segmenter, run by the
                      agent loop: loss mask, step ends, queries, answer, format)              -> SequenceBatch
-    score_tokens     no grad: old_logp, ref_logp (actor / reference), values (critic)        -> TokenScores
+    score_tokens     no grad: old_logp, ref_logp (actor / reference), values (critic), each micro-batch
+                     without pads (model.packing)                                            -> TokenScores
     rewards          `rewards.score_rollout`: outcome (F1 or format penalty + key reward) (B,), step scores
                      (B, S)                                                                  -> RewardBatch
     advantages       ops.scatter_rewards_and_gae (KL penalty included), whitening            -> Advantages
-    update           PPO epochs x mini-batches x micro-batches through ops.ppo_loss over the Experience; a
-                     non-finite loss skips the mini-batch's update with a logged reason
+    update           PPO epochs x mini-batches x micro-batches through ops.ppo_loss over the Experience
+                     (packed token vectors with model.packing); a non-finite loss skips the mini-batch's update
+                     with a logged reason
     metrics          one device-to-host transfer per step -> metrics.jsonl / TensorBoard / wandb (among them
                      rollout/logp_mismatch: mean |rollout engine log-prob - old_logp| over generated tokens)
 

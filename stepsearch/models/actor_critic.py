@@ -18,7 +18,8 @@ sequence in one of three ways (`packing_layout` picks one):
 - `rows`: first-fit-decreasing into rows as long as the longest sequence; SDPA / eager get a block-diagonal causal
   mask from the same restarts (row-sized, where one row would need a mask quadratic in the whole micro-batch).
 - `per_sequence`: one row, but the backbone runs on each sequence alone: no mask at all, so SDPA takes its causal
-  kernel, which skips the masked half that a mask makes it compute (CPU, one process: 2x the `rows` backbone).
+  kernel, which skips the masked half that a mask makes it compute (the CPU choice in one process; measured in
+  `benchmarks/README.md`, bench_step section).
 The forward passes then return packed token vectors (N,) over the scored tokens only, sequence by sequence in
 batch order with response positions ascending: the order of `x[score_mask.bool()]` for a (B, T) `x`. Responses
 are prefixes of their row (right padding only), as the agent loop builds them.
@@ -161,7 +162,7 @@ class PackedSequences:
     hidden state that predicts each scored token (the token before it); targets: (N,) the scored token ids;
     token_offsets: (b + 1,) int64 on the host (it sizes tensors), sequence i's scored tokens are entries
     token_offsets[i]:token_offsets[i + 1] of every packed token vector; layout: `one_row`, `rows` or
-    `per_sequence`; lengths: the b sequence lengths, in row order for the one-row layouts.
+    `per_sequence`; lengths: the b sequence lengths in batch order (their order in the row of the one-row layouts).
     """
 
     input_ids: torch.Tensor

@@ -188,7 +188,9 @@ def test_under_zero3_the_models_are_loaded_partitioned_after_the_engine(tmp_path
 
 
 def test_scoring_uses_the_updates_micro_batch(tmp_path, toy_config):
-    cfg = toy_config(tmp_path, "ppo.rollout_batch_size=64", "ppo.mini_batch_size=64", "ppo.micro_batch_size=32")
+    # padded: the stand-in models count rows by the score mask (packed scoring passes none; same micro-batches)
+    cfg = toy_config(tmp_path, "ppo.rollout_batch_size=64", "ppo.mini_batch_size=64", "ppo.micro_batch_size=32",
+                     "model.packing=false")
     ctx = Context(cfg, tmp_path, torch.device("cpu"), world_size=8)
     assert trainer.micro_batch_rows(ctx) == 8  # 64 / 8 ranks: the update's micro-batch, not 32
     rows = []

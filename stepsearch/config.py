@@ -111,6 +111,9 @@ class DataConfig:
     """Training questions in the synthetic world."""
     synth_num_test: int = 200
     """Held-out questions in the synthetic world."""
+    synth_num_warm_start: int = 0
+    """Questions for the supervised warm start, drawn from a region of the synthetic world that shares no entity
+    with the train and test questions (0: the warm start uses the training questions)."""
     max_prompt_tokens: int = 512
     """Prompts longer than this (after the template) are dropped with a count in the log."""
     shuffle_seed: int = 0
@@ -121,6 +124,7 @@ class DataConfig:
         for index, path in enumerate(self.test_paths):
             _check(path.strip() != "", f"data.test_paths[{index}] is empty")
         _check(self.synth_num_train > 0 and self.synth_num_test > 0, "data.synth_num_train/test must be positive")
+        _check(self.synth_num_warm_start >= 0, "data.synth_num_warm_start must be >= 0")
         _check(self.max_prompt_tokens > 0, "data.max_prompt_tokens must be positive")
         _at_least("data", self, 0, "synth_seed", "shuffle_seed")
 
@@ -178,8 +182,9 @@ class RolloutConfig:
     server (shared storage when it runs on another node). None: a temporary directory on this machine."""
     sglang_sync_bucket_mb: int = 512
     """Weight sync streams the gathered actor in buckets of this many MiB (never a full copy per rank)."""
-    template: Literal["paper", "released"] = "paper"
-    """Prompt template: the paper's think/search/information/answer, or the released code's plan/observation."""
+    template: Literal["paper", "released", "compact"] = "paper"
+    """Prompt template: the paper's think/search/information/answer, the released code's plan/observation, or the
+    paper's instruction in one sentence (`compact`: the embedded tiny model, where prompt tokens are pure cost)."""
     max_turns: int = 5
     """Search rounds per trajectory (paper: 5); then one final turn where searching is refused."""
     samples_per_prompt: int = 1
@@ -351,7 +356,13 @@ class TrainerConfig:
     warm_start_steps: int = 0
     """Supervised steps on gold search trajectories before RL (needs the synthetic world; 0 disables)."""
     warm_start_lr: float = 3e-3
-    """Learning rate of the supervised warm start."""
+    """Peak learning rate of the supervised warm start (linear warm-up, cosine decay to a tenth)."""
+    warm_start_batch_size: int = 16
+    """Gold trajectories per supervised step."""
+    warm_start_detour_prob: float = 0.0
+    """Fraction of demonstrations that take one detour (searching the whole question first, repeating a search,
+    or answering with an intermediate hop's answer), so the warm-started policy is not already optimal at
+    searching."""
     tensorboard: bool = True
     """Write TensorBoard event files next to metrics.jsonl."""
     wandb_project: str | None = None
@@ -376,6 +387,8 @@ class TrainerConfig:
         _positive("trainer", self, "warm_start_lr")
         _optional_text("trainer", self, "wandb_project")
         _check(self.dist_timeout_minutes >= 1, "trainer.dist_timeout_minutes must be >= 1")
+        _check(self.warm_start_batch_size >= 1, "trainer.warm_start_batch_size must be >= 1")
+        _check(0.0 <= self.warm_start_detour_prob <= 1.0, "trainer.warm_start_detour_prob must be in [0, 1]")
 
     @property
     def run_dir(self) -> Path:

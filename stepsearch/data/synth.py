@@ -34,7 +34,7 @@ from typing import Callable, Union
 
 from stepsearch.data.records import QARecord, SupportDoc
 
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 """Bumped whenever the same seed would produce different files, so `load_or_create_world` regenerates."""
 
 _ONSETS = "b d f g k l m n p r s t v z".split()
@@ -188,11 +188,14 @@ class SynthQuestion:
 
 
 class _Names:
-    """Made-up capitalised words from a small syllable inventory, unique where asked."""
+    """Made-up capitalised words from a small syllable inventory, unique where asked.
 
-    def __init__(self, rng: random.Random) -> None:
+    `taken` may be shared between worlds, so that two worlds built with it never name two entities alike.
+    """
+
+    def __init__(self, rng: random.Random, taken: set[str] | None = None) -> None:
         self.rng = rng
-        self.taken: set[str] = set()
+        self.taken: set[str] = set() if taken is None else taken
 
     def word(self, syllables: int) -> str:
         parts = [self.rng.choice(_ONSETS) + self.rng.choice(_VOWELS) for _ in range(syllables)]
@@ -224,14 +227,19 @@ class World:
             self.by_type[e.etype].append(e)
 
     @classmethod
-    def generate(cls, seed: int, num_people: int) -> "World":
-        """`num_people` sets the scale; cities, organisations, works and countries follow in fixed ratios."""
+    def generate(cls, seed: int | str, num_people: int, *, taken_names: set[str] | None = None,
+                 first_doc_id: int = 0) -> "World":
+        """`num_people` sets the scale; cities, organisations, works and countries follow in fixed ratios.
+
+        `taken_names` (updated in place) holds names no entity of this world may take, and `first_doc_id` offsets
+        its passage ids: together they let a second world share a corpus with the first without sharing an entity.
+        """
         rng = random.Random(seed)
-        names = _Names(rng)
+        names = _Names(rng, taken_names)
         entities: list[Entity] = []
 
         def new(etype: str, name: str, kind: str = "") -> Entity:
-            e = Entity(doc_id=len(entities), etype=etype, name=name, title=name, kind=kind)
+            e = Entity(doc_id=first_doc_id + len(entities), etype=etype, name=name, title=name, kind=kind)
             entities.append(e)
             return e
 
@@ -505,18 +513,20 @@ def world_size_for(num_questions: int) -> int:
 
 @dataclass(frozen=True)
 class WorldFiles:
-    """Paths of a written world."""
+    """Paths of a written world (`warm_start` exists only when warm-start questions were asked for)."""
 
     root: Path
     corpus: Path
     train: Path
     test: Path
     meta: Path
+    warm_start: Path
 
 
 def _files(out_dir: str | os.PathLike) -> WorldFiles:
     root = Path(out_dir)
-    return WorldFiles(root, root / "corpus.jsonl", root / "train.jsonl", root / "test.jsonl", root / "world.json")
+    return WorldFiles(root, root / "corpus.jsonl", root / "train.jsonl", root / "test.jsonl", root / "world.json",
+                      root / "warm_start.jsonl")
 
 
 def _tmp_path(path: Path) -> Path:
@@ -532,35 +542,72 @@ def _write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
     os.replace(tmp, path)
 
 
+@dataclass(frozen=True)
+class SynthSplits:
+    """A generated world and its question splits."""
+
+    world: World  # every passage of the corpus (the warm-start region included)
+    train: list[SynthQuestion]
+    test: list[SynthQuestion]
+    warm_start: list[SynthQuestion]  # about entities no train or test question touches
+
+
 def build_world(seed: int, num_train: int, num_test: int) -> tuple[World, list[SynthQuestion], list[SynthQuestion]]:
     """The world and its train/test questions; test question texts never occur in train."""
-    world = World.generate(seed, world_size_for(num_train + num_test))
-    rng = random.Random(f"questions-{seed}")
-    questions = generate_questions(world, rng, num_train + num_test)
-    return world, questions[:num_train], questions[num_train:]
+    splits = build_splits(seed, num_train, num_test)
+    return splits.world, splits.train, splits.test
 
 
-def write_world(out_dir: str | os.PathLike, seed: int, num_train: int, num_test: int) -> WorldFiles:
-    """Generate and write corpus/train/test jsonl and world.json (written last: its presence means complete)."""
-    if num_train <= 0 or num_test <= 0:
-        raise ValueError(f"num_train and num_test must be positive (got {num_train}, {num_test})")
+def build_splits(seed: int, num_train: int, num_test: int, num_warm_start: int = 0) -> SynthSplits:
+    """The world and its train/test questions (test texts never occur in train), plus warm-start questions.
+
+    Warm-start questions come from a second region of the world, generated with its own random stream and
+    sharing no entity, name or fact with the first: a supervised warm start on them never sees a test question's
+    entities, while its search results still come from the one corpus everything is retrieved from. The first
+    region (and so the train and test questions) is the same whatever `num_warm_start` is.
+    """
+    taken: set[str] = set()
+    main = World.generate(seed, world_size_for(num_train + num_test), taken_names=taken)
+    questions = generate_questions(main, random.Random(f"questions-{seed}"), num_train + num_test)
+    warm_questions: list[SynthQuestion] = []
+    entities = list(main.entities)
+    if num_warm_start > 0:
+        warm = World.generate(f"warm-start-{seed}", world_size_for(num_warm_start), taken_names=taken,
+                              first_doc_id=len(entities))
+        warm_questions = generate_questions(warm, random.Random(f"warm-start-questions-{seed}"), num_warm_start)
+        entities += warm.entities
+    return SynthSplits(World(entities), questions[:num_train], questions[num_train:], warm_questions)
+
+
+def write_world(out_dir: str | os.PathLike, seed: int, num_train: int, num_test: int,
+                num_warm_start: int = 0) -> WorldFiles:
+    """Generate and write corpus/train/test (and warm_start) jsonl and world.json (written last: it marks the
+    files complete)."""
+    if num_train <= 0 or num_test <= 0 or num_warm_start < 0:
+        raise ValueError(f"num_train and num_test must be positive and num_warm_start >= 0 "
+                         f"(got {num_train}, {num_test}, {num_warm_start})")
     files = _files(out_dir)
     files.root.mkdir(parents=True, exist_ok=True)
-    world, train, test = build_world(seed, num_train, num_test)
-    _write_jsonl_atomic(files.corpus, world.corpus_rows())
-    _write_jsonl_atomic(files.train, [q.to_row(f"synth{seed}-train-{i}") for i, q in enumerate(train)])
-    _write_jsonl_atomic(files.test, [q.to_row(f"synth{seed}-test-{i}") for i, q in enumerate(test)])
+    splits = build_splits(seed, num_train, num_test, num_warm_start)
+    _write_jsonl_atomic(files.corpus, splits.world.corpus_rows())
+    _write_jsonl_atomic(files.train, [q.to_row(f"synth{seed}-train-{i}") for i, q in enumerate(splits.train)])
+    _write_jsonl_atomic(files.test, [q.to_row(f"synth{seed}-test-{i}") for i, q in enumerate(splits.test)])
+    if num_warm_start:
+        _write_jsonl_atomic(files.warm_start,
+                            [q.to_row(f"synth{seed}-warm-{i}") for i, q in enumerate(splits.warm_start)])
+    asked = splits.train + splits.test
     meta = {"generator_version": GENERATOR_VERSION, "seed": seed, "num_train": num_train, "num_test": num_test,
-            "num_docs": len(world.entities),
-            "hops": {h: sum(len(q.hops) == h for q in train + test) for h in (2, 3, 4)},
-            "types": {t: sum(q.qtype == t for q in train + test) for t in QUESTION_TYPE_WEIGHTS}}
+            "num_warm_start": num_warm_start, "num_docs": len(splits.world.entities),
+            "hops": {h: sum(len(q.hops) == h for q in asked) for h in (2, 3, 4)},
+            "types": {t: sum(q.qtype == t for q in asked) for t in QUESTION_TYPE_WEIGHTS}}
     tmp = _tmp_path(files.meta)
     tmp.write_text(json.dumps(meta, indent=2), encoding="utf-8")
     os.replace(tmp, files.meta)
     return files
 
 
-def load_or_create_world(out_dir: str | os.PathLike, seed: int, num_train: int, num_test: int) -> WorldFiles:
+def load_or_create_world(out_dir: str | os.PathLike, seed: int, num_train: int, num_test: int,
+                         num_warm_start: int = 0) -> WorldFiles:
     """The world's files under `out_dir`: reused when world.json records the same parameters, else (re)written.
 
     Safe to call from several processes at once (each writes its own temporary files, then renames them; the
@@ -572,11 +619,12 @@ def load_or_create_world(out_dir: str | os.PathLike, seed: int, num_train: int, 
             meta = json.loads(files.meta.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError):
             meta = {}
-        wanted = {"generator_version": GENERATOR_VERSION, "seed": seed, "num_train": num_train, "num_test": num_test}
-        if all(meta.get(k) == v for k, v in wanted.items()) and all(
-                p.exists() for p in (files.corpus, files.train, files.test)):
+        wanted = {"generator_version": GENERATOR_VERSION, "seed": seed, "num_train": num_train, "num_test": num_test,
+                  "num_warm_start": num_warm_start}
+        needed = [files.corpus, files.train, files.test] + ([files.warm_start] if num_warm_start else [])
+        if all(meta.get(k) == v for k, v in wanted.items()) and all(p.exists() for p in needed):
             return files
-    return write_world(out_dir, seed, num_train, num_test)
+    return write_world(out_dir, seed, num_train, num_test, num_warm_start)
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,10 @@
 `paper`: the think/search/information/answer instruction of the StepSearch paper (Search-R1's wording family):
 reason inside <think>, search with <search>query</search>, read <information>, answer inside <answer>.
 `released`: the plan/observation style of the released training code: the model first plans the sub-questions,
-then resolves them one search at a time, treating each <information> block as an observation. Both use the same
-tags, so the agent loop, the segmenter and the rewards are template-independent.
+then resolves them one search at a time, treating each <information> block as an observation. `compact`: the
+paper's instruction in one sentence, for the embedded tiny model, which cannot read instructions and pays for
+every prompt token in each forward pass (about 30 tokens instead of 120). All use the same tags, so the agent
+loop, the segmenter and the rewards are template-independent.
 
 When the tokenizer has a chat template, the instruction is the user turn and the generation prompt is appended;
 otherwise the instruction text is the prompt as is.
@@ -34,6 +36,10 @@ TEMPLATES = {
         "missing, and search again if needed. When every sub-question is resolved, give only the final answer, "
         "a short entity or phrase, inside <answer> and </answer>, for example <answer> Beijing </answer>.\n"
         "Question: {question}\n"
+    ),
+    "compact": (
+        "Answer the question: think in <think> </think>, search with <search> query </search>, read the "
+        "<information>, and answer in <answer> </answer>. Question: {question}\n"
     ),
 }
 

@@ -7,19 +7,25 @@ answer. It is rendered exactly as the agent loop would produce it, token by toke
     prompt ids                                                            (no loss)
     "<think> {sub-question 1} </think>\\n<search> {query 1} </search>"     (loss)
     "\\n<information>{the retriever's real top-k for query 1}</information>\\n"   (no loss: the environment's text)
-    "<think> {answer 1}. {sub-question 2} </think>\\n<search> {query 2} </search>"  (loss)
+    "<think> {evidence 1} {sub-question 2} </think>\\n<search> {query 2} </search>"   (loss)
     ...
-    "<think> {answer n}. </think>\\n<answer> {final answer} </answer>"       (loss)
+    "<think> {evidence n} </think>\\n<answer> {final answer} </answer>"             (loss)
+
+where evidence k is the sentence of hop k's support passage that states its answer (`evidence_sentence`). A
+fraction of the demonstrations can take a detour (`DETOURS`): imperfect searching for RL to improve on.
 
 Each piece is tokenized on its own and the ids are concatenated, and the budgets are the agent loop's, through the
 one renderer both use (`stepsearch.rollout.render`): a gold trajectory is laid out exactly as the agent loop would
 lay it out if the policy wrote the gold turns, so under tight budgets (`rollout.max_new_tokens_per_turn`,
 `max_information_tokens`, `max_response_tokens`, `max_turns`) it is cut where a rollout would be. Training is
-next-token cross-entropy on the loss tokens, AdamW, mini-batches drawn with a seeded generator.
+next-token cross-entropy on the loss tokens (plus, optionally, on the text the policy reads), AdamW, mini-batches
+of similar length drawn with a seeded generator.
 """
 from __future__ import annotations
 
+import math
 import random
+import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -38,28 +44,91 @@ if TYPE_CHECKING:
     from stepsearch.retrieval.base import Document, Retriever
 
 
-def gold_turns(record: "QARecord", rng: random.Random | None = None) -> tuple[list[str], list[str]]:
-    """(generated turn texts, search queries) of the record's gold trajectory; one more turn than queries."""
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def evidence_sentence(doc_text: str, answer: str) -> str:
+    """The first sentence of a support passage that states `answer` (case-insensitive), or "" if none does.
+
+    Quoting the evidence before using it is what makes a small model able to read an answer out of a retrieved
+    passage: having written "The father of Mibe Tusos was", it continues by copying what followed the same words
+    in the information block (an induction pattern that even a 2-layer transformer learns).
+    """
+    if not answer.strip():
+        return ""
+    needle = answer.strip().lower()
+    for sentence in _SENTENCE_END.split(doc_text.strip()):
+        if needle in sentence.lower():
+            return sentence.strip()
+    return ""
+
+
+DETOURS = ("question_query", "repeated_query", "early_answer")
+"""The imperfect demonstrations a warm start can mix in (`gold_turns(detour=...)`):
+`question_query`: the first search sends the whole question (a common first move of weak search agents) before
+the reference query; `repeated_query`: one search is sent twice (the second retrieves nothing new: redundancy);
+`early_answer`: the trajectory answers with an intermediate hop's answer instead of finishing the chain."""
+
+
+def gold_turns(record: "QARecord", rng: random.Random | None = None,
+               detour: str | None = None) -> tuple[list[str], list[str]]:
+    """(generated turn texts, search queries) of the record's gold trajectory; one more turn than queries.
+
+    Each turn after a search first quotes the passage sentence that answers the hop (its intermediate answer when
+    no sentence states it), then asks the next sub-question. `detour` (one of `DETOURS`, drawn positions from
+    `rng`) turns the demonstration into an imperfect one, so that a policy warm-started on a mix is not already
+    optimal at searching and RL has something to improve.
+    """
+    if detour is not None and detour not in DETOURS:
+        raise ValueError(f"unknown warm-start detour {detour!r} (expected one of {DETOURS})")
     gold = gold_trajectory(record, rng)
-    turns, queries, previous_answer = [], [], ""
-    for step in gold.steps:
-        thought = f"{previous_answer}. {step.sub_question}" if previous_answer else step.sub_question
-        turns.append(f"<think> {thought.strip()} </think>\n<search> {step.query} </search>")
-        queries.append(step.query)
-        previous_answer = step.answer
-    closing = f"{previous_answer}." if previous_answer else "I have the answer."
-    turns.append(f"<think> {closing} </think>\n<answer> {gold.final_answer} </answer>")
+    rng = rng or random.Random(0)
+    steps = list(gold.steps)
+    final_answer = gold.final_answer
+    if detour == "early_answer" and len(steps) >= 2:
+        cut = rng.randrange(1, len(steps))
+        if steps[cut - 1].answer:
+            steps, final_answer = steps[:cut], steps[cut - 1].answer
+    searches = [(step.sub_question, step.query) for step in steps]
+    findings = [_finding(step) for step in steps]
+    if detour == "question_query":
+        searches.insert(0, (record.question.strip(), record.question.strip().rstrip("?")))
+        findings.insert(0, "")
+    elif detour == "repeated_query":
+        again = rng.randrange(len(searches))
+        searches.insert(again + 1, searches[again])
+        findings.insert(again + 1, findings[again])
+    turns, queries, previous = [], [], ""
+    for (sub_question, query), finding in zip(searches, findings):
+        thought = f"{previous} {sub_question}".strip()
+        turns.append(f"<think> {thought} </think>\n<search> {query} </search>")
+        queries.append(query)
+        previous = finding
+    turns.append(f"<think> {previous or 'I have the answer.'} </think>\n<answer> {final_answer} </answer>")
     return turns, queries
 
 
+def _finding(step) -> str:
+    """What a hop's search established, as the next thought starts: the evidence sentence, else the answer."""
+    quoted = evidence_sentence(step.doc.text, step.answer)
+    if quoted:
+        return quoted if quoted.endswith((".", "!", "?")) else quoted + "."
+    return f"{step.answer}." if step.answer else ""
+
+
 def render_gold_examples(records: Sequence["QARecord"], tokenizer: "PreTrainedTokenizerBase", retriever: "Retriever",
-                         rollout_cfg: "RolloutConfig", topk: int, seed: int = 0) -> list[tuple[list[int], list[int]]]:
-    """(token ids, loss mask) per record with a gold trajectory; records without one are skipped."""
+                         rollout_cfg: "RolloutConfig", topk: int, seed: int = 0,
+                         detour_prob: float = 0.0) -> list[tuple[list[int], list[int]]]:
+    """(token ids, loss mask) per record with a gold trajectory; records without one are skipped.
+
+    With probability `detour_prob` a record's demonstration takes one of the `DETOURS` (drawn uniformly).
+    """
     rng = random.Random(seed)
     rendered = []
     for record in records:
+        detour = rng.choice(DETOURS) if detour_prob > 0 and rng.random() < detour_prob else None
         try:
-            turns, queries = gold_turns(record, rng)
+            turns, queries = gold_turns(record, rng, detour)
         except ValueError:
             continue
         rendered.append((record, turns, queries))
@@ -99,15 +168,35 @@ def _render_response(renderer: TrajectoryRenderer, turns: list[str],
 
 
 def supervised_warm_start(model: "PreTrainedModel", examples: Sequence[tuple[list[int], list[int]]], pad_token_id: int,
-                          *, steps: int, lr: float, batch_size: int = 16, seed: int = 0,
+                          *, steps: int, lr: float, batch_size: int = 16, seed: int = 0, reading_weight: float = 0.0,
                           progress: bool = True) -> list[float]:
-    """`steps` AdamW steps of masked next-token loss on `examples`; returns the loss per step (model left in eval)."""
+    """`steps` AdamW steps of masked next-token loss on `examples`; returns the loss per step (model left in eval).
+
+    The loss is the mean cross-entropy of the policy's tokens (loss mask 1). With `reading_weight` > 0 the other
+    tokens (the question's prompt and the retrieved passages) add `reading_weight` times their own mean
+    cross-entropy: a model that starts from random weights, unlike a pretrained checkpoint, has never read text,
+    and reading the passages is where it learns names and how to copy them. The returned loss is the policy part.
+
+    Learning rate: linear warm-up over the first 5% of the steps, then cosine decay to a tenth. Batches group
+    examples of similar length (drawn at random, sorted within a pool of eight batches), which cuts padding; the
+    vocabulary projection runs only at the positions that carry loss (about a tenth of a search trajectory's
+    tokens: the prompt and the information blocks carry none).
+    """
     if not examples:
         raise ValueError("warm start: no record has a gold trajectory (one search key and support doc per hop)")
     device = next(model.parameters()).device
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / max(steps, 1))
-    generator = torch.Generator().manual_seed(seed)
+    warmup = max(1, steps // 20)
+
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress_ = (step - warmup) / max(steps - warmup, 1)
+        return 0.1 + 0.45 * (1.0 + math.cos(math.pi * min(progress_, 1.0)))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    batches = _length_grouped_batches(examples, batch_size, steps, seed)
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
     bar = None
     if progress:
         from tqdm import tqdm
@@ -115,28 +204,53 @@ def supervised_warm_start(model: "PreTrainedModel", examples: Sequence[tuple[lis
         bar = tqdm(total=steps, desc="warm start", unit="step")
     losses = []
     model.train()
-    for _ in range(steps):
-        chosen = torch.randint(len(examples), (min(batch_size, len(examples)),), generator=generator).tolist()
+    for chosen in batches:
         width = max(len(examples[i][0]) for i in chosen)
         input_ids = torch.full((len(chosen), width), pad_token_id, dtype=torch.long)  # (B, L)
         attention_mask = torch.zeros((len(chosen), width), dtype=torch.long)  # (B, L)
-        labels = torch.full((len(chosen), width), -100, dtype=torch.long)  # (B, L)
+        loss_mask = torch.zeros((len(chosen), width), dtype=torch.bool)  # (B, L)
         for row, index in enumerate(chosen):
             ids, mask = examples[index]
             input_ids[row, :len(ids)] = torch.tensor(ids)
             attention_mask[row, :len(ids)] = 1
-            labels[row, :len(ids)] = torch.where(torch.tensor(mask, dtype=torch.bool), torch.tensor(ids), -100)
-        loss = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                     labels=labels.to(device)).loss
+            loss_mask[row, :len(ids)] = torch.tensor(mask, dtype=torch.bool)
+        input_ids, attention_mask, loss_mask = input_ids.to(device), attention_mask.to(device), loss_mask.to(device)
+        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, L, H)
+        targets = input_ids[:, 1:]  # (B, L-1): position p predicts token p+1
+        policy = loss_mask[:, 1:]  # (B, L-1)
+        policy_loss = torch.nn.functional.cross_entropy(head(hidden[:, :-1][policy]).float(), targets[policy])
+        loss = policy_loss
+        if reading_weight > 0:
+            reading = attention_mask[:, 1:].bool() & ~policy  # (B, L-1)
+            loss = loss + reading_weight * torch.nn.functional.cross_entropy(
+                head(hidden[:, :-1][reading]).float(), targets[reading])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         scheduler.step()
-        losses.append(loss.detach())
+        losses.append(policy_loss.detach())
         if bar is not None:
             bar.update(1)
+            if len(losses) % 25 == 0:
+                bar.set_postfix(loss=f"{losses[-1].item():.3f}")
     if bar is not None:
         bar.close()
     model.eval()
     return torch.stack(losses).tolist() if losses else []
+
+
+def _length_grouped_batches(examples: Sequence[tuple[list[int], list[int]]], batch_size: int, steps: int,
+                            seed: int, pool_batches: int = 8) -> list[list[int]]:
+    """`steps` batches of example indices: pools of `pool_batches` random batches, sorted by length within the
+    pool and cut into batches again, in shuffled order."""
+    generator = torch.Generator().manual_seed(seed)
+    size = min(batch_size, len(examples))
+    batches: list[list[int]] = []
+    while len(batches) < steps:
+        pool = torch.randint(len(examples), (size * pool_batches,), generator=generator).tolist()
+        pool.sort(key=lambda index: len(examples[index][0]))
+        group = [pool[i:i + size] for i in range(0, len(pool), size)]
+        order = torch.randperm(len(group), generator=generator).tolist()
+        batches += [group[i] for i in order]
+    return batches[:steps]

@@ -11,7 +11,9 @@ from stepsearch.models.tokenizer import train_tokenizer
 from stepsearch.retrieval.base import Document
 from stepsearch.rollout.agent_loop import run_agent_loop
 from stepsearch.rollout.types import Generation
-from stepsearch.trainer.warm_start import gold_turns, render_gold_examples, supervised_warm_start
+from stepsearch.trainer.warm_start import (
+    DETOURS, evidence_sentence, gold_turns, render_gold_examples, supervised_warm_start,
+)
 
 RECORD = QARecord(
     id="q0", question="Where was the father of Mibe Tusos born?", answers=["Dazin"],
@@ -41,8 +43,9 @@ def test_gold_trajectory_is_rendered_as_the_agent_loop_would_with_information_un
     trained = tokenizer.decode([i for i, m in zip(ids, mask) if m], skip_special_tokens=False)
     ignored = tokenizer.decode([i for i, m in zip(ids, mask) if not m], skip_special_tokens=False)
     assert trained == ("<think> Who is the father of Mibe Tusos? </think>\n<search> father of Mibe Tusos </search>"
-                       "<think> Vogul Tusos. Where was Vogul Tusos born? </think>\n<search> Vogul Tusos born city "
-                       "</search><think> Dazin. </think>\n<answer> Dazin </answer>")
+                       "<think> The father of Mibe Tusos was Vogul Tusos. Where was Vogul Tusos born? </think>\n"
+                       "<search> Vogul Tusos born city </search>"
+                       "<think> Vogul Tusos was born in the city of Dazin. </think>\n<answer> Dazin </answer>")
     assert ignored.count("\n<information>Doc 1(Title: Vogul Tusos)") == 2 and ignored.count("</information>\n") == 2
     assert ignored.startswith("Answer the given question.")  # the prompt carries no loss either
 
@@ -88,3 +91,60 @@ def test_the_warm_start_lays_out_exactly_what_the_agent_loop_makes_of_the_gold_t
     prompt, length = batch.prompt_ids[0], int(batch.response_mask[0].sum())
     assert ids == prompt + batch.response_ids[0, :length].tolist()
     assert mask == [0] * len(prompt) + batch.loss_mask[0, :length].int().tolist()
+
+
+def test_evidence_sentence_is_the_first_sentence_stating_the_answer():
+    text = "Vogul Tusos was a baker. Vogul Tusos was born in the city of Dazin in 1801. Dazin is far."
+    assert evidence_sentence(text, "dazin") == "Vogul Tusos was born in the city of Dazin in 1801."
+    assert evidence_sentence(text, "Zorbi") == "" and evidence_sentence(text, " ") == ""
+
+
+def test_each_detour_changes_the_demonstration_as_documented():
+    import random
+
+    plain_turns, plain_queries = gold_turns(RECORD)
+    turns, queries = gold_turns(RECORD, random.Random(0), "question_query")
+    assert queries == ["Where was the father of Mibe Tusos born", *plain_queries]
+    assert turns[1].startswith("<think> Who is the father of Mibe Tusos? </think>")  # nothing learned yet
+    turns, queries = gold_turns(RECORD, random.Random(0), "repeated_query")
+    assert len(queries) == 3 and any(a == b for a, b in zip(queries, queries[1:]))
+    turns, queries = gold_turns(RECORD, random.Random(0), "early_answer")
+    assert queries == plain_queries[:1] and turns[-1].endswith("<answer> Vogul Tusos </answer>")
+    with pytest.raises(ValueError, match="unknown warm-start detour"):
+        gold_turns(RECORD, None, "shortcut")
+    assert len(plain_turns) == 3 and set(DETOURS) == {"question_query", "repeated_query", "early_answer"}
+
+
+def test_detour_prob_mixes_imperfect_demonstrations_in_reproducibly(tokenizer):
+    records = [RECORD] * 40
+    clean = render_gold_examples(records, tokenizer, FixedRetriever(), RolloutConfig(), topk=1, seed=3)
+    mixed = render_gold_examples(records, tokenizer, FixedRetriever(), RolloutConfig(), topk=1, seed=3, detour_prob=0.5)
+    assert mixed == render_gold_examples(records, tokenizer, FixedRetriever(), RolloutConfig(), topk=1, seed=3,
+                                         detour_prob=0.5)
+    changed = sum(a != b for a, b in zip(clean, mixed))
+    assert 8 <= changed <= 32 and len(set(map(str, clean))) == 1
+
+
+def test_reading_loss_trains_the_passages_but_reports_the_policy_loss(tokenizer):
+    import torch
+
+    def fresh():
+        return build_tiny_model(ModelConfig(tiny_hidden_size=32, tiny_num_layers=1, tiny_num_heads=2,
+                                            tiny_num_kv_heads=1, tiny_intermediate_size=48), tokenizer, seed=1)
+
+    examples = render_gold_examples([RECORD], tokenizer, FixedRetriever(), RolloutConfig(), topk=2)
+    ids, mask = examples[0]
+    passages = torch.tensor([ids])
+    reading = torch.tensor([[not m for m in mask]])[:, 1:]
+
+    def passage_loss(model):
+        with torch.no_grad():
+            logits = model(input_ids=passages).logits[:, :-1]
+        return torch.nn.functional.cross_entropy(logits[reading], passages[:, 1:][reading]).item()
+
+    policy_only, reading_too = fresh(), fresh()
+    supervised_warm_start(policy_only, examples, tokenizer.pad_token_id, steps=12, lr=1e-2, progress=False)
+    losses = supervised_warm_start(reading_too, examples, tokenizer.pad_token_id, steps=12, lr=1e-2,
+                                   reading_weight=1.0, progress=False)
+    assert passage_loss(reading_too) < 0.8 * passage_loss(policy_only)
+    assert losses[-1] < 0.5 * losses[0]  # the policy part, which the reading loss does not hide

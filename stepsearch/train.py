@@ -89,7 +89,7 @@ from stepsearch.trainer.build import Context, Models, Run  # noqa: E402
 from stepsearch.trainer.checkpoint import save_hf_model  # noqa: E402
 from stepsearch.trainer.engines import gathered_named_parameters  # noqa: E402
 from stepsearch.trainer.metrics import MetricsLogger, StepMetrics  # noqa: E402
-from stepsearch.trainer.run_dir import append_jsonl, truncate_jsonl  # noqa: E402
+from stepsearch.trainer.run_dir import append_jsonl, truncate_jsonl, write_timings  # noqa: E402
 
 log = logging.getLogger("stepsearch.train")
 
@@ -445,12 +445,14 @@ def train(cfg: Config) -> Path:
     """Build the run, evaluate, train to `trainer.total_steps`, evaluate, export, report; returns the run dir."""
     run = build.build_run(cfg)
     ctx, state = run.ctx, run.state
+    clock = build.StageClock(run.timings)
     logger = MetricsLogger(ctx.run_dir, is_main=ctx.is_main, tensorboard=cfg.trainer.tensorboard,
                            wandb_project=cfg.trainer.wandb_project, resume_step=state.step if state.step else None)
     if ctx.is_main:  # rows after the checkpoint (an interrupted run's) and a torn last line go
         truncate_jsonl(ctx.paths.trajectories, "trajectory", lambda row: row["step"] <= state.step)
     if state.step == 0:
-        evaluate_stage(run, "before")
+        with clock("eval_before"):
+            evaluate_stage(run, "before")
 
     bar = None
     if ctx.is_main:
@@ -458,29 +460,37 @@ def train(cfg: Config) -> Path:
 
         bar = tqdm(total=cfg.trainer.total_steps, initial=state.step, desc="StePPO", unit="step")
     while state.step < cfg.trainer.total_steps:
-        values, details = train_step(run)
+        with clock("steppo"):
+            values, details = train_step(run)
         state.step += 1
         state.data_position += cfg.ppo.rollout_batch_size
         if cfg.trainer.eval_every and state.step % cfg.trainer.eval_every == 0 and state.step < cfg.trainer.total_steps:
-            values.update(evaluate_stage(run, f"step{state.step}"))
+            with clock("eval_during"):
+                values.update(evaluate_stage(run, f"step{state.step}"))
         row = logger.log(state.step, values)
         _write_trajectories(ctx, state.step, details)
         if bar is not None:
             bar.update(1)
             bar.set_postfix({k.split("/")[-1]: f"{row.get(k) or 0:.3f}" for k in ("reward/outcome", "reward/f1", "kl")})
-        last = state.step == cfg.trainer.total_steps
-        if (cfg.trainer.save_every and state.step % cfg.trainer.save_every == 0) or last:
-            build.save(ctx, run.models, state)
+        if (cfg.trainer.save_every and state.step % cfg.trainer.save_every == 0) or state.step == cfg.trainer.total_steps:
+            with clock("checkpoints"):
+                build.save(ctx, run.models, state)
     if bar is not None:
         bar.close()
 
-    evaluate_stage(run, "after")
+    with clock("eval_after"):
+        evaluate_stage(run, "after")
     logger.close()
-    export_final(run)
-    if ctx.is_main and cfg.trainer.report:
-        from stepsearch.trainer.report import write_report
+    with clock("export"):
+        export_final(run)
+    if ctx.is_main:
+        write_timings(ctx.run_dir, clock.stages)
+        if cfg.trainer.report:
+            from stepsearch.trainer.report import write_report
 
-        write_report(ctx.run_dir)
+            with clock("report"):
+                write_report(ctx.run_dir)
+            write_timings(ctx.run_dir, clock.stages)
     ctx.barrier()
     return ctx.run_dir
 

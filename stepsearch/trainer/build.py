@@ -19,10 +19,12 @@ Files written on the way go where `stepsearch.trainer.run_dir.RunDir` says.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -141,6 +143,7 @@ class Data:
     train: list
     tests: dict[str, list]
     corpus_path: Path | None
+    warm_start: list = field(default_factory=list)  # demonstrations' questions; empty: the training questions
 
 
 def prepare_data(ctx: Context) -> Data:
@@ -151,22 +154,22 @@ def prepare_data(ctx: Context) -> Data:
     corpus = None
     if cfg.train_path is None:
         world_dir = ctx.paths.world
+        sizes = (cfg.synth_seed, cfg.synth_num_train, cfg.synth_num_test, cfg.synth_num_warm_start)
         if ctx.is_main:
-            load_or_create_world(world_dir, cfg.synth_seed, cfg.synth_num_train, cfg.synth_num_test)
+            load_or_create_world(world_dir, *sizes)
         ctx.barrier()
-        files = load_or_create_world(world_dir, cfg.synth_seed, cfg.synth_num_train, cfg.synth_num_test)
-        train_path, test_paths, corpus = (
-            files.train,
-            [files.test] if not cfg.test_paths else cfg.test_paths,
-            files.corpus,
-        )
+        files = load_or_create_world(world_dir, *sizes)
+        train_path, test_paths, corpus = files.train, [files.test] if not cfg.test_paths else cfg.test_paths, files.corpus
     else:
         train_path, test_paths = cfg.train_path, cfg.test_paths
     train = load_records(train_path, cfg.format, cfg.skip_bad_rows).records
     tests = {Path(p).name.split(".")[0]: load_records(p, cfg.format, cfg.skip_bad_rows).records for p in test_paths}
     if not train:
         raise ConfigError(f"data.train_path={train_path}: no training records")
-    return Data(train, tests, corpus)
+    warm_start = []
+    if cfg.train_path is None and cfg.synth_num_warm_start:
+        warm_start = load_records(files.warm_start, "stepsearch").records
+    return Data(train, tests, corpus, warm_start)
 
 
 def prepare_retriever(ctx: Context, data: Data):
@@ -215,8 +218,8 @@ def prepare_tokenizer(ctx: Context, data: Data):
     out_dir = ctx.paths.tokenizer
     if ctx.is_main and not (out_dir / "tokenizer.json").is_file():
         texts = [row["contents"] for row in _read_jsonl(data.corpus_path)] if data.corpus_path else []
-        texts += [r.question for r in data.train] + list(TEMPLATES.values())
-        for record in data.train:
+        texts += [r.question for r in data.train + data.warm_start] + list(TEMPLATES.values())
+        for record in data.warm_start or data.train:
             try:
                 texts += gold_turns(record)[0]
             except ValueError:
@@ -241,7 +244,7 @@ def drop_long_prompts(ctx: Context, data: Data, tokenizer) -> Data:
         )
     if not kept:
         raise ConfigError(f"data.max_prompt_tokens={limit}: every training prompt is longer")
-    return Data(kept, data.tests, data.corpus_path)
+    return Data(kept, data.tests, data.corpus_path, data.warm_start)
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -271,17 +274,13 @@ def prepare_policy(ctx: Context, data: Data, retriever, tokenizer) -> str:
             from stepsearch.trainer.warm_start import render_gold_examples, supervised_warm_start
 
             model.to(ctx.device)
-            examples = render_gold_examples(
-                data.train, tokenizer, retriever, cfg.rollout, cfg.retriever.topk, seed=cfg.trainer.seed
-            )
-            losses = supervised_warm_start(
-                model,
-                examples,
-                tokenizer.pad_token_id,
-                steps=cfg.trainer.warm_start_steps,
-                lr=cfg.trainer.warm_start_lr,
-                seed=cfg.trainer.seed,
-            )
+            examples = render_gold_examples(data.warm_start or data.train, tokenizer, retriever, cfg.rollout,
+                                            cfg.retriever.topk, seed=cfg.trainer.seed,
+                                            detour_prob=cfg.trainer.warm_start_detour_prob)
+            losses = supervised_warm_start(model, examples, tokenizer.pad_token_id,
+                                           steps=cfg.trainer.warm_start_steps, lr=cfg.trainer.warm_start_lr,
+                                           batch_size=cfg.trainer.warm_start_batch_size, seed=cfg.trainer.seed,
+                                           reading_weight=cfg.trainer.warm_start_reading_weight)
             log.info("warm start: %d gold trajectories, loss %.3f -> %.3f", len(examples), losses[0], losses[-1])
             staging.mkdir(parents=True, exist_ok=True)
             (staging / "losses.json").write_text(json.dumps(losses), encoding="utf-8")
@@ -465,19 +464,42 @@ class Run:
     state: TrainState
     cursor: DataCursor
     tag_table: Any  # stepsearch.rollout.segmenter.TagTable of `agent_tag_table`
+    timings: dict[str, float] = field(default_factory=dict)  # wall seconds per set-up stage, in order
+
+
+class StageClock:
+    """Wall seconds per named stage, in the order the stages ran: `with clock("warm_start"): ...`."""
+
+    def __init__(self, stages: dict[str, float] | None = None) -> None:
+        self.stages: dict[str, float] = {} if stages is None else stages
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.stages[name] = self.stages.get(name, 0.0) + time.perf_counter() - start
 
 
 def build_run(cfg: Config) -> Run:
     """Set up the process, data, retriever, tokenizer, models and (per `trainer.resume`) the loop state."""
     from stepsearch.rollout.agent_loop import agent_tag_table
 
-    ctx = setup(cfg)
-    data = prepare_data(ctx)
-    retriever = prepare_retriever(ctx, data)
-    tokenizer = prepare_tokenizer(ctx, data)
-    data = drop_long_prompts(ctx, data, tokenizer)
-    policy_dir = prepare_policy(ctx, data, retriever, tokenizer)
-    models = build_models(ctx, policy_dir, tokenizer)
-    state = resume(ctx, models)
+    clock = StageClock()
+    with clock("setup"):
+        ctx = setup(cfg)
+    with clock("data"):
+        data = prepare_data(ctx)
+    with clock("retriever"):
+        retriever = prepare_retriever(ctx, data)
+    with clock("tokenizer"):
+        tokenizer = prepare_tokenizer(ctx, data)
+        data = drop_long_prompts(ctx, data, tokenizer)
+    with clock("warm_start"):
+        policy_dir = prepare_policy(ctx, data, retriever, tokenizer)
+    with clock("models"):
+        models = build_models(ctx, policy_dir, tokenizer)
+        state = resume(ctx, models)
     cursor = DataCursor(data.train, cfg.data.shuffle_seed, ctx.rank, ctx.world_size)
-    return Run(ctx, data, retriever, tokenizer, models, state, cursor, agent_tag_table(tokenizer))
+    return Run(ctx, data, retriever, tokenizer, models, state, cursor, agent_tag_table(tokenizer), clock.stages)

@@ -8,6 +8,10 @@ becomes a note in the page, never an error:
 - `eval_before/results.json` and `eval_after/results.json` (`stepsearch.eval.write_results`): `{"datasets": {name:
   {"em", "f1", …, "per_hop": {hop: {…}}}}, "average": {…}, "per_hop": {…}}`; every numeric field becomes a row of
   the before/after table.
+- `timings.json` (`stepsearch.trainer.run_dir.write_timings`): wall seconds per stage of the whole job, shown as
+  a table with each stage's share, next to the mean seconds per StePPO step of each step stage (`time/*_s`).
+- The learning curve (`report/learning_curve.png`): the training outcome reward per step, and held-out F1 at
+  every evaluation: before training (step 0), every `trainer.eval_every` steps (`eval/avg/f1`), and after.
 - `trajectories.jsonl`: rows `{"step", "question", "answers", "response", "outcome", "f1", "em", "key_reward",
   "queries", "retrieved" (doc ids per round), "gains", "penalties", "step_scores"}` (the per-round lists are
   parallel). The last few steps are shown, each search round colour-coded by its gain, redundancy and reward.
@@ -24,7 +28,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from stepsearch.trainer.run_dir import RunDir, read_eval, read_metrics, read_trajectories
+from stepsearch.trainer.run_dir import RunDir, read_eval, read_metrics, read_timings, read_trajectories
 
 KEY_METRICS = (
     "outcome_reward",
@@ -75,11 +79,21 @@ def write_report(run_dir: str | os.PathLike, *, last_steps: int = 3, trajectorie
         else []
     )
 
+    curve = out / "learning_curve.png"
+    _plot_learning_curve(rows, _held_out_f1(rows, evals), curve)
+    timings = _read(paths, paths.timings, notes, read_timings, paths) or {}
+
     image = base64.b64encode(png.read_bytes()).decode("ascii")
+    curve_image = base64.b64encode(curve.read_bytes()).decode("ascii")
     body = [
         f"<h1>StepSearch run: {_e(paths.root.name)}</h1>",
+        "<h2>Learning curve</h2>",
+        f'<p><a href="learning_curve.png"><img alt="learning curve" src="data:image/png;base64,{curve_image}">'
+        "</a></p>",
         _summary_html(rows, columns),
-        "<h2>Learning curves</h2>",
+        "<h2>Where the time went</h2>",
+        _timings_html(timings, rows),
+        "<h2>All metrics</h2>",
         f'<p><a href="metrics.png"><img alt="metrics" src="data:image/png;base64,{image}"></a></p>',
         "<h2>Evaluation before and after training</h2>",
         _eval_html(evals["before"], evals["after"]),
@@ -206,6 +220,52 @@ def _plot_metrics(rows: list[dict[str, Any]], columns: list[str], png: Path) -> 
     plt.close(figure)
 
 
+def _held_out_f1(rows: list[dict[str, Any]], evals: dict[str, dict[str, Any] | None]) -> list[tuple[int, float]]:
+    """(step, held-out F1) at every evaluation: before (step 0), during (`eval/avg/f1` rows) and after."""
+    points = []
+    before, after = evals.get("before"), evals.get("after")
+    if before and _number(before.get("average", {}).get("f1")) is not None:
+        points.append((0, float(before["average"]["f1"])))
+    points += [(row["step"], value) for row in rows
+               if isinstance(row.get("step"), int) and (value := _number(row.get("eval/avg/f1"))) is not None]
+    steps = [row["step"] for row in rows if isinstance(row.get("step"), int)]
+    if after and _number(after.get("average", {}).get("f1")) is not None:
+        points.append((max(steps, default=0), float(after["average"]["f1"])))
+    return points
+
+
+def _plot_learning_curve(rows: list[dict[str, Any]], held_out: list[tuple[int, float]], png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (reward_axis, f1_axis) = plt.subplots(1, 2, figsize=(9.5, 3.2))
+    points = [(row["step"], value) for row in rows
+              if isinstance(row.get("step"), int) and (value := _number(row.get("reward/outcome"))) is not None]
+    if points:
+        steps, values = zip(*points)
+        reward_axis.plot(steps, values, color="#4c78a8", alpha=0.45, marker=".", linewidth=1)
+        reward_axis.plot(steps, _moving_average(list(values), max(2, len(values) // 6)), color="#1f3b73",
+                         linewidth=1.8, label="moving average")
+        reward_axis.legend(fontsize=7)
+    reward_axis.set_title("training outcome reward (sampled rollouts)", fontsize=9)
+    if held_out:
+        steps, values = zip(*held_out)
+        f1_axis.plot(steps, values, color="#e45756", marker="o", linewidth=1.8)
+        for step, value in held_out:
+            f1_axis.annotate(f"{value:.3f}", (step, value), textcoords="offset points", xytext=(0, 6),
+                             ha="center", fontsize=7)
+    f1_axis.set_title("held-out F1 (greedy)", fontsize=9)
+    for axis in (reward_axis, f1_axis):
+        axis.set_xlabel("StePPO step", fontsize=8)
+        axis.tick_params(labelsize=7)
+        axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(png, dpi=90)
+    plt.close(figure)
+
+
 def _moving_average(values: list[float], window: int) -> list[float]:
     """Trailing mean over up to `window` points (shorter at the start, so the curve starts at the first step)."""
     averaged, total = [], 0.0
@@ -246,6 +306,31 @@ def _summary_html(rows: list[dict[str, Any]], columns: list[str]) -> str:
     steps = [row["step"] for row in rows if isinstance(row.get("step"), int)]
     head = f"<p>{len(rows)} metric rows, steps {min(steps)}–{max(steps)}.</p>" if steps else ""
     return head + "".join(lines)
+
+
+def _timings_html(timings: dict[str, float], rows: list[dict[str, Any]]) -> str:
+    """The whole job's stages with their shares, and the mean seconds of each stage of a StePPO step."""
+    parts = []
+    total = sum(timings.values())
+    if timings:
+        lines = ["<table><tr><th>stage</th><th>seconds</th><th>share</th></tr>"]
+        lines += [f"<tr><td>{_e(name)}</td><td>{seconds:.1f}</td><td>{100 * seconds / max(total, 1e-9):.1f}%</td></tr>"
+                  for name, seconds in timings.items()]
+        lines.append(f"<tr><th>total</th><th>{total:.1f}</th><th></th></tr></table>")
+        parts.append("".join(lines))
+    else:
+        parts.append("<p class=note>No stage timings (timings.json).</p>")
+    stages = [name for name in (rows[-1] if rows else {}) if name.startswith("time/") and name != "time/step_s"]
+    if stages:
+        means = {name: sum(v for row in rows if (v := _number(row.get(name))) is not None) / len(rows)
+                 for name in stages}
+        step_total = sum(means[name] for name in stages if name != "time/segmenter_s")
+        lines = ["<p>Mean seconds per StePPO step:</p><table><tr><th>step stage</th><th>seconds</th>"
+                 "<th>share</th></tr>"]
+        lines += [f"<tr><td>{_e(name)}</td><td>{value:.2f}</td><td>{100 * value / max(step_total, 1e-9):.1f}%</td>"
+                  "</tr>" for name, value in means.items()]
+        parts.append("".join(lines) + "</table>")
+    return "".join(parts)
 
 
 def _eval_rows(result: dict[str, Any] | None) -> dict[tuple[str, str], float]:

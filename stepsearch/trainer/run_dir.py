@@ -48,6 +48,10 @@ class RunDir:
         self.final = self.root / "final"
         self.report = self.root / "report"
 
+    @property
+    def timings(self) -> Path:
+        return self.root / "timings.json"
+
     def eval_dir(self, which: str) -> Path:
         """`eval_<which>/`: `which` is "before", "after" or "step<N>"."""
         return self.root / f"eval_{which}"
@@ -139,3 +143,26 @@ def read_eval(run_dir: str | os.PathLike, which: str) -> dict[str, Any]:
     if not isinstance(result, dict):
         raise ValueError(f"{file}: expected a JSON object")
     return result
+
+
+def write_timings(run_dir: str | os.PathLike, stages: dict[str, float]) -> None:
+    """`timings.json`: wall seconds per stage of the whole job, in the order they ran (replaced atomically)."""
+    file = _run_dir(run_dir).timings
+    staging = file.with_name(file.name + ".tmp")
+    staging.write_text(json.dumps({name: round(seconds, 3) for name, seconds in stages.items()}, indent=1),
+                       encoding="utf-8")
+    os.replace(staging, file)
+
+
+def read_timings(run_dir: str | os.PathLike) -> dict[str, float]:
+    """Stage -> wall seconds from `timings.json` ({} when the run wrote none)."""
+    file = _run_dir(run_dir).timings
+    if not file.is_file():
+        return {}
+    try:
+        stages = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{file}:{exc.lineno}: not valid JSON ({exc.msg})") from exc
+    if not isinstance(stages, dict) or not all(isinstance(v, (int, float)) for v in stages.values()):
+        raise ValueError(f"{file}: expected an object of stage -> seconds")
+    return {str(name): float(seconds) for name, seconds in stages.items()}

@@ -351,6 +351,9 @@ class TrainerConfig:
     """Most recent complete checkpoints to keep."""
     eval_every: int = 0
     """Evaluate every N steps (0: only before and after training)."""
+    eval_before: bool = True
+    """Evaluate the initial policy before the first step (`eval_before/`); off when that evaluation already exists
+    elsewhere, e.g. for every run of an ablation that starts from one checkpoint."""
     eval_max_questions: int = 200
     """Questions per evaluation file."""
     warm_start_steps: int = 0

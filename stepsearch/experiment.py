@@ -40,7 +40,7 @@ def variant_config(base: Config, variant: str, seed: int, run_name: str) -> Conf
         key_weight=0.0 if variant == "outcome" else base.reward.key_weight,
         step_weight=base.reward.step_weight if variant == "full" else 0.0,
     )
-    trainer = replace(base.trainer, seed=seed, run_name=run_name, warm_start_steps=0)
+    trainer = replace(base.trainer, seed=seed, run_name=run_name, warm_start_steps=0, eval_before=False)
     return replace(base, reward=reward, trainer=trainer)
 
 
@@ -100,7 +100,63 @@ def markdown_table(rows: dict[str, list[dict[str, float]]], baseline: dict[str, 
     return "\n".join(lines) + "\n"
 
 
-CURVE_KEYS = (("reward/f1", "train answer F1"), ("reward/key_reward", "search-key reward"),
+def paired_table(rows: dict[str, list[dict[str, float]]], seeds: list[int], reference: str = "outcome") -> str:
+    """Per seed, each variant's held-out F1 and its difference from `reference` trained with the same seed (same
+    start, data order and samples up to the reward), then the mean ± std of the differences and the win count."""
+    others = [v for v in rows if v != reference]
+    if reference not in rows or not others:
+        return ""
+    header = "| seed | " + " | ".join(f"F1 {v}" for v in rows) + " | " + " | ".join(
+        f"{v} − {reference}" for v in others) + " |"
+    lines = [header, "|---|" + "---|" * (len(rows) + len(others))]
+    deltas: dict[str, list[float]] = {v: [] for v in others}
+    for index, seed in enumerate(seeds):
+        f1 = {v: rows[v][index]["f1"] for v in rows if index < len(rows[v])}
+        if reference not in f1:
+            continue
+        for v in others:
+            if v in f1:
+                deltas[v].append(f1[v] - f1[reference])
+        lines.append(f"| {seed} | " + " | ".join(f"{100 * f1[v]:.1f}" if v in f1 else "n/a" for v in rows) + " | "
+                     + " | ".join(f"{100 * (f1[v] - f1[reference]):+.1f}" if v in f1 else "n/a" for v in others)
+                     + " |")
+    summary = []
+    for v in others:
+        mean, std = mean_std(deltas[v])
+        wins = sum(d > 0 for d in deltas[v])
+        summary.append(f"{v} − {reference}: {100 * mean:+.1f} ± {100 * std:.1f} F1 points, better in {wins} of "
+                       f"{len(deltas[v])} seeds")
+    return "\n".join(lines) + "\n\n" + "; ".join(summary) + ".\n"
+
+
+DIAGNOSTIC_KEYS = (("reward/outcome", "outcome reward"), ("reward/key_reward", "search-key reward r_key"),
+                   ("reward/step_reward", "step reward per trajectory"), ("reward/info_gain", "gain per search"),
+                   ("reward/redundancy", "redundancy per search"),
+                   ("advantage/abs_at_search_end", "|A| at </search>"),
+                   ("advantage/abs_at_last_token", "|A| at last token"),
+                   ("advantage/abs_all_tokens", "|A| all tokens"))
+
+
+def diagnostics_table(curves: dict[str, list[list[dict[str, Any]]]]) -> str:
+    """Mean over steps and seeds of each reward term's scale and of the advantage reaching search-step tokens vs
+    the last token: why a reward term does or does not move the policy."""
+    present = [(k, label) for k, label in DIAGNOSTIC_KEYS
+               if any(k in row for runs in curves.values() for rows in runs for row in rows)]
+    if not present:
+        return ""
+    lines = ["| variant | " + " | ".join(label for _, label in present) + " |", "|---|" + "---|" * len(present)]
+    for variant, runs in curves.items():
+        cells = []
+        for key, _ in present:
+            values = [float(row[key]) for rows in runs for row in rows
+                      if isinstance(row.get(key), (int, float)) and not math.isnan(float(row[key]))]
+            cells.append(f"{sum(values) / len(values):.3f}" if values else "n/a")
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+CURVE_KEYS = (("reward/outcome", "train outcome reward"), ("eval/avg/f1", "held-out F1"),
+              ("reward/f1", "train answer F1"), ("reward/key_reward", "search-key reward"),
               ("reward/info_gain", "information gain per search"), ("reward/redundancy", "redundancy per search"),
               ("response/turns", "searches per trajectory"), ("kl", "KL(actor || ref)"))
 
@@ -152,11 +208,15 @@ def run_ablation(base: Config, seeds: list[int], out_dir: Path, variants: tuple[
     if base.model.actor_path is None:
         if base.trainer.warm_start_steps <= 0:
             raise ValueError("the tiny ablation needs trainer.warm_start_steps > 0 (all variants start from it)")
-        warm_cfg = replace(base, trainer=replace(base.trainer, run_name="warm_start", total_steps=0))
+        warm_cfg = replace(base, trainer=replace(base.trainer, run_name="warm_start", total_steps=0,
+                                                 eval_before=False))
         warm_dir = train(warm_cfg)
         checkpoint = warm_dir / "warm_start"
         base = replace(base, model=replace(base.model, actor_path=str(checkpoint), tokenizer_path=str(checkpoint)))
         baseline = summarise_eval(read_eval(warm_dir, "after"))
+    else:  # every variant starts from the given checkpoint: evaluate it once
+        start_cfg = replace(base, trainer=replace(base.trainer, run_name="start", total_steps=0, eval_before=False))
+        baseline = summarise_eval(read_eval(train(start_cfg), "after"))
 
     results: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
     curves: dict[str, list[list[dict[str, Any]]]] = {v: [] for v in variants}
@@ -164,19 +224,27 @@ def run_ablation(base: Config, seeds: list[int], out_dir: Path, variants: tuple[
         for variant in variants:
             run_dir = train(variant_config(base, variant, seed, f"{variant}-seed{seed}"))
             results[variant].append(summarise_eval(read_eval(run_dir, "after")))
-            if baseline is None:  # every variant starts from the same weights: any run's "before" is the baseline
-                baseline = summarise_eval(read_eval(run_dir, "before"))
             curves[variant].append(read_metrics(run_dir))
 
     table = markdown_table(results, baseline)
+    paired = paired_table(results, seeds)
+    diagnostics = diagnostics_table(curves)
     plot = plot_curves(curves, out_dir / "ablation_curves.png")
     (out_dir / "ablation.json").write_text(json.dumps(
         {"seeds": seeds, "baseline": baseline, "results": results}, indent=2), encoding="utf-8")
+    ppo = base.ppo
     body = [f"# Reward ablation ({len(seeds)} seed(s), {base.trainer.total_steps} steps each)", "", table]
+    if paired:
+        body += ["", "## Paired by seed (held-out F1, points)", "", paired]
+    if diagnostics:
+        body += ["", f"## Reward scale and where the advantage lands (γ = {ppo.gamma}, λ = {ppo.lam}, means over "
+                     "steps and seeds)", "", diagnostics]
     if plot is not None:
         body += ["", f"![training curves]({plot.name})"]
     (out_dir / "ablation.md").write_text("\n".join(body) + "\n", encoding="utf-8")
     print(table)
+    if paired:
+        print(paired)
     return out_dir
 
 

@@ -39,7 +39,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -267,6 +267,25 @@ def _update_inputs(ctx: Context, models: Models, experience: Experience, index: 
                         *(loss_layout(field[tokens]) for field in fields))
 
 
+def advantage_placement(advantages: torch.Tensor, step_ends: torch.Tensor, mask: torch.Tensor) -> dict[str, Any]:
+    """Mean |advantage| on the tokens that close a search step (where step rewards land), on each trajectory's last
+    generated token (where the outcome lands) and over all generated tokens: how much of the policy gradient
+    each kind of reward reaches. advantages, mask: (B, T); step_ends: (B, S), -1 = no step."""
+    magnitude = advantages.abs() * mask  # (B, T)
+    valid = step_ends >= 0  # (B, S)
+    at_steps = magnitude.gather(1, step_ends.clamp(min=0))[valid]  # (steps,)
+    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)  # (B, T)
+    last = torch.where(mask > 0, positions, -1).amax(dim=1)  # (B,)
+    answered = last >= 0
+    at_last = magnitude.gather(1, last.clamp(min=0)[:, None])[:, 0][answered]  # (rows,)
+    placement = {"advantage/abs_all_tokens": magnitude.sum() / mask.sum().clamp(min=1)}
+    if at_steps.numel():
+        placement["advantage/abs_at_search_end"] = at_steps.mean()
+    if at_last.numel():
+        placement["advantage/abs_at_last_token"] = at_last.mean()
+    return placement
+
+
 UPDATE_METRICS = ("loss/policy", "loss/value", "loss/approx_kl", "loss/clip_frac", "loss/value_clip_frac",
                   "loss/entropy")
 
@@ -378,6 +397,7 @@ def train_step(run: Run) -> tuple[dict[str, float], list[dict]]:
         "response/answered": float(np.mean([r == "answer" for r in rollout.finish_reasons])),
         "throughput/rollout_tokens_per_s": generated / max(timings["time/rollout_s"], 1e-9),
     })
+    metrics.update(advantage_placement(advantages.advantages, rollout.step_ends.to(ctx.device), mask))
     values = metrics.means()  # device tensors stay unresolved until the logger's one transfer
     values.update(timings)
     values["time/step_s"] = sum(timings.values())
@@ -450,7 +470,7 @@ def train(cfg: Config) -> Path:
                            wandb_project=cfg.trainer.wandb_project, resume_step=state.step if state.step else None)
     if ctx.is_main:  # rows after the checkpoint (an interrupted run's) and a torn last line go
         truncate_jsonl(ctx.paths.trajectories, "trajectory", lambda row: row["step"] <= state.step)
-    if state.step == 0:
+    if state.step == 0 and cfg.trainer.eval_before:
         with clock("eval_before"):
             evaluate_stage(run, "before")
 

@@ -50,7 +50,10 @@ def test_report_writes_a_png_and_an_escaped_html_page(tmp_path):
     assert "musique" in text and "0.125" in text and "0.375" in text and "+0.25" in text
     assert "musique / 2-hop" in text
     # curves summary; the torn last trajectory line is not a row
-    assert "reward/outcome" in text and "<td>kl</td>" in text and "time/rollout" not in text
+    # timings are not curves: they appear once, in the table of where a step's time went
+    assert "reward/outcome" in text and "<td>kl</td>" in text and text.count("time/rollout") == 1
+    assert "<td>time/rollout_s</td><td>1.00</td><td>100.0%</td>" in text
+    assert (run_dir / "report" / "learning_curve.png").stat().st_size > 0
     assert "Step 13" not in text and "Notes" not in text
 
 
@@ -67,3 +70,21 @@ def test_report_of_an_empty_run_dir_still_writes_both_files(tmp_path):
     assert (tmp_path / "report" / "metrics.png").read_bytes().startswith(b"\x89PNG")
     text = page.read_text()
     assert "No metrics logged" in text and "No evaluation results" in text and "No trajectories logged" in text
+
+
+def test_report_shows_where_the_time_went_and_held_out_f1_at_every_evaluation(tmp_path):
+    from stepsearch.trainer.report import _held_out_f1
+    from stepsearch.trainer.run_dir import read_timings, write_timings
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    rows = [{"step": 1, "reward/outcome": -0.5, "time/rollout_s": 3.0, "time/update_s": 1.0},
+            {"step": 2, "reward/outcome": 0.25, "eval/avg/f1": 0.3, "time/rollout_s": 5.0, "time/update_s": 1.0}]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    write_timings(run_dir, {"warm_start": 30.0, "steppo": 10.0})
+    assert read_timings(run_dir) == {"warm_start": 30.0, "steppo": 10.0}
+    evals = {"before": {"average": {"f1": 0.1}}, "after": {"average": {"f1": 0.35}}}
+    assert _held_out_f1(rows, evals) == [(0, 0.1), (2, 0.3), (2, 0.35)]
+    text = (write_report(run_dir)).read_text()
+    assert "<td>warm_start</td><td>30.0</td><td>75.0%</td>" in text and "<th>total</th><th>40.0</th>" in text
+    assert "<td>time/rollout_s</td><td>4.00</td><td>80.0%</td>" in text  # mean per step, share of a step

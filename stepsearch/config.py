@@ -365,6 +365,9 @@ class TrainerConfig:
     warm_start_reading_weight: float = 0.0
     """Weight of a next-token loss on the text the policy reads (prompt and retrieved passages) during the warm
     start: a model trained from scratch has never read text, and reading is where it learns to copy names."""
+    warm_start_question_first: bool = False
+    """Demonstrations whose question, searched as is, retrieves the first hop's passage start with that search
+    (then quote its evidence) instead of the first hop's reference query."""
     warm_start_detour_prob: float = 0.0
     """Fraction of demonstrations that take one detour (searching the whole question first, repeating a search,
     or answering with an intermediate hop's answer), so the warm-started policy is not already optimal at

@@ -572,7 +572,9 @@ def build_splits(seed: int, num_train: int, num_test: int, num_warm_start: int =
     warm_questions: list[SynthQuestion] = []
     entities = list(main.entities)
     if num_warm_start > 0:
-        warm = World.generate(f"warm-start-{seed}", world_size_for(num_warm_start), taken_names=taken,
+        # One person per warm-start question (three times the usual density of names): a name rarely recurs
+        # across demonstrations, so a policy learns to copy names from its context rather than recall them.
+        warm = World.generate(f"warm-start-{seed}", world_size_for(3 * num_warm_start), taken_names=taken,
                               first_doc_id=len(entities))
         warm_questions = generate_questions(warm, random.Random(f"warm-start-questions-{seed}"), num_warm_start)
         entities += warm.entities

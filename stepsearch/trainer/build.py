@@ -212,21 +212,39 @@ def prepare_tokenizer(ctx: Context, data: Data):
     if path is not None:
         return load_tokenizer(path)
     from stepsearch.models.tokenizer import train_tokenizer
-    from stepsearch.rollout.prompts import TEMPLATES
-    from stepsearch.trainer.warm_start import gold_turns
 
     out_dir = ctx.paths.tokenizer
     if ctx.is_main and not (out_dir / "tokenizer.json").is_file():
-        texts = [row["contents"] for row in _read_jsonl(data.corpus_path)] if data.corpus_path else []
-        texts += [r.question for r in data.train + data.warm_start] + list(TEMPLATES.values())
-        for record in data.warm_start or data.train:
-            try:
-                texts += gold_turns(record)[0]
-            except ValueError:
-                continue
-        train_tokenizer(texts, cfg.tiny_vocab_size, out_dir)
+        train_tokenizer(tokenizer_texts(data), cfg.tiny_vocab_size, out_dir)
     ctx.barrier()
     return load_tokenizer(str(out_dir))
+
+
+def tokenizer_texts(data: Data) -> list[str]:
+    """What the tiny model's tokenizer learns its merges from.
+
+    With a warm-start region, only that region's text (its questions, demonstrations and passages) and the prompt
+    templates: like any real vocabulary, it has never seen the train and test entities' names, which it spells
+    from the same pieces as the names the warm start trained on. A vocabulary fitted to the whole corpus would
+    give held-out names tokens of their own that no training step ever touched, and a policy cannot copy a token
+    whose embedding never learned anything. Without a warm-start region: the corpus, the training questions and
+    their demonstrations.
+    """
+    from stepsearch.rollout.prompts import TEMPLATES
+    from stepsearch.trainer.warm_start import gold_turns
+
+    records = data.warm_start or data.train
+    texts = list(TEMPLATES.values()) + [r.question for r in records]
+    if data.warm_start:
+        texts += sorted({doc.text for r in records for doc in r.support_docs})
+    elif data.corpus_path:
+        texts += [row["contents"] for row in _read_jsonl(data.corpus_path)]
+    for record in records:
+        try:
+            texts += gold_turns(record)[0]
+        except ValueError:
+            continue
+    return texts
 
 
 def drop_long_prompts(ctx: Context, data: Data, tokenizer) -> Data:
@@ -276,7 +294,8 @@ def prepare_policy(ctx: Context, data: Data, retriever, tokenizer) -> str:
             model.to(ctx.device)
             examples = render_gold_examples(data.warm_start or data.train, tokenizer, retriever, cfg.rollout,
                                             cfg.retriever.topk, seed=cfg.trainer.seed,
-                                            detour_prob=cfg.trainer.warm_start_detour_prob)
+                                            detour_prob=cfg.trainer.warm_start_detour_prob,
+                                            question_first=cfg.trainer.warm_start_question_first)
             losses = supervised_warm_start(model, examples, tokenizer.pad_token_id,
                                            steps=cfg.trainer.warm_start_steps, lr=cfg.trainer.warm_start_lr,
                                            batch_size=cfg.trainer.warm_start_batch_size, seed=cfg.trainer.seed,

@@ -70,12 +70,15 @@ the reference query; `repeated_query`: one search is sent twice (the second retr
 `early_answer`: the trajectory answers with an intermediate hop's answer instead of finishing the chain."""
 
 
-def gold_turns(record: "QARecord", rng: random.Random | None = None,
-               detour: str | None = None) -> tuple[list[str], list[str]]:
+def gold_turns(record: "QARecord", rng: random.Random | None = None, detour: str | None = None,
+               question_first: bool = False) -> tuple[list[str], list[str]]:
     """(generated turn texts, search queries) of the record's gold trajectory; one more turn than queries.
 
     Each turn after a search first quotes the passage sentence that answers the hop (its intermediate answer when
-    no sentence states it), then asks the next sub-question. `detour` (one of `DETOURS`, drawn positions from
+    no sentence states it), then asks the next sub-question. `question_first`: the first search sends the question
+    itself instead of the first hop's reference query (what `render_gold_examples` chooses when that search
+    retrieves the first hop's passage): the question names the entity the chain starts from, so its search needs
+    no name copied out of the question, only the question copied. `detour` (one of `DETOURS`, drawn positions from
     `rng`) turns the demonstration into an imperfect one, so that a policy warm-started on a mix is not already
     optimal at searching and RL has something to improve.
     """
@@ -91,8 +94,11 @@ def gold_turns(record: "QARecord", rng: random.Random | None = None,
             steps, final_answer = steps[:cut], steps[cut - 1].answer
     searches = [(step.sub_question, step.query) for step in steps]
     findings = [_finding(step) for step in steps]
-    if detour == "question_query":
-        searches.insert(0, (record.question.strip(), record.question.strip().rstrip("?")))
+    question = record.question.strip()
+    if question_first:
+        searches[0] = (question, question.rstrip("?"))
+    elif detour == "question_query":
+        searches.insert(0, (question, question.rstrip("?")))
         findings.insert(0, "")
     elif detour == "repeated_query":
         again = rng.randrange(len(searches))
@@ -118,17 +124,21 @@ def _finding(step) -> str:
 
 def render_gold_examples(records: Sequence["QARecord"], tokenizer: "PreTrainedTokenizerBase", retriever: "Retriever",
                          rollout_cfg: "RolloutConfig", topk: int, seed: int = 0,
-                         detour_prob: float = 0.0) -> list[tuple[list[int], list[int]]]:
+                         detour_prob: float = 0.0, question_first: bool = False) -> list[tuple[list[int], list[int]]]:
     """(token ids, loss mask) per record with a gold trajectory; records without one are skipped.
 
-    With probability `detour_prob` a record's demonstration takes one of the `DETOURS` (drawn uniformly).
+    With `question_first`, a record whose question, searched as is, retrieves its first hop's passage is
+    demonstrated starting with that search (`gold_turns(question_first=True)`). With probability `detour_prob` a
+    record's demonstration takes one of the `DETOURS` (drawn uniformly).
     """
     rng = random.Random(seed)
+    records = list(records)
+    question_hits = _question_finds_first_hop(records, retriever, topk) if question_first else [False] * len(records)
     rendered = []
-    for record in records:
+    for record, hit in zip(records, question_hits):
         detour = rng.choice(DETOURS) if detour_prob > 0 and rng.random() < detour_prob else None
         try:
-            turns, queries = gold_turns(record, rng, detour)
+            turns, queries = gold_turns(record, rng, detour, question_first=hit)
         except ValueError:
             continue
         rendered.append((record, turns, queries))
@@ -141,6 +151,19 @@ def render_gold_examples(records: Sequence["QARecord"], tokenizer: "PreTrainedTo
         prompt = build_prompt_ids(tokenizer, record.question, rollout_cfg.template)
         examples.append((prompt + response, [0] * len(prompt) + loss_mask))
     return examples
+
+
+def _question_finds_first_hop(records: list["QARecord"], retriever: "Retriever", topk: int) -> list[bool]:
+    """Per record: does searching its question retrieve the first hop's support passage in the top `topk`?"""
+    hits = [False] * len(records)
+    searchable = [i for i, r in enumerate(records) if r.support_docs and r.question.strip()]
+    if not searchable:
+        return hits
+    results = retriever.search([records[i].question.strip().rstrip("?") for i in searchable], topk)
+    for index, docs in zip(searchable, results):
+        wanted = records[index].support_docs[0].text.strip()
+        hits[index] = any(doc.text.strip() == wanted for doc in docs)
+    return hits
 
 
 def _render_response(renderer: TrajectoryRenderer, turns: list[str],

@@ -182,3 +182,29 @@ def test_cli_synth_writes_the_world(tmp_path, capsys):
     assert sum(1 for _ in open(tmp_path / "train.jsonl")) == 30
     assert data_main(["synth", "--out", str(tmp_path), "--num-train", "0"]) == 1
     assert "must be positive" in capsys.readouterr().err
+
+
+def test_warm_start_questions_share_no_entity_with_train_or_test_and_leave_them_unchanged(tmp_path):
+    from stepsearch.data.synth import build_splits
+
+    splits = build_splits(3, 150, 30, 200)
+    assert len(splits.warm_start) == 200
+    plain_world, plain_train, plain_test = build_world(3, 150, 30)
+    assert [q.question for q in splits.train] == [q.question for q in plain_train]
+    assert [q.question for q in splits.test] == [q.question for q in plain_test]
+
+    def entities(questions):
+        return {hop.support.doc_id for q in questions for hop in q.hops} | {
+            hop.support.name for q in questions for hop in q.hops} | {q.answer for q in questions}
+
+    main_names = {e.name for e in plain_world.entities}
+    warm_entities = entities(splits.warm_start)
+    assert not ({n for n in warm_entities if isinstance(n, str)} & main_names)
+    assert all(doc_id >= len(plain_world.entities) for doc_id in warm_entities if isinstance(doc_id, int))
+    # one corpus holds both regions, with unique passage ids
+    ids = [e.doc_id for e in splits.world.entities]
+    assert len(ids) == len(set(ids)) and len(ids) > len(plain_world.entities)
+    files = write_world(tmp_path, 3, 150, 30, num_warm_start=200)
+    rows = [json.loads(line) for line in files.warm_start.read_text().splitlines()]
+    assert len(rows) == 200 and all(row["id"].startswith("synth3-warm-") for row in rows)
+    assert json.loads(files.meta.read_text())["num_warm_start"] == 200

@@ -13,7 +13,7 @@ from stepsearch import experiment
 from stepsearch import train as trainer
 from stepsearch.trainer.build import build_run
 from stepsearch.trainer.metrics import MetricsLogger
-from stepsearch.trainer.run_dir import read_eval, read_metrics, read_trajectories
+from stepsearch.trainer.run_dir import read_eval, read_metrics, read_timings, read_trajectories
 
 TOY_TRAINING = ["ppo.actor_lr=1e-3", "ppo.critic_lr=1e-3", "ppo.entropy_coef=0.01", "trainer.warm_start_steps=0",
                 "trainer.eval_max_questions=0", "trainer.report=false", "deepspeed.enabled='off'"]
@@ -140,3 +140,10 @@ def test_the_report_the_trainer_writes_shows_its_own_metrics_evaluations_and_tra
     for row in trajectories:
         assert html.escape(row["question"], quote=True) in text
     assert len(trajectories) == 2 * 8
+    # where the time went: every stage of the job, timed, and the learning curve with held-out F1 before and after
+    timings = read_timings(run_dir)
+    assert list(timings)[:6] == ["setup", "data", "retriever", "tokenizer", "warm_start", "models"]
+    assert {"eval_before", "steppo", "eval_after", "export", "report"} <= set(timings)
+    assert all(seconds >= 0 for seconds in timings.values())
+    assert "Where the time went" in text and "<td>steppo</td>" in text and "<td>time/rollout_s</td>" in text
+    assert (run_dir / "report" / "learning_curve.png").read_bytes().startswith(b"\x89PNG")

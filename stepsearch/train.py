@@ -492,7 +492,8 @@ def train(cfg: Config) -> Path:
         if bar is not None:
             bar.update(1)
             bar.set_postfix({k.split("/")[-1]: f"{row.get(k) or 0:.3f}" for k in ("reward/outcome", "reward/f1", "kl")})
-        if (cfg.trainer.save_every and state.step % cfg.trainer.save_every == 0) or state.step == cfg.trainer.total_steps:
+        last = state.step == cfg.trainer.total_steps
+        if (cfg.trainer.save_every and state.step % cfg.trainer.save_every == 0) or last:
             with clock("checkpoints"):
                 build.save(ctx, run.models, state)
     if bar is not None:

@@ -159,7 +159,11 @@ def prepare_data(ctx: Context) -> Data:
             load_or_create_world(world_dir, *sizes)
         ctx.barrier()
         files = load_or_create_world(world_dir, *sizes)
-        train_path, test_paths, corpus = files.train, [files.test] if not cfg.test_paths else cfg.test_paths, files.corpus
+        train_path, test_paths, corpus = (
+            files.train,
+            [files.test] if not cfg.test_paths else cfg.test_paths,
+            files.corpus,
+        )
     else:
         train_path, test_paths = cfg.train_path, cfg.test_paths
     train = load_records(train_path, cfg.format, cfg.skip_bad_rows).records
@@ -292,14 +296,26 @@ def prepare_policy(ctx: Context, data: Data, retriever, tokenizer) -> str:
             from stepsearch.trainer.warm_start import render_gold_examples, supervised_warm_start
 
             model.to(ctx.device)
-            examples = render_gold_examples(data.warm_start or data.train, tokenizer, retriever, cfg.rollout,
-                                            cfg.retriever.topk, seed=cfg.trainer.seed,
-                                            detour_prob=cfg.trainer.warm_start_detour_prob,
-                                            question_first=cfg.trainer.warm_start_question_first)
-            losses = supervised_warm_start(model, examples, tokenizer.pad_token_id,
-                                           steps=cfg.trainer.warm_start_steps, lr=cfg.trainer.warm_start_lr,
-                                           batch_size=cfg.trainer.warm_start_batch_size, seed=cfg.trainer.seed,
-                                           reading_weight=cfg.trainer.warm_start_reading_weight)
+            examples = render_gold_examples(
+                data.warm_start or data.train,
+                tokenizer,
+                retriever,
+                cfg.rollout,
+                cfg.retriever.topk,
+                seed=cfg.trainer.seed,
+                detour_prob=cfg.trainer.warm_start_detour_prob,
+                question_first=cfg.trainer.warm_start_question_first,
+            )
+            losses = supervised_warm_start(
+                model,
+                examples,
+                tokenizer.pad_token_id,
+                steps=cfg.trainer.warm_start_steps,
+                lr=cfg.trainer.warm_start_lr,
+                batch_size=cfg.trainer.warm_start_batch_size,
+                seed=cfg.trainer.seed,
+                reading_weight=cfg.trainer.warm_start_reading_weight,
+            )
             log.info("warm start: %d gold trajectories, loss %.3f -> %.3f", len(examples), losses[0], losses[-1])
             staging.mkdir(parents=True, exist_ok=True)
             (staging / "losses.json").write_text(json.dumps(losses), encoding="utf-8")

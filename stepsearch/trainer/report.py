@@ -88,8 +88,7 @@ def write_report(run_dir: str | os.PathLike, *, last_steps: int = 3, trajectorie
     body = [
         f"<h1>StepSearch run: {_e(paths.root.name)}</h1>",
         "<h2>Learning curve</h2>",
-        f'<p><a href="learning_curve.png"><img alt="learning curve" src="data:image/png;base64,{curve_image}">'
-        "</a></p>",
+        f'<p><a href="learning_curve.png"><img alt="learning curve" src="data:image/png;base64,{curve_image}"></a></p>',
         _summary_html(rows, columns),
         "<h2>Where the time went</h2>",
         _timings_html(timings, rows),
@@ -226,8 +225,11 @@ def _held_out_f1(rows: list[dict[str, Any]], evals: dict[str, dict[str, Any] | N
     before, after = evals.get("before"), evals.get("after")
     if before and _number(before.get("average", {}).get("f1")) is not None:
         points.append((0, float(before["average"]["f1"])))
-    points += [(row["step"], value) for row in rows
-               if isinstance(row.get("step"), int) and (value := _number(row.get("eval/avg/f1"))) is not None]
+    points += [
+        (row["step"], value)
+        for row in rows
+        if isinstance(row.get("step"), int) and (value := _number(row.get("eval/avg/f1"))) is not None
+    ]
     steps = [row["step"] for row in rows if isinstance(row.get("step"), int)]
     if after and _number(after.get("average", {}).get("f1")) is not None:
         points.append((max(steps, default=0), float(after["average"]["f1"])))
@@ -241,21 +243,30 @@ def _plot_learning_curve(rows: list[dict[str, Any]], held_out: list[tuple[int, f
     import matplotlib.pyplot as plt
 
     figure, (reward_axis, f1_axis) = plt.subplots(1, 2, figsize=(9.5, 3.2))
-    points = [(row["step"], value) for row in rows
-              if isinstance(row.get("step"), int) and (value := _number(row.get("reward/outcome"))) is not None]
+    points = [
+        (row["step"], value)
+        for row in rows
+        if isinstance(row.get("step"), int) and (value := _number(row.get("reward/outcome"))) is not None
+    ]
     if points:
         steps, values = zip(*points)
         reward_axis.plot(steps, values, color="#4c78a8", alpha=0.45, marker=".", linewidth=1)
-        reward_axis.plot(steps, _moving_average(list(values), max(2, len(values) // 6)), color="#1f3b73",
-                         linewidth=1.8, label="moving average")
+        reward_axis.plot(
+            steps,
+            _moving_average(list(values), max(2, len(values) // 6)),
+            color="#1f3b73",
+            linewidth=1.8,
+            label="moving average",
+        )
         reward_axis.legend(fontsize=7)
     reward_axis.set_title("training outcome reward (sampled rollouts)", fontsize=9)
     if held_out:
         steps, values = zip(*held_out)
         f1_axis.plot(steps, values, color="#e45756", marker="o", linewidth=1.8)
         for step, value in held_out:
-            f1_axis.annotate(f"{value:.3f}", (step, value), textcoords="offset points", xytext=(0, 6),
-                             ha="center", fontsize=7)
+            f1_axis.annotate(
+                f"{value:.3f}", (step, value), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7
+            )
     f1_axis.set_title("held-out F1 (greedy)", fontsize=9)
     for axis in (reward_axis, f1_axis):
         axis.set_xlabel("StePPO step", fontsize=8)
@@ -314,21 +325,27 @@ def _timings_html(timings: dict[str, float], rows: list[dict[str, Any]]) -> str:
     total = sum(timings.values())
     if timings:
         lines = ["<table><tr><th>stage</th><th>seconds</th><th>share</th></tr>"]
-        lines += [f"<tr><td>{_e(name)}</td><td>{seconds:.1f}</td><td>{100 * seconds / max(total, 1e-9):.1f}%</td></tr>"
-                  for name, seconds in timings.items()]
+        lines += [
+            f"<tr><td>{_e(name)}</td><td>{seconds:.1f}</td><td>{100 * seconds / max(total, 1e-9):.1f}%</td></tr>"
+            for name, seconds in timings.items()
+        ]
         lines.append(f"<tr><th>total</th><th>{total:.1f}</th><th></th></tr></table>")
         parts.append("".join(lines))
     else:
         parts.append("<p class=note>No stage timings (timings.json).</p>")
     stages = [name for name in (rows[-1] if rows else {}) if name.startswith("time/") and name != "time/step_s"]
     if stages:
-        means = {name: sum(v for row in rows if (v := _number(row.get(name))) is not None) / len(rows)
-                 for name in stages}
+        means = {
+            name: sum(v for row in rows if (v := _number(row.get(name))) is not None) / len(rows) for name in stages
+        }
         step_total = sum(means[name] for name in stages if name != "time/segmenter_s")
-        lines = ["<p>Mean seconds per StePPO step:</p><table><tr><th>step stage</th><th>seconds</th>"
-                 "<th>share</th></tr>"]
-        lines += [f"<tr><td>{_e(name)}</td><td>{value:.2f}</td><td>{100 * value / max(step_total, 1e-9):.1f}%</td>"
-                  "</tr>" for name, value in means.items()]
+        lines = [
+            "<p>Mean seconds per StePPO step:</p><table><tr><th>step stage</th><th>seconds</th><th>share</th></tr>"
+        ]
+        lines += [
+            f"<tr><td>{_e(name)}</td><td>{value:.2f}</td><td>{100 * value / max(step_total, 1e-9):.1f}%</td></tr>"
+            for name, value in means.items()
+        ]
         parts.append("".join(lines) + "</table>")
     return "".join(parts)
 

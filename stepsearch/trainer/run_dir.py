@@ -149,8 +149,9 @@ def write_timings(run_dir: str | os.PathLike, stages: dict[str, float]) -> None:
     """`timings.json`: wall seconds per stage of the whole job, in the order they ran (replaced atomically)."""
     file = _run_dir(run_dir).timings
     staging = file.with_name(file.name + ".tmp")
-    staging.write_text(json.dumps({name: round(seconds, 3) for name, seconds in stages.items()}, indent=1),
-                       encoding="utf-8")
+    staging.write_text(
+        json.dumps({name: round(seconds, 3) for name, seconds in stages.items()}, indent=1), encoding="utf-8"
+    )
     os.replace(staging, file)
 
 

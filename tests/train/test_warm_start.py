@@ -12,7 +12,11 @@ from stepsearch.retrieval.base import Document
 from stepsearch.rollout.agent_loop import run_agent_loop
 from stepsearch.rollout.types import Generation
 from stepsearch.trainer.warm_start import (
-    DETOURS, evidence_sentence, gold_turns, render_gold_examples, supervised_warm_start,
+    DETOURS,
+    evidence_sentence,
+    gold_turns,
+    render_gold_examples,
+    supervised_warm_start,
 )
 
 RECORD = QARecord(

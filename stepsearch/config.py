@@ -185,6 +185,12 @@ class RolloutConfig:
     template: Literal["paper", "released", "compact"] = "paper"
     """Prompt template: the paper's think/search/information/answer, the released code's plan/observation, or the
     paper's instruction in one sentence (`compact`: the embedded tiny model, where prompt tokens are pure cost)."""
+    row_groups: int = 1
+    """Trajectories advance in this many independent groups, each turn-synchronous on its own, so a turn waits only
+    for the slowest row of its group and one group's searches overlap the others' generation (1: one group). Worth
+    it where generate calls are cheap to split: the HF engine on CPU (the slowest row of a `generate` call holds up
+    the whole call) and SGLang over HTTP (it serves the groups' calls at once); not the in-process SGLang engine,
+    whose calls run one at a time. A fixed value gives reproducible rollouts."""
     max_turns: int = 5
     """Search rounds per trajectory (paper: 5); then one final turn where searching is refused."""
     samples_per_prompt: int = 1
@@ -201,6 +207,7 @@ class RolloutConfig:
     """Total response budget T (generated + information tokens)."""
 
     def __post_init__(self) -> None:
+        _check(self.row_groups >= 1, f"rollout.row_groups must be >= 1, got {self.row_groups!r}")
         _check(self.sglang_url is None or self.sglang_url.startswith(("http://", "https://")),
                f"rollout.sglang_url must start with http:// or https://, got {self.sglang_url!r}")
         _check(0 < self.sglang_mem_fraction < 1, "rollout.sglang_mem_fraction must be in (0, 1)")

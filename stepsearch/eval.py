@@ -127,7 +127,8 @@ def evaluate(engine: "Engine", retriever: "Retriever", tokenizer: "PreTrainedTok
         for start in range(0, len(records), batch_size):
             chunk = records[start:start + batch_size]
             batch = run_agent_loop(engine, retriever, tokenizer, chunk, rollout_cfg, topk=topk, greedy=True,
-                                   samples_per_prompt=1, max_query_chars=max_query_chars)
+                                   samples_per_prompt=1, max_query_chars=max_query_chars,
+                                   row_groups=rollout_cfg.row_groups)
             rewards = score_rollout(batch, chunk, reward_cfg)
             for row, reward in enumerate(rewards.trajectories):
                 rows.append(_score(chunk[batch.record_indices[row]], batch, row, reward))

@@ -140,7 +140,8 @@ def rollout_stage(ctx: Context, models: Models, retriever, tokenizer, tag_table,
     with torch.no_grad():
         rollout = run_agent_loop(models.rollout, retriever, tokenizer, records, ctx.cfg.rollout,
                                  topk=ctx.cfg.retriever.topk, seed=seed,
-                                 max_query_chars=ctx.cfg.retriever.max_query_chars, tag_table=tag_table)
+                                 max_query_chars=ctx.cfg.retriever.max_query_chars, tag_table=tag_table,
+                                 row_groups=ctx.cfg.rollout.row_groups)
     models.rollout.release_memory()  # SGLang's weights and KV cache make room for scoring and the update
     return rollout
 

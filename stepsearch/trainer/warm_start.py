@@ -65,8 +65,8 @@ def evidence_sentence(doc_text: str, answer: str) -> str:
 
 DETOURS = ("question_query", "repeated_query", "early_answer")
 """The imperfect demonstrations a warm start can mix in (`gold_turns(detour=...)`):
-`question_query`: the first search sends the whole question (a common first move of weak search agents) before
-the reference query; `repeated_query`: one search is sent twice (the second retrieves nothing new: redundancy);
+`question_query`: the first search sends the whole question (a common first move of weak search agents), whose
+results go unused: the first hop is then searched with its reference query; `repeated_query`: one search is sent twice (the second retrieves nothing new: redundancy);
 `early_answer`: the trajectory answers with an intermediate hop's answer instead of finishing the chain."""
 
 
@@ -95,11 +95,11 @@ def gold_turns(record: "QARecord", rng: random.Random | None = None, detour: str
     searches = [(step.sub_question, step.query) for step in steps]
     findings = [_finding(step) for step in steps]
     question = record.question.strip()
-    if question_first:
-        searches[0] = (question, question.rstrip("?"))
-    elif detour == "question_query":
+    if detour == "question_query":  # with or without `question_first`: the question's results go unused
         searches.insert(0, (question, question.rstrip("?")))
         findings.insert(0, "")
+    elif question_first:
+        searches[0] = (question, question.rstrip("?"))
     elif detour == "repeated_query":
         again = rng.randrange(len(searches))
         searches.insert(again + 1, searches[again])

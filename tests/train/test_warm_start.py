@@ -152,3 +152,33 @@ def test_reading_loss_trains_the_passages_but_reports_the_policy_loss(tokenizer)
                                    reading_weight=1.0, progress=False)
     assert passage_loss(reading_too) < 0.8 * passage_loss(policy_only)
     assert losses[-1] < 0.7 * losses[0]  # the policy part, which the reading loss does not hide
+
+
+def test_question_first_demonstrations_search_the_question_when_it_finds_the_first_hop(tokenizer):
+    import random
+
+    turns, queries = gold_turns(RECORD, random.Random(0), question_first=True)
+    assert queries == ["Where was the father of Mibe Tusos born", "Vogul Tusos born city"]
+    assert turns[0] == ("<think> Where was the father of Mibe Tusos born? </think>\n"
+                        "<search> Where was the father of Mibe Tusos born </search>")
+    assert turns[1].startswith("<think> The father of Mibe Tusos was Vogul Tusos. Where was Vogul Tusos born?")
+    # the question_query detour still searches the question and then the first hop: its results go unused
+    _, queries = gold_turns(RECORD, random.Random(0), "question_query", question_first=True)
+    assert queries == ["Where was the father of Mibe Tusos born", "father of Mibe Tusos", "Vogul Tusos born city"]
+
+    class SupportRetriever:
+        def __init__(self, finds_first_hop):
+            self.finds_first_hop = finds_first_hop
+
+        def search(self, queries, topk):
+            doc = RECORD.support_docs[0] if self.finds_first_hop else RECORD.support_docs[1]
+            return [[Document(id="d0", title=doc.title, text=doc.text, score=1.0)] for _ in queries]
+
+    def first_query(retriever):
+        [(ids, mask)] = render_gold_examples([RECORD], tokenizer, retriever, RolloutConfig(), topk=1,
+                                             question_first=True)
+        trained = tokenizer.decode([i for i, m in zip(ids, mask) if m], skip_special_tokens=False)
+        return trained.split("<search>")[1].split("</search>")[0].strip()
+
+    assert first_query(SupportRetriever(True)) == "Where was the father of Mibe Tusos born"
+    assert first_query(SupportRetriever(False)) == "father of Mibe Tusos"  # the question misses: reference query

@@ -66,8 +66,9 @@ def evidence_sentence(doc_text: str, answer: str) -> str:
 DETOURS = ("question_query", "repeated_query", "early_answer")
 """The imperfect demonstrations a warm start can mix in (`gold_turns(detour=...)`):
 `question_query`: the first search sends the whole question (a common first move of weak search agents), whose
-results go unused: the first hop is then searched with its reference query; `repeated_query`: one search is sent twice (the second retrieves nothing new: redundancy);
-`early_answer`: the trajectory answers with an intermediate hop's answer instead of finishing the chain."""
+results go unused: the first hop is then searched with its reference query; `repeated_query`: one search is sent
+twice (the second retrieves nothing new: redundancy); `early_answer`: the trajectory answers with an intermediate
+hop's answer instead of finishing the chain."""
 
 
 def gold_turns(record: "QARecord", rng: random.Random | None = None, detour: str | None = None,

@@ -67,7 +67,7 @@ def toy_overrides() -> list[str]:
     return list(TOY_OVERRIDES)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def toy_config():
     """`toy_config(output_dir, *extra)`: the toy configuration writing under `output_dir`, `extra` applied last."""
 

@@ -315,6 +315,7 @@ def prepare_policy(ctx: Context, data: Data, retriever, tokenizer) -> str:
                 batch_size=cfg.trainer.warm_start_batch_size,
                 seed=cfg.trainer.seed,
                 reading_weight=cfg.trainer.warm_start_reading_weight,
+                first_turn_steps=cfg.trainer.warm_start_first_turn_steps,
             )
             log.info("warm start: %d gold trajectories, loss %.3f -> %.3f", len(examples), losses[0], losses[-1])
             staging.mkdir(parents=True, exist_ok=True)

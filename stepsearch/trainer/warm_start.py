@@ -193,13 +193,17 @@ def _render_response(renderer: TrajectoryRenderer, turns: list[str],
 
 def supervised_warm_start(model: "PreTrainedModel", examples: Sequence[tuple[list[int], list[int]]], pad_token_id: int,
                           *, steps: int, lr: float, batch_size: int = 16, seed: int = 0, reading_weight: float = 0.0,
-                          progress: bool = True) -> list[float]:
+                          first_turn_steps: int = 0, progress: bool = True) -> list[float]:
     """`steps` AdamW steps of masked next-token loss on `examples`; returns the loss per step (model left in eval).
 
     The loss is the mean cross-entropy of the policy's tokens (loss mask 1). With `reading_weight` > 0 the other
     tokens (the question's prompt and the retrieved passages) add `reading_weight` times their own mean
     cross-entropy: a model that starts from random weights, unlike a pretrained checkpoint, has never read text,
     and reading the passages is where it learns names and how to copy them. The returned loss is the policy part.
+
+    `first_turn_steps` of the `steps` come first and train on each example cut after its first generated turn (the
+    prompt and the first think/search), in batches four times larger: a few times cheaper than whole trajectories,
+    they teach the first thing every trajectory needs, carrying the question's names into the first search.
 
     Learning rate: linear warm-up over the first 5% of the steps, then cosine decay to a tenth. Batches group
     examples of similar length (drawn at random, sorted within a pool of eight batches), which cuts padding; the
@@ -219,7 +223,12 @@ def supervised_warm_start(model: "PreTrainedModel", examples: Sequence[tuple[lis
         return 0.1 + 0.45 * (1.0 + math.cos(math.pi * min(progress_, 1.0)))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    batches = _length_grouped_batches(examples, batch_size, steps, seed)
+    first_turn_steps = min(first_turn_steps, steps)
+    first_turns = [_first_turn(ids, mask) for ids, mask in examples]
+    batches = [(first_turns, chosen) for chosen in _length_grouped_batches(first_turns, 4 * batch_size,
+                                                                           first_turn_steps, seed)]
+    batches += [(examples, chosen) for chosen in _length_grouped_batches(examples, batch_size,
+                                                                         steps - first_turn_steps, seed + 1)]
     decoder, head = model.get_decoder(), model.get_output_embeddings()
     bar = None
     if progress:
@@ -228,13 +237,13 @@ def supervised_warm_start(model: "PreTrainedModel", examples: Sequence[tuple[lis
         bar = tqdm(total=steps, desc="warm start", unit="step")
     losses = []
     model.train()
-    for chosen in batches:
-        width = max(len(examples[i][0]) for i in chosen)
+    for source, chosen in batches:
+        width = max(len(source[i][0]) for i in chosen)
         input_ids = torch.full((len(chosen), width), pad_token_id, dtype=torch.long)  # (B, L)
         attention_mask = torch.zeros((len(chosen), width), dtype=torch.long)  # (B, L)
         loss_mask = torch.zeros((len(chosen), width), dtype=torch.bool)  # (B, L)
         for row, index in enumerate(chosen):
-            ids, mask = examples[index]
+            ids, mask = source[index]
             input_ids[row, :len(ids)] = torch.tensor(ids)
             attention_mask[row, :len(ids)] = 1
             loss_mask[row, :len(ids)] = torch.tensor(mask, dtype=torch.bool)
@@ -262,6 +271,15 @@ def supervised_warm_start(model: "PreTrainedModel", examples: Sequence[tuple[lis
         bar.close()
     model.eval()
     return torch.stack(losses).tolist() if losses else []
+
+
+def _first_turn(ids: list[int], mask: list[int]) -> tuple[list[int], list[int]]:
+    """The example cut after its first run of loss tokens (the prompt and the first generated turn)."""
+    start = mask.index(1) if 1 in mask else len(mask)
+    end = start
+    while end < len(mask) and mask[end]:
+        end += 1
+    return ids[:end], mask[:end]
 
 
 def _length_grouped_batches(examples: Sequence[tuple[list[int], list[int]]], batch_size: int, steps: int,

@@ -47,8 +47,7 @@ WARM_TOY = (
 
 
 @pytest.fixture(scope="module")
-def warm_run(tmp_path_factory, request):
-    toy_config = request.getfixturevalue("toy_config")
+def warm_run(tmp_path_factory, toy_config):
     torch.manual_seed(0)
     return build_run(toy_config(tmp_path_factory.mktemp("embedded"), *WARM_TOY))
 

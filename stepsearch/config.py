@@ -369,6 +369,10 @@ class TrainerConfig:
     """Peak learning rate of the supervised warm start (linear warm-up, cosine decay to a tenth)."""
     warm_start_batch_size: int = 16
     """Gold trajectories per supervised step."""
+    warm_start_trajectories: int = 0
+    """How many warm-start questions are demonstrated as whole trajectories (0: all of them); every warm-start
+    question gives a first turn to the first-turn steps, so a large `data.synth_num_warm_start` buys name variety
+    at little cost."""
     warm_start_first_turn_steps: int = 0
     """Of `warm_start_steps`, how many come first and train only the prompt and first turn of each demonstration
     (batches four times larger): cheap steps that teach carrying the question's names into the first search."""
@@ -407,7 +411,8 @@ class TrainerConfig:
         _optional_text("trainer", self, "wandb_project")
         _check(self.dist_timeout_minutes >= 1, "trainer.dist_timeout_minutes must be >= 1")
         _check(self.warm_start_batch_size >= 1, "trainer.warm_start_batch_size must be >= 1")
-        _at_least("trainer", self, 0, "warm_start_reading_weight", "warm_start_first_turn_steps")
+        _at_least("trainer", self, 0, "warm_start_reading_weight", "warm_start_first_turn_steps",
+                  "warm_start_trajectories")
         _check(0.0 <= self.warm_start_detour_prob <= 1.0, "trainer.warm_start_detour_prob must be in [0, 1]")
 
     @property

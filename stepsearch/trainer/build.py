@@ -293,29 +293,43 @@ def prepare_policy(ctx: Context, data: Data, retriever, tokenizer) -> str:
         model = build_tiny_model(cfg.model, tokenizer, seed=cfg.trainer.seed)
         staging = policy_dir.with_name(policy_dir.name + ".tmp")
         if warm:
-            from stepsearch.trainer.warm_start import render_gold_examples, supervised_warm_start
+            from stepsearch.trainer.warm_start import render_first_turns, render_gold_examples, supervised_warm_start
 
             model.to(ctx.device)
+            trainer_cfg = cfg.trainer
+            questions = data.warm_start or data.train
+            demonstrated = questions[: trainer_cfg.warm_start_trajectories or len(questions)]
             examples = render_gold_examples(
-                data.warm_start or data.train,
+                demonstrated,
                 tokenizer,
                 retriever,
                 cfg.rollout,
                 cfg.retriever.topk,
-                seed=cfg.trainer.seed,
-                detour_prob=cfg.trainer.warm_start_detour_prob,
-                question_first=cfg.trainer.warm_start_question_first,
+                seed=trainer_cfg.seed,
+                detour_prob=trainer_cfg.warm_start_detour_prob,
+                question_first=trainer_cfg.warm_start_question_first,
             )
+            first_turns = None
+            if trainer_cfg.warm_start_first_turn_steps and len(demonstrated) < len(questions):
+                first_turns = render_first_turns(
+                    questions,
+                    tokenizer,
+                    retriever,
+                    cfg.rollout,
+                    cfg.retriever.topk,
+                    question_first=trainer_cfg.warm_start_question_first,
+                )
             losses = supervised_warm_start(
                 model,
                 examples,
                 tokenizer.pad_token_id,
-                steps=cfg.trainer.warm_start_steps,
-                lr=cfg.trainer.warm_start_lr,
-                batch_size=cfg.trainer.warm_start_batch_size,
-                seed=cfg.trainer.seed,
-                reading_weight=cfg.trainer.warm_start_reading_weight,
-                first_turn_steps=cfg.trainer.warm_start_first_turn_steps,
+                steps=trainer_cfg.warm_start_steps,
+                lr=trainer_cfg.warm_start_lr,
+                batch_size=trainer_cfg.warm_start_batch_size,
+                seed=trainer_cfg.seed,
+                reading_weight=trainer_cfg.warm_start_reading_weight,
+                first_turn_steps=trainer_cfg.warm_start_first_turn_steps,
+                first_turns=first_turns,
             )
             log.info("warm start: %d gold trajectories, loss %.3f -> %.3f", len(examples), losses[0], losses[-1])
             staging.mkdir(parents=True, exist_ok=True)

@@ -193,7 +193,8 @@ def _render_response(renderer: TrajectoryRenderer, turns: list[str],
 
 def supervised_warm_start(model: "PreTrainedModel", examples: Sequence[tuple[list[int], list[int]]], pad_token_id: int,
                           *, steps: int, lr: float, batch_size: int = 16, seed: int = 0, reading_weight: float = 0.0,
-                          first_turn_steps: int = 0, progress: bool = True) -> list[float]:
+                          first_turn_steps: int = 0, first_turns: Sequence[tuple[list[int], list[int]]] | None = None,
+                          progress: bool = True) -> list[float]:
     """`steps` AdamW steps of masked next-token loss on `examples`; returns the loss per step (model left in eval).
 
     The loss is the mean cross-entropy of the policy's tokens (loss mask 1). With `reading_weight` > 0 the other
@@ -201,9 +202,11 @@ def supervised_warm_start(model: "PreTrainedModel", examples: Sequence[tuple[lis
     cross-entropy: a model that starts from random weights, unlike a pretrained checkpoint, has never read text,
     and reading the passages is where it learns names and how to copy them. The returned loss is the policy part.
 
-    `first_turn_steps` of the `steps` come first and train on each example cut after its first generated turn (the
-    prompt and the first think/search), in batches four times larger: a few times cheaper than whole trajectories,
-    they teach the first thing every trajectory needs, carrying the question's names into the first search.
+    `first_turn_steps` of the `steps` come first and train on first turns only (the prompt and the first
+    think/search: `first_turns`, by default each example cut after its first generated turn), in batches four times
+    larger: a few times cheaper than whole trajectories, they teach the first thing every trajectory needs,
+    carrying the question's names into the first search. Given a pool of first turns much larger than the
+    examples (`render_first_turns`), that is copying: too many names to recall them.
 
     Learning rate: linear warm-up over the first 5% of the steps, then cosine decay to a tenth. Batches group
     examples of similar length (drawn at random, sorted within a pool of eight batches), which cuts padding; the
@@ -224,7 +227,8 @@ def supervised_warm_start(model: "PreTrainedModel", examples: Sequence[tuple[lis
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     first_turn_steps = min(first_turn_steps, steps)
-    first_turns = [_first_turn(ids, mask) for ids, mask in examples]
+    if first_turns is None:
+        first_turns = [_first_turn(ids, mask) for ids, mask in examples]
     batches = [(first_turns, chosen) for chosen in _length_grouped_batches(first_turns, 4 * batch_size,
                                                                            first_turn_steps, seed)]
     batches += [(examples, chosen) for chosen in _length_grouped_batches(examples, batch_size,
@@ -271,6 +275,26 @@ def supervised_warm_start(model: "PreTrainedModel", examples: Sequence[tuple[lis
         bar.close()
     model.eval()
     return torch.stack(losses).tolist() if losses else []
+
+
+def render_first_turns(records: Sequence["QARecord"], tokenizer: "PreTrainedTokenizerBase", retriever: "Retriever",
+                       rollout_cfg: "RolloutConfig", topk: int,
+                       question_first: bool = False) -> list[tuple[list[int], list[int]]]:
+    """(token ids, loss mask) of each record's prompt and first gold turn, the start `render_gold_examples` would
+    give it without a detour; no search results are rendered, so a large pool costs little."""
+    records = [r for r in records if r.search_keys and len(r.search_keys) == len(r.support_docs)]
+    hits = _question_finds_first_hop(records, retriever, topk) if question_first else [False] * len(records)
+    allowance = rollout_cfg.max_new_tokens_per_turn
+    rendered = []
+    for record, hit in zip(records, hits):
+        try:
+            turns, _ = gold_turns(record, None, None, question_first=hit)
+        except ValueError:
+            continue
+        prompt = build_prompt_ids(tokenizer, record.question, rollout_cfg.template)
+        turn = tokenizer.encode(turns[0], add_special_tokens=False)[:allowance]
+        rendered.append((prompt + turn, [0] * len(prompt) + [1] * len(turn)))
+    return rendered
 
 
 def _first_turn(ids: list[int], mask: list[int]) -> tuple[list[int], list[int]]:

@@ -68,3 +68,30 @@ def test_curves_plot_writes_a_png(tmp_path):
     path = plot_curves(curves, tmp_path / "c.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert plot_curves({"outcome": [[{"step": 1}]]}, tmp_path / "none.png") is None
+
+
+def test_paired_table_compares_each_variant_with_outcome_seed_by_seed():
+    from stepsearch.experiment import paired_table
+
+    rows = {"outcome": [{"f1": 0.10}, {"f1": 0.20}], "key": [{"f1": 0.10}, {"f1": 0.25}],
+            "full": [{"f1": 0.30}, {"f1": 0.30}]}
+    table = paired_table(rows, [0, 1])
+    assert "| 0 | 10.0 | 10.0 | 30.0 | +0.0 | +20.0 |" in table
+    assert "| 1 | 20.0 | 25.0 | 30.0 | +5.0 | +10.0 |" in table
+    # mean ± sample std of the differences, and the seeds where the variant beat outcome
+    assert "key − outcome: +2.5 ± 3.5 F1 points, better in 1 of 2 seeds" in table
+    assert "full − outcome: +15.0 ± 7.1 F1 points, better in 2 of 2 seeds" in table
+    assert paired_table({"full": [{"f1": 0.3}]}, [0]) == ""  # nothing to pair without the outcome variant
+
+
+def test_diagnostics_table_averages_reward_scales_and_advantage_placement_over_steps_and_seeds():
+    from stepsearch.experiment import diagnostics_table
+
+    curves = {"outcome": [[{"step": 1, "reward/outcome": 0.2, "advantage/abs_at_search_end": 0.5},
+                           {"step": 2, "reward/outcome": 0.4, "advantage/abs_at_search_end": 0.7}],
+                          [{"step": 1, "reward/outcome": 0.6}]],
+              "full": [[{"step": 1, "reward/outcome": 0.0, "reward/step_reward": 0.3}]]}
+    table = diagnostics_table(curves)
+    assert table.splitlines()[0] == ("| variant | outcome reward | step reward per trajectory | |A| at </search> |")
+    assert "| outcome | 0.400 | n/a | 0.600 |" in table and "| full | 0.000 | 0.300 | n/a |" in table
+    assert diagnostics_table({"outcome": [[{"step": 1}]]}) == ""

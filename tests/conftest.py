@@ -67,7 +67,7 @@ def toy_overrides() -> list[str]:
     return list(TOY_OVERRIDES)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def toy_config():
     """`toy_config(output_dir, *extra)`: the toy configuration writing under `output_dir`, `extra` applied last."""
 

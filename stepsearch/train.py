@@ -279,12 +279,10 @@ def advantage_placement(advantages: torch.Tensor, step_ends: torch.Tensor, mask:
     last = torch.where(mask > 0, positions, -1).amax(dim=1)  # (B,)
     answered = last >= 0
     at_last = magnitude.gather(1, last.clamp(min=0)[:, None])[:, 0][answered]  # (rows,)
-    placement = {"advantage/abs_all_tokens": magnitude.sum() / mask.sum().clamp(min=1)}
-    if at_steps.numel():
-        placement["advantage/abs_at_search_end"] = at_steps.mean()
-    if at_last.numel():
-        placement["advantage/abs_at_last_token"] = at_last.mean()
-    return placement
+    # Every key on every rank (0 when a batch has no step), so the metrics' all-reduce lines up across ranks.
+    return {"advantage/abs_all_tokens": magnitude.sum() / mask.sum().clamp(min=1),
+            "advantage/abs_at_search_end": at_steps.sum() / max(at_steps.numel(), 1),
+            "advantage/abs_at_last_token": at_last.sum() / max(at_last.numel(), 1)}
 
 
 UPDATE_METRICS = ("loss/policy", "loss/value", "loss/approx_kl", "loss/clip_frac", "loss/value_clip_frac",

@@ -101,7 +101,7 @@ def gold_turns(record: "QARecord", rng: random.Random | None = None, detour: str
         findings.insert(0, "")
     elif question_first:
         searches[0] = (question, question.rstrip("?"))
-    elif detour == "repeated_query":
+    if detour == "repeated_query":
         again = rng.randrange(len(searches))
         searches.insert(again + 1, searches[again])
         findings.insert(again + 1, findings[again])

@@ -147,3 +147,15 @@ def test_the_report_the_trainer_writes_shows_its_own_metrics_evaluations_and_tra
     assert all(seconds >= 0 for seconds in timings.values())
     assert "Where the time went" in text and "<td>steppo</td>" in text and "<td>time/rollout_s</td>" in text
     assert (run_dir / "report" / "learning_curve.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_advantage_placement_separates_search_ends_from_the_last_token():
+    advantages = torch.tensor([[1.0, -2.0, 3.0, 0.5, 9.0], [4.0, 0.0, -1.0, 7.0, 7.0]])  # (B, T)
+    mask = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.0], [1.0, 0.0, 1.0, 0.0, 0.0]])  # padding and a retrieved token
+    step_ends = torch.tensor([[1, -1], [-1, -1]])  # row 0 closed a search at token 1; row 1 never searched
+    placement = trainer.advantage_placement(advantages, step_ends, mask)
+    assert placement["advantage/abs_at_search_end"].item() == 2.0
+    assert placement["advantage/abs_at_last_token"].item() == (0.5 + 1.0) / 2  # last generated token of each row
+    assert math.isclose(placement["advantage/abs_all_tokens"].item(), (1 + 2 + 3 + 0.5 + 4 + 1) / 6)
+    none = trainer.advantage_placement(advantages, torch.full((2, 1), -1), mask)
+    assert none["advantage/abs_at_search_end"].item() == 0.0  # present on every rank, even without a step

@@ -165,6 +165,9 @@ def test_question_first_demonstrations_search_the_question_when_it_finds_the_fir
     # the question_query detour still searches the question and then the first hop: its results go unused
     _, queries = gold_turns(RECORD, random.Random(0), "question_query", question_first=True)
     assert queries == ["Where was the father of Mibe Tusos born", "father of Mibe Tusos", "Vogul Tusos born city"]
+    _, queries = gold_turns(RECORD, random.Random(0), "repeated_query", question_first=True)
+    assert len(queries) == 3 and queries[0] == "Where was the father of Mibe Tusos born"
+    assert any(a == b for a, b in zip(queries, queries[1:]))
 
     class SupportRetriever:
         def __init__(self, finds_first_hop):

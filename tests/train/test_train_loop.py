@@ -156,6 +156,6 @@ def test_advantage_placement_separates_search_ends_from_the_last_token():
     placement = trainer.advantage_placement(advantages, step_ends, mask)
     assert placement["advantage/abs_at_search_end"].item() == 2.0
     assert placement["advantage/abs_at_last_token"].item() == (0.5 + 1.0) / 2  # last generated token of each row
-    assert math.isclose(placement["advantage/abs_all_tokens"].item(), (1 + 2 + 3 + 0.5 + 4 + 1) / 6)
+    assert math.isclose(placement["advantage/abs_all_tokens"].item(), (1 + 2 + 3 + 0.5 + 4 + 1) / 6, rel_tol=1e-6)
     none = trainer.advantage_placement(advantages, torch.full((2, 1), -1), mask)
     assert none["advantage/abs_at_search_end"].item() == 0.0  # present on every rank, even without a step

@@ -282,9 +282,9 @@ def render_first_turns(records: Sequence["QARecord"], tokenizer: "PreTrainedToke
                        question_first: bool = False) -> list[tuple[list[int], list[int]]]:
     """(token ids, loss mask) of each record's prompt and first gold turn, the start `render_gold_examples` would
     give it without a detour; no search results are rendered, so a large pool costs little."""
-    records = [r for r in records if r.search_keys and len(r.search_keys) == len(r.support_docs)]
+    records = list(records)
     hits = _question_finds_first_hop(records, retriever, topk) if question_first else [False] * len(records)
-    allowance = rollout_cfg.max_new_tokens_per_turn
+    allowance = TrajectoryRenderer(tokenizer, rollout_cfg).turn_allowance(0)  # the agent loop's first-turn cut
     rendered = []
     for record, hit in zip(records, hits):
         try:

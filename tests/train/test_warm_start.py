@@ -185,3 +185,14 @@ def test_question_first_demonstrations_search_the_question_when_it_finds_the_fir
 
     assert first_query(SupportRetriever(True)) == "Where was the father of Mibe Tusos born"
     assert first_query(SupportRetriever(False)) == "father of Mibe Tusos"  # the question misses: reference query
+
+
+@pytest.mark.parametrize("limits", [{}, {"max_new_tokens_per_turn": 8}], ids=["fits", "long_turn"])
+def test_first_turns_are_the_start_of_the_demonstrations_under_the_agent_loops_budgets(tokenizer, limits):
+    from stepsearch.trainer.warm_start import _first_turn, render_first_turns
+
+    rollout = RolloutConfig(max_information_tokens=64, **limits)
+    [example] = render_gold_examples([RECORD], tokenizer, FixedRetriever(), rollout, topk=2)
+    assert render_first_turns([RECORD], tokenizer, FixedRetriever(), rollout, topk=2) == [_first_turn(*example)]
+    unusable = QARecord(id="q1", question="Who?", answers=["x"])  # no search keys: no gold trajectory
+    assert render_first_turns([unusable], tokenizer, FixedRetriever(), rollout, topk=2) == []

@@ -382,6 +382,10 @@ class TrainerConfig:
     warm_start_question_first: bool = False
     """Demonstrations whose question, searched as is, retrieves the first hop's passage start with that search
     (then quote its evidence) instead of the first hop's reference query."""
+    warm_start_fresh_names: bool = False
+    """Render every demonstration with its made-up names replaced by fresh ones (consistently within it, never a
+    name of the world): the warm start can then only lower its loss by copying names from what the policy read,
+    not by remembering them, which is the skill held-out questions need. Synthetic world only."""
     warm_start_detour_prob: float = 0.0
     """Fraction of demonstrations that take one detour (searching the whole question first, repeating a search,
     or answering with an intermediate hop's answer), so the warm-started policy is not already optimal at

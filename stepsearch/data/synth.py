@@ -27,6 +27,7 @@ import itertools
 import json
 import os
 import random
+import re
 from bisect import bisect_left, bisect_right
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,15 @@ GENERATOR_VERSION = 3
 _ONSETS = "b d f g k l m n p r s t v z".split()
 _VOWELS = "a e i o u".split()
 _CODAS = ["", "", "", "n", "r", "l", "s"]
+_ONSET_CLASS = "[" + "".join(_ONSETS) + "]"
+_VOWEL_CLASS = "[" + "".join(_VOWELS) + "]"
+NAME_PIECE_PATTERN = (rf"(?:\AĠ?[A-Z]|(?!\A)\G){_ONSET_CLASS}?{_VOWEL_CLASS}+"
+                      rf"(?:[{''.join(c for c in _CODAS if c)}](?!{_VOWEL_CLASS}))?")
+"""A regex over one byte-level word ("Ġ" = a leading space) that cuts a capitalised word into the syllables
+names are made of ("ĠKipifu" -> "ĠKi", "pi", "fu"; "ĠFumil" -> "ĠFu", "mil") and leaves lower-case words whole.
+A tokenizer that splits words with it (`train_tokenizer(word_piece_pattern=...)`) spells every name, seen or
+not, from the same few hundred syllable tokens: copying a name the model has never seen is then copying
+tokens it has seen thousands of times, and no name is so frequent that it becomes a token of its own."""
 _PROFESSIONS = ["painter", "poet", "engineer", "doctor", "farmer", "singer", "teacher", "sailor", "judge",
                 "merchant", "architect", "baker"]
 _ORG_KINDS = ["company", "bank", "academy", "museum", "guild", "society", "school", "library"]
@@ -215,6 +225,63 @@ class _Names:
         if name is None:
             raise RuntimeError("synthetic world: name space exhausted; lower the world size")
         return name
+
+
+_MADE_UP_WORD = re.compile(rf"\b[{''.join(_ONSETS).upper()}]{_VOWEL_CLASS}+(?:{_ONSET_CLASS}{_VOWEL_CLASS}+)*"
+                           rf"(?:sh|[{''.join(c for c in _CODAS if c)}])?\b")
+_ENGLISH_LOOKALIKES = frozenset(
+    word for word in _WORK_NOUNS + [kind.capitalize() for kind in _ORG_KINDS] if _MADE_UP_WORD.fullmatch(word))
+_SYLLABLE = re.compile(f"{_VOWEL_CLASS}+")
+
+
+def made_up_words(text: str) -> set[str]:
+    """The capitalised words of `text` shaped like the generator's names: people, places, organisations' and
+    works' name words, countries and their languages."""
+    return {word for word in _MADE_UP_WORD.findall(text) if word not in _ENGLISH_LOOKALIKES}
+
+
+class FreshNames:
+    """One consistent renaming of made-up words to fresh ones, applied to every text of one demonstration.
+
+    A renamed demonstration is the same search problem with names no other demonstration uses: a model trained on
+    many of them cannot lower its loss by remembering names, only by copying them from what it read. A fresh word
+    has as many syllables as the word it replaces, a country and its language keep a shared stem ("Zovia",
+    "Zovish" -> "Kemia", "Kemish"), and no fresh word is in `avoid` (pass the world's own names: a renamed
+    demonstration then names nothing of the world, held-out entities included).
+    """
+
+    def __init__(self, rng: random.Random, avoid: set[str] | frozenset[str]) -> None:
+        self.names = _Names(rng)
+        self.avoid = avoid
+        self.renamed: dict[str, str] = {}
+        self.stems: dict[str, str] = {}
+
+    def __call__(self, text: str) -> str:
+        return _MADE_UP_WORD.sub(lambda match: self._rename(match.group(0)), text)
+
+    def _rename(self, word: str) -> str:
+        if word in _ENGLISH_LOOKALIKES:
+            return word
+        if word not in self.renamed:
+            suffix = next((s for s in ("ia", "ish") if word.endswith(s) and len(word) > len(s) + 1), None)
+            if suffix is not None:
+                stem = word[: -len(suffix)]
+                if stem not in self.stems:
+                    self.stems[stem] = self._fresh(lambda: self.names.word(2).rstrip("aeiou"), ("ia", "ish"))
+                self.renamed[word] = self.stems[stem] + suffix
+            else:
+                syllables = len(_SYLLABLE.findall(word))
+                self.renamed[word] = self._fresh(lambda: self.names.word(syllables), ("",))
+        return self.renamed[word]
+
+    def _fresh(self, make: Callable[[], str], suffixes: tuple[str, ...]) -> str:
+        for _ in range(1000):
+            stem = make()
+            words = [stem + suffix for suffix in suffixes]
+            if not any(w in self.avoid or w in self.names.taken or w in _ENGLISH_LOOKALIKES for w in words):
+                self.names.taken.update(words)
+                return stem
+        raise RuntimeError("FreshNames: no unused name left; the world uses nearly every name of this length")
 
 
 class World:

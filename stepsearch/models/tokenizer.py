@@ -22,13 +22,17 @@ BOS_TOKEN = "<|startoftext|>"
 SPECIAL_TOKENS = (PAD_TOKEN, EOS_TOKEN, BOS_TOKEN)
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int,
-                    out_dir: str | os.PathLike | None = None) -> "PreTrainedTokenizerFast":
+def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | os.PathLike | None = None,
+                    word_piece_pattern: str | None = None) -> "PreTrainedTokenizerFast":
     """Train a byte-level BPE of `vocab_size` ids (incl. 256 byte symbols, tags and specials) on `texts`.
 
-    Deterministic for the same texts. When `out_dir` is given the tokenizer is saved there (`save_pretrained`).
+    `word_piece_pattern` (a regex over one byte-level word, where a leading space reads "Ġ") cuts words into
+    pieces before merges are learned, so no token crosses a piece boundary: for the synthetic world,
+    `synth.NAME_PIECE_PATTERN` spells every made-up name syllable by syllable, the same way whether or not the
+    name was in `texts`. Deterministic for the same texts. When `out_dir` is given the tokenizer is saved there
+    (`save_pretrained`).
     """
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     minimum = 256 + len(SPECIAL_TOKENS) + len(TAGS)
@@ -36,6 +40,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int,
         raise ValueError(f"vocab_size={vocab_size} is too small: a byte-level BPE with tags needs >= {minimum}")
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if word_piece_pattern is not None:
+        bpe.pre_tokenizer = pre_tokenizers.Sequence(
+            [bpe.pre_tokenizer, pre_tokenizers.Split(Regex(word_piece_pattern), behavior="isolated")])
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size - len(TAGS),  # the tags are added on top and must fit in vocab_size

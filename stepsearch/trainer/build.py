@@ -210,16 +210,26 @@ def _refuse_a_dense_index_per_gpu_rank(ctx: Context) -> None:
 
 
 def prepare_tokenizer(ctx: Context, data: Data):
-    """The checkpoint's tokenizer, or a byte-level BPE trained offline on the synthetic world (tiny model)."""
+    """The checkpoint's tokenizer, or a byte-level BPE trained offline (tiny model).
+
+    On the synthetic world the BPE spells made-up names syllable by syllable (`synth.NAME_PIECE_PATTERN`).
+    """
     cfg = ctx.cfg.model
     path = cfg.tokenizer_path or cfg.actor_path
     if path is not None:
         return load_tokenizer(path)
+    from stepsearch.data.synth import NAME_PIECE_PATTERN
     from stepsearch.models.tokenizer import train_tokenizer
 
     out_dir = ctx.paths.tokenizer
+    synthetic = ctx.cfg.data.train_path is None
     if ctx.is_main and not (out_dir / "tokenizer.json").is_file():
-        train_tokenizer(tokenizer_texts(data), cfg.tiny_vocab_size, out_dir)
+        train_tokenizer(
+            tokenizer_texts(data),
+            cfg.tiny_vocab_size,
+            out_dir,
+            word_piece_pattern=NAME_PIECE_PATTERN if synthetic else None,
+        )
     ctx.barrier()
     return load_tokenizer(str(out_dir))
 
@@ -299,6 +309,11 @@ def prepare_policy(ctx: Context, data: Data, retriever, tokenizer) -> str:
             trainer_cfg = cfg.trainer
             questions = data.warm_start or data.train
             demonstrated = questions[: trainer_cfg.warm_start_trajectories or len(questions)]
+            avoid = None
+            if trainer_cfg.warm_start_fresh_names:
+                from stepsearch.data.synth import made_up_words
+
+                avoid = frozenset().union(*(made_up_words(row["contents"]) for row in _read_jsonl(data.corpus_path)))
             examples = render_gold_examples(
                 demonstrated,
                 tokenizer,
@@ -308,6 +323,7 @@ def prepare_policy(ctx: Context, data: Data, retriever, tokenizer) -> str:
                 seed=trainer_cfg.seed,
                 detour_prob=trainer_cfg.warm_start_detour_prob,
                 question_first=trainer_cfg.warm_start_question_first,
+                fresh_names_avoiding=avoid,
             )
             first_turns = None
             if trainer_cfg.warm_start_first_turn_steps and len(demonstrated) < len(questions):
@@ -318,6 +334,8 @@ def prepare_policy(ctx: Context, data: Data, retriever, tokenizer) -> str:
                     cfg.rollout,
                     cfg.retriever.topk,
                     question_first=trainer_cfg.warm_start_question_first,
+                    seed=trainer_cfg.seed,
+                    fresh_names_avoiding=avoid,
                 )
             losses = supervised_warm_start(
                 model,

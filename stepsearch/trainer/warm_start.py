@@ -23,15 +23,18 @@ of similar length drawn with a seeded generator.
 """
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import math
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import torch
 
 from stepsearch.data import gold_trajectory
+from stepsearch.data.synth import FreshNames
 from stepsearch.rollout.agent_loop import SEARCH_REFUSED_NOTICE
 from stepsearch.rollout.prompts import build_prompt_ids
 from stepsearch.rollout.render import TrajectoryRenderer, format_documents
@@ -125,14 +128,19 @@ def _finding(step) -> str:
 
 def render_gold_examples(records: Sequence["QARecord"], tokenizer: "PreTrainedTokenizerBase", retriever: "Retriever",
                          rollout_cfg: "RolloutConfig", topk: int, seed: int = 0,
-                         detour_prob: float = 0.0, question_first: bool = False) -> list[tuple[list[int], list[int]]]:
+                         detour_prob: float = 0.0, question_first: bool = False,
+                         fresh_names_avoiding: set[str] | frozenset[str] | None = None,
+                         ) -> list[tuple[list[int], list[int]]]:
     """(token ids, loss mask) per record with a gold trajectory; records without one are skipped.
 
     With `question_first`, a record whose question, searched as is, retrieves its first hop's passage is
     demonstrated starting with that search (`gold_turns(question_first=True)`). With probability `detour_prob` a
-    record's demonstration takes one of the `DETOURS` (drawn uniformly).
+    record's demonstration takes one of the `DETOURS` (drawn uniformly). With `fresh_names_avoiding` (the world's
+    own names), each demonstration is searched with the world's names and then rendered with its made-up names
+    renamed to fresh ones (`synth.FreshNames`), its question, turns and retrieved passages alike.
     """
     rng = random.Random(seed)
+    renamers = _renamers(fresh_names_avoiding, seed)
     records = list(records)
     question_hits = _question_finds_first_hop(records, retriever, topk) if question_first else [False] * len(records)
     rendered = []
@@ -148,10 +156,21 @@ def render_gold_examples(records: Sequence["QARecord"], tokenizer: "PreTrainedTo
     renderer = TrajectoryRenderer(tokenizer, rollout_cfg)
     examples = []
     for record, turns, queries in rendered:
-        response, loss_mask = _render_response(renderer, turns, [next(results) for _ in queries])
-        prompt = build_prompt_ids(tokenizer, record.question, rollout_cfg.template)
+        rename = next(renamers)
+        documents = [[dataclasses.replace(doc, title=rename(doc.title), text=rename(doc.text)) for doc in next(results)]
+                     for _ in queries]
+        response, loss_mask = _render_response(renderer, [rename(turn) for turn in turns], documents)
+        prompt = build_prompt_ids(tokenizer, rename(record.question), rollout_cfg.template)
         examples.append((prompt + response, [0] * len(prompt) + loss_mask))
     return examples
+
+
+def _renamers(avoid: set[str] | frozenset[str] | None, seed: int) -> Iterator[Callable[[str], str]]:
+    """One text transform per demonstration: a fresh `FreshNames` each (own seeded stream), or the identity."""
+    if avoid is None:
+        return itertools.repeat(str)
+    rng = random.Random(f"fresh-names-{seed}")
+    return (FreshNames(rng, avoid) for _ in itertools.count())
 
 
 def _question_finds_first_hop(records: list["QARecord"], retriever: "Retriever", topk: int) -> list[bool]:
@@ -279,10 +298,14 @@ def supervised_warm_start(model: "PreTrainedModel", examples: Sequence[tuple[lis
 
 def render_first_turns(records: Sequence["QARecord"], tokenizer: "PreTrainedTokenizerBase", retriever: "Retriever",
                        rollout_cfg: "RolloutConfig", topk: int,
-                       question_first: bool = False) -> list[tuple[list[int], list[int]]]:
+                       question_first: bool = False, seed: int = 0,
+                       fresh_names_avoiding: set[str] | frozenset[str] | None = None,
+                       ) -> list[tuple[list[int], list[int]]]:
     """(token ids, loss mask) of each record's prompt and first gold turn, the start `render_gold_examples` would
-    give it without a detour; no search results are rendered, so a large pool costs little."""
+    give it without a detour (names renamed as there); no search results are rendered, so a large pool costs
+    little."""
     records = list(records)
+    renamers = _renamers(fresh_names_avoiding, seed + 1)
     hits = _question_finds_first_hop(records, retriever, topk) if question_first else [False] * len(records)
     allowance = TrajectoryRenderer(tokenizer, rollout_cfg).turn_allowance(0)  # the agent loop's first-turn cut
     rendered = []
@@ -291,8 +314,9 @@ def render_first_turns(records: Sequence["QARecord"], tokenizer: "PreTrainedToke
             turns, _ = gold_turns(record, None, None, question_first=hit)
         except ValueError:
             continue
-        prompt = build_prompt_ids(tokenizer, record.question, rollout_cfg.template)
-        turn = tokenizer.encode(turns[0], add_special_tokens=False)[:allowance]
+        rename = next(renamers)
+        prompt = build_prompt_ids(tokenizer, rename(record.question), rollout_cfg.template)
+        turn = tokenizer.encode(rename(turns[0]), add_special_tokens=False)[:allowance]
         rendered.append((prompt + turn, [0] * len(prompt) + [1] * len(turn)))
     return rendered
 

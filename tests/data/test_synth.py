@@ -208,3 +208,35 @@ def test_warm_start_questions_share_no_entity_with_train_or_test_and_leave_them_
     rows = [json.loads(line) for line in files.warm_start.read_text().splitlines()]
     assert len(rows) == 200 and all(row["id"].startswith("synth3-warm-") for row in rows)
     assert json.loads(files.meta.read_text())["num_warm_start"] == 200
+
+
+def test_fresh_names_rename_every_made_up_word_consistently_and_avoid_the_worlds_names():
+    from stepsearch.data.synth import FreshNames, made_up_words
+
+    world, train, test = build_world(3, 200, 20)
+    passages = [row["contents"] for row in world.corpus_rows()]
+    text = ("Zovia is a country whose capital city is Gazusur. The official language of Zovia is Zovish. "
+            "Fumil Kipifu worked at Kipifu Museum, by the River Tower, in 1943.")
+    avoid = frozenset().union(*(made_up_words(text) for text in [*passages, text]))  # all of the world's names
+    assert {"River", "The", "Doc", "Museum"}.isdisjoint(avoid)
+    rename = FreshNames(random.Random(0), avoid)
+    renamed = rename(text)
+    words = made_up_words(text)
+    fresh = made_up_words(renamed)
+    assert len(fresh) == len(words) and fresh.isdisjoint(avoid)
+    assert rename(text) == renamed  # one renaming for every text of a demonstration
+    assert renamed.count(rename("Kipifu")) == 2 and "River Tower" in renamed and "in 1943." in renamed
+    country, language = rename("Zovia"), rename("Zovish")
+    assert country.endswith("ia") and language == country[:-2] + "ish"
+    assert FreshNames(random.Random(1), avoid)(text) == FreshNames(random.Random(1), avoid)(text)
+
+
+def test_name_piece_pattern_spells_names_by_syllable_and_keeps_lower_case_words_whole():
+    from tokenizers import Regex, pre_tokenizers
+
+    from stepsearch.data.synth import NAME_PIECE_PATTERN
+
+    split = pre_tokenizers.Sequence([pre_tokenizers.ByteLevel(add_prefix_space=False),
+                                     pre_tokenizers.Split(Regex(NAME_PIECE_PATTERN), behavior="isolated")])
+    pieces = [piece for piece, _ in split.pre_tokenize_str("the founder of Fumil Kipifu (poem) Zovia")]
+    assert pieces == ["the", "Ġfounder", "Ġof", "ĠFu", "mil", "ĠKi", "pi", "fu", "Ġ(", "poem", ")", "ĠZo", "via"]

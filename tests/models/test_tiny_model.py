@@ -75,3 +75,17 @@ def test_fit_tiny_model_lowers_the_loss_and_respects_the_loss_mask(tokenizer):
                    loss_masks=[[1] * lengths[0], [0] * lengths[1]])
     for a, b in zip(alone.parameters(), masked.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_a_word_piece_pattern_keeps_merges_inside_pieces_and_unseen_names_representable(tmp_path):
+    from stepsearch.data.synth import NAME_PIECE_PATTERN
+
+    texts = ["Kipifu Museum was founded by Fumil Kipifu. The father of Kipifu Tusos was Fumil Tusos."] * 50
+    tokenizer = train_tokenizer(texts, vocab_size=400, out_dir=tmp_path, word_piece_pattern=NAME_PIECE_PATTERN)
+    pieces = [tokenizer.decode([i]) for i in tokenizer.encode("Fumil Kipifu met Zovabo", add_special_tokens=False)]
+    assert pieces[:5] == ["Fu", "mil", " Ki", "pi", "fu"]  # however often "Kipifu" occurred, no merge crosses
+    assert "".join(pieces) == "Fumil Kipifu met Zovabo" and tokenizer.unk_token_id not in tokenizer.encode("Zovabo")
+    from transformers import AutoTokenizer
+
+    reloaded = AutoTokenizer.from_pretrained(str(tmp_path))
+    assert reloaded.encode("Fumil Kipifu met Zovabo") == tokenizer.encode("Fumil Kipifu met Zovabo")

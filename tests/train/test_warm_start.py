@@ -196,3 +196,31 @@ def test_first_turns_are_the_start_of_the_demonstrations_under_the_agent_loops_b
     assert render_first_turns([RECORD], tokenizer, FixedRetriever(), rollout, topk=2) == [_first_turn(*example)]
     unusable = QARecord(id="q1", question="Who?", answers=["x"])  # no search keys: no gold trajectory
     assert render_first_turns([unusable], tokenizer, FixedRetriever(), rollout, topk=2) == []
+
+
+def test_fresh_names_rename_the_whole_demonstration_after_searching_with_the_worlds_names(tokenizer):
+    from stepsearch.data.synth import made_up_words
+
+    class RecordingRetriever(FixedRetriever):
+        queries: list[str] = []
+
+        def search(self, queries, topk):
+            self.queries += queries
+            return super().search(queries, topk)
+
+    retriever = RecordingRetriever()
+    avoid = frozenset({"Mibe", "Tusos", "Vogul", "Dazin"})
+    rollout = RolloutConfig(max_information_tokens=400)  # nothing cut: names differ in length
+    [(ids, mask)] = render_gold_examples([RECORD], tokenizer, retriever, rollout, topk=2, fresh_names_avoiding=avoid)
+    assert retriever.queries == ["father of Mibe Tusos", "Vogul Tusos born city"]  # the world's names find its passages
+    text = tokenizer.decode(ids)
+    response = tokenizer.decode(ids[mask.index(1):])  # the prompt template's own capitalised words stay
+    assert made_up_words(response).isdisjoint(avoid) and len(made_up_words(response)) == 4
+    [(plain_ids, plain_mask)] = render_gold_examples([RECORD], tokenizer, FixedRetriever(), rollout, topk=2)
+    renamed = dict(zip(["Mibe", "Tusos", "Vogul", "Dazin"], sorted(made_up_words(response), key=text.index)))
+    expected = tokenizer.decode(plain_ids)
+    for old, new in renamed.items():
+        expected = expected.replace(old, new)
+    assert text == expected  # the same demonstration, one name for one name everywhere
+    again = render_gold_examples([RECORD] * 2, tokenizer, FixedRetriever(), rollout, topk=2, fresh_names_avoiding=avoid)
+    assert tokenizer.decode(again[0][0]) == text and tokenizer.decode(again[1][0]) != text  # seeded, one set each

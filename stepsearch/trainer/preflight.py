@@ -28,6 +28,9 @@ def check_before_training(cfg: Config) -> None:
     _check_resume(cfg.trainer.resume)
     if cfg.data.train_path is not None:
         _existing_file("data.train_path", cfg.data.train_path)
+        if cfg.trainer.warm_start_fresh_names:
+            raise ConfigError("trainer.warm_start_fresh_names=true: renames the synthetic world's made-up names, "
+                              "so it needs the synthetic world (data.train_path unset); real names stay as they are")
     for index, path in enumerate(cfg.data.test_paths):
         _existing_file(f"data.test_paths[{index}]", path)
     for key in ("actor_path", "critic_path"):

@@ -70,6 +70,8 @@ def _a_file(tmp_path: Path) -> Path:
     (["trainer.resume=sometimes"], "trainer.resume='sometimes': not 'auto', 'never' or an existing checkpoint"),
     (["trainer.resume={tmp}"], "not a complete checkpoint (no COMPLETE marker)"),
     (["data.train_path={tmp}/missing.jsonl"], "data.train_path={tmp}/missing.jsonl: no such file"),
+    (["data.train_path={file}", "trainer.warm_start_fresh_names=true"],
+     "trainer.warm_start_fresh_names=true: renames the synthetic world's made-up names"),
     (["ppo.rollout_batch_size=3"], "must be a multiple of the per-rank mini-batch (4)"),
     (["retriever.index_dir={tmp}/no-index"], "retriever.index_dir={tmp}/no-index: no such directory"),
     (["model.actor_path={tmp}"], "model.actor_path={tmp}: no config.json, so not an HF model directory"),

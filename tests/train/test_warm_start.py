@@ -224,3 +224,28 @@ def test_fresh_names_rename_the_whole_demonstration_after_searching_with_the_wor
     assert text == expected  # the same demonstration, one name for one name everywhere
     again = render_gold_examples([RECORD] * 2, tokenizer, FixedRetriever(), rollout, topk=2, fresh_names_avoiding=avoid)
     assert tokenizer.decode(again[0][0]) == text and tokenizer.decode(again[1][0]) != text  # seeded, one set each
+
+
+def test_a_run_with_fresh_names_renames_its_demonstrations_away_from_every_name_of_the_world(
+        tmp_path, toy_config, monkeypatch):
+    import json
+
+    from stepsearch.data.synth import made_up_words
+    from stepsearch.trainer import warm_start
+    from stepsearch.trainer.build import build_run
+
+    avoided = []
+
+    def recording(*args, fresh_names_avoiding=None, **kwargs):
+        avoided.append(fresh_names_avoiding)
+        return render_gold_examples(*args, fresh_names_avoiding=fresh_names_avoiding, **kwargs)
+
+    monkeypatch.setattr(warm_start, "render_gold_examples", recording)
+    run = build_run(toy_config(tmp_path, "data.synth_num_warm_start=12", "trainer.warm_start_steps=2",
+                               "trainer.warm_start_fresh_names=true", "trainer.eval_max_questions=0",
+                               "trainer.report=false", "deepspeed.enabled='off'"))
+    assert len(json.loads((run.ctx.paths.warm_start / "losses.json").read_text())) == 2
+    world_names = set()
+    for line in (run.ctx.paths.world / "corpus.jsonl").read_text().splitlines():
+        world_names |= made_up_words(json.loads(line)["contents"])
+    assert avoided == [world_names] and len(world_names) > 50  # held-out names included

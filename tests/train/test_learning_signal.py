@@ -6,6 +6,7 @@ sampling over the trajectories the old policy sampled: weight w_b proportional t
 E_new[R] ~ sum_b w_b R_b. Unlike the mean reward of a fresh rollout, this does not depend on sampling luck, so
 the test can demand an increase.
 """
+
 from __future__ import annotations
 
 import torch

@@ -132,9 +132,10 @@ def paired_table(rows: dict[str, list[dict[str, float]]], seeds: list[int], refe
 DIAGNOSTIC_KEYS = (("reward/outcome", "outcome reward"), ("reward/key_reward", "search-key reward r_key"),
                    ("reward/step_reward", "step reward per trajectory"), ("reward/info_gain", "gain per search"),
                    ("reward/redundancy", "redundancy per search"),
-                   ("advantage/abs_at_search_end", "|A| at </search>"),
-                   ("advantage/abs_at_last_token", "|A| at last token"),
-                   ("advantage/abs_all_tokens", "|A| all tokens"))
+                   # escaped pipes: |A| inside a markdown table cell
+                   ("advantage/abs_at_search_end", "\\|A\\| at `</search>`"),
+                   ("advantage/abs_at_last_token", "\\|A\\| at last token"),
+                   ("advantage/abs_all_tokens", "\\|A\\| all tokens"))
 
 
 def diagnostics_table(curves: dict[str, list[list[dict[str, Any]]]]) -> str:

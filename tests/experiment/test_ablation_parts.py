@@ -92,6 +92,7 @@ def test_diagnostics_table_averages_reward_scales_and_advantage_placement_over_s
                           [{"step": 1, "reward/outcome": 0.6}]],
               "full": [[{"step": 1, "reward/outcome": 0.0, "reward/step_reward": 0.3}]]}
     table = diagnostics_table(curves)
-    assert table.splitlines()[0] == ("| variant | outcome reward | step reward per trajectory | |A| at </search> |")
+    assert table.splitlines()[0] == (
+        "| variant | outcome reward | step reward per trajectory | \\|A\\| at `</search>` |")
     assert "| outcome | 0.400 | n/a | 0.600 |" in table and "| full | 0.000 | 0.300 | n/a |" in table
     assert diagnostics_table({"outcome": [[{"step": 1}]]}) == ""

@@ -34,9 +34,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -94,10 +96,25 @@ def resolve_attn_implementation(requested: str, device: torch.device, dtype: tor
     return choice
 
 
-def load_tokenizer(path: str) -> "PreTrainedTokenizerBase":
-    from transformers import AutoTokenizer
+GENERIC_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
+"""What `tokenizer_config.json` names for a tokenizer saved from a bare `tokenizer.json` (the tiny model's)."""
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
+
+def load_tokenizer(path: str) -> "PreTrainedTokenizerBase":
+    """The tokenizer saved in `path`, exactly as saved.
+
+    A generic tokenizer (the tiny model's, saved next to its Qwen2-shaped `config.json`) is loaded as such:
+    `AutoTokenizer` would pick the tokenizer class of the model type (Qwen2Tokenizer), which replaces the saved
+    pre-tokenizer with Qwen2's, so a policy reloaded from its checkpoint would read other token ids than it was
+    trained on. A checkpoint's own tokenizer class (Qwen2.5's) goes through `AutoTokenizer`.
+    """
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    config_file = Path(path) / "tokenizer_config.json"
+    saved_class = json.loads(config_file.read_text(encoding="utf-8")).get("tokenizer_class") \
+        if config_file.is_file() else None
+    loader = PreTrainedTokenizerFast if saved_class in GENERIC_TOKENIZER_CLASSES else AutoTokenizer
+    tokenizer = loader.from_pretrained(path)
     if tokenizer.pad_token_id is None:  # Qwen2.5 base ships no pad token; padding positions are masked anyway
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

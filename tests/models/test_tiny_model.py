@@ -89,3 +89,20 @@ def test_a_word_piece_pattern_keeps_merges_inside_pieces_and_unseen_names_repres
 
     reloaded = AutoTokenizer.from_pretrained(str(tmp_path))
     assert reloaded.encode("Fumil Kipifu met Zovabo") == tokenizer.encode("Fumil Kipifu met Zovabo")
+
+
+def test_a_tokenizer_saved_next_to_the_tiny_model_reloads_as_saved(tmp_path):
+    from stepsearch.data.synth import NAME_PIECE_PATTERN
+    from stepsearch.models.actor_critic import load_tokenizer
+    from stepsearch.models.tiny import build_tiny_model
+
+    texts = ["The founder of Kipifu Museum was born in the year 1943. <think> x </think>"] * 40
+    tokenizer = train_tokenizer(texts, vocab_size=400, word_piece_pattern=NAME_PIECE_PATTERN)
+    model = build_tiny_model(ModelConfig(tiny_hidden_size=32, tiny_num_layers=1, tiny_num_heads=2,
+                                         tiny_num_kv_heads=1, tiny_intermediate_size=48), tokenizer)
+    model.save_pretrained(tmp_path)  # config.json says qwen2: AutoTokenizer would load a Qwen2Tokenizer
+    tokenizer.save_pretrained(tmp_path)
+    reloaded = load_tokenizer(str(tmp_path))
+    text = "Fumil Kipifu was born in the year 1943 in Sizegal. <search> who </search>"
+    assert reloaded.encode(text) == tokenizer.encode(text)
+    assert reloaded.pad_token_id == tokenizer.pad_token_id and reloaded.eos_token_id == tokenizer.eos_token_id

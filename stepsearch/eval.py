@@ -261,10 +261,11 @@ def _retriever_from_arg(spec: str, out_dir: Path) -> "Retriever":
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from stepsearch.config import ConfigError, RolloutConfig, load_config
     from stepsearch.data.loaders import DataFormatError, load_records
+    from stepsearch.models.actor_critic import load_tokenizer
     from stepsearch.rollout.engine import make_engine
 
     try:
@@ -291,9 +292,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = load_tokenizer(str(model_dir))  # a tiny checkpoint's tokenizer exactly as saved
     rollout_cfg = RolloutConfig(engine=args.engine, sglang_url=args.sglang_url, template=args.template,
                                 max_turns=args.max_turns, max_response_tokens=args.max_response_tokens,
                                 max_new_tokens_per_turn=min(256, args.max_response_tokens))

@@ -2,8 +2,9 @@
 
 The eight agent tags are added tokens that are *not* special: each tag is always one token id (so the segmenter
 and the stop-string check see it whole) and it survives `decode(..., skip_special_tokens=True)` as text.
-Padding, end- and beginning-of-sequence are special tokens. The tokenizer is saved with `save_pretrained`, so
-`AutoTokenizer.from_pretrained(out_dir)` reloads the identical tokenizer.
+Padding, end- and beginning-of-sequence are special tokens. The tokenizer is saved with `save_pretrained`, and
+`stepsearch.models.actor_critic.load_tokenizer(out_dir)` reloads the identical tokenizer, also from a checkpoint
+directory whose Qwen2 `config.json` would make `AutoTokenizer` substitute Qwen2's pre-tokenizer.
 """
 from __future__ import annotations
 

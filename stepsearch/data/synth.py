@@ -43,8 +43,8 @@ _VOWELS = "a e i o u".split()
 _CODAS = ["", "", "", "n", "r", "l", "s"]
 _ONSET_CLASS = "[" + "".join(_ONSETS) + "]"
 _VOWEL_CLASS = "[" + "".join(_VOWELS) + "]"
-NAME_PIECE_PATTERN = (rf"(?:\AĠ?[A-Z]|(?!\A)\G){_ONSET_CLASS}?{_VOWEL_CLASS}+"
-                      rf"(?:[{''.join(c for c in _CODAS if c)}](?!{_VOWEL_CLASS}))?")
+_CODA_CLASS = "[" + "".join(c for c in _CODAS if c) + "]"
+NAME_PIECE_PATTERN = rf"(?:\AĠ?[A-Z]|(?!\A)\G){_ONSET_CLASS}?{_VOWEL_CLASS}+(?:{_CODA_CLASS}(?!{_VOWEL_CLASS}))?"
 """A regex over one byte-level word ("Ġ" = a leading space) that cuts a capitalised word into the syllables
 names are made of ("ĠKipifu" -> "ĠKi", "pi", "fu"; "ĠFumil" -> "ĠFu", "mil") and leaves lower-case words whole.
 A tokenizer that splits words with it (`train_tokenizer(word_piece_pattern=...)`) spells every name, seen or
@@ -227,8 +227,8 @@ class _Names:
         return name
 
 
-_MADE_UP_WORD = re.compile(rf"\b[{''.join(_ONSETS).upper()}]{_VOWEL_CLASS}+(?:{_ONSET_CLASS}{_VOWEL_CLASS}+)*"
-                           rf"(?:sh|[{''.join(c for c in _CODAS if c)}])?\b")
+_MADE_UP_WORD = re.compile(rf"\b{_ONSET_CLASS.upper()}{_VOWEL_CLASS}+(?:{_ONSET_CLASS}{_VOWEL_CLASS}+)*"
+                           rf"(?:sh|{_CODA_CLASS})?\b")
 _ENGLISH_LOOKALIKES = frozenset(
     word for word in _WORK_NOUNS + [kind.capitalize() for kind in _ORG_KINDS] if _MADE_UP_WORD.fullmatch(word))
 _SYLLABLE = re.compile(f"{_VOWEL_CLASS}+")

@@ -302,8 +302,8 @@ def render_first_turns(records: Sequence["QARecord"], tokenizer: "PreTrainedToke
                        fresh_names_avoiding: set[str] | frozenset[str] | None = None,
                        ) -> list[tuple[list[int], list[int]]]:
     """(token ids, loss mask) of each record's prompt and first gold turn, the start `render_gold_examples` would
-    give it without a detour (names renamed as there); no search results are rendered, so a large pool costs
-    little."""
+    give it without a detour (with `fresh_names_avoiding`, each renamed with fresh names of its own); no search
+    results are rendered, so a large pool costs little."""
     records = list(records)
     renamers = _renamers(fresh_names_avoiding, seed + 1)
     hits = _question_finds_first_hop(records, retriever, topk) if question_first else [False] * len(records)

@@ -9,7 +9,7 @@ Methods (each computes token rewards from outcome, step scores and the k1 KL pen
 GPU: medians of `triton.testing.do_bench` (which also flushes L2 before every run) over input sets rotated per
 call (together larger than L2), achieved GB/s counted as the bytes the fused kernel must move (old/ref log-probs,
 values, mask in; advantages, returns out), and that rate as a fraction of the device's measured copy bandwidth.
-The Python loop is timed with a few synchronised runs (it takes ~T x 10 launches). Issue target on one H100:
+The Python loop is timed with a few synchronised runs (it takes ~T x 10 launches). The goal on one H100:
 B=512, T=4096 fp32 in <= 25 us and >= 5,000x faster than the loop.
 
     python benchmarks/bench_gae.py            # GPU, B=512 T=4096 and a few-long-rows case B=4 T=32768

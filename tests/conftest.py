@@ -29,6 +29,7 @@ TOY_PRESET = "configs/tiny_cpu.yaml"
 TOY_OVERRIDES = (
     "model.tiny_hidden_size=32",
     "model.tiny_num_layers=1",
+    "model.tiny_copy_circuit=false",
     "model.tiny_num_heads=2",
     "model.tiny_num_kv_heads=1",
     "model.tiny_intermediate_size=48",

@@ -18,7 +18,8 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 HANG_GUARD_S = 600  # a hang guard, not a speed limit: a busy machine must not fail the test
 TINY = [
-    "model.tiny_hidden_size=32", "model.tiny_num_layers=1", "model.tiny_num_heads=2", "model.tiny_num_kv_heads=1",
+    "model.tiny_hidden_size=32", "model.tiny_num_layers=1", "model.tiny_copy_circuit=false",
+    "model.tiny_num_heads=2", "model.tiny_num_kv_heads=1",
     "model.tiny_intermediate_size=48", "model.tiny_vocab_size=400",
     "data.synth_num_train=24", "data.synth_num_test=4", "data.max_prompt_tokens=1024",
     "rollout.max_turns=2", "rollout.samples_per_prompt=2", "rollout.max_new_tokens_per_turn=12",

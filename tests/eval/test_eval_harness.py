@@ -94,7 +94,8 @@ def test_empty_result_has_zero_average():
 def test_cli_end_to_end_on_a_saved_tiny_checkpoint(world, tmp_path, capsys):
     root, files, records, tokenizer, retriever = world
     model = build_tiny_model(ModelConfig(tiny_hidden_size=64, tiny_num_layers=1, tiny_num_heads=4,
-                                         tiny_num_kv_heads=2, tiny_intermediate_size=96), tokenizer)
+                                         tiny_num_kv_heads=2, tiny_intermediate_size=96,
+                                         tiny_copy_circuit=False), tokenizer)
     model.save_pretrained(root / "model")
     out = tmp_path / "out"
     code = main(["--model", str(root / "model"), "--data", f"{files.test},{files.train}",

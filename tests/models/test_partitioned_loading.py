@@ -22,7 +22,7 @@ CHILD = textwrap.dedent("""
     out = sys.argv[1]
     tokenizer = train_tokenizer([f"doc {i} <search>q {i}</search>" for i in range(40)], vocab_size=320, out_dir=out)
     cfg = ModelConfig(tiny_hidden_size=32, tiny_num_layers=1, tiny_num_heads=2, tiny_num_kv_heads=1,
-                      tiny_intermediate_size=48)
+                      tiny_intermediate_size=48, tiny_copy_circuit=False)
     saved = build_tiny_model(cfg, tokenizer, seed=3)
     saved.save_pretrained(out)
     dist.init_process_group("gloo", rank=0, world_size=1)

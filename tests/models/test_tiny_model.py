@@ -46,7 +46,7 @@ def test_tokenizer_rejects_a_vocabulary_too_small_for_bytes_and_tags():
 
 def test_tiny_model_is_seeded_tied_and_sized_by_config(tokenizer):
     cfg = ModelConfig(tiny_hidden_size=64, tiny_num_layers=1, tiny_num_heads=4, tiny_num_kv_heads=2,
-                      tiny_intermediate_size=96)
+                      tiny_intermediate_size=96, tiny_copy_circuit=False)
     first, second = build_tiny_model(cfg, tokenizer, seed=1), build_tiny_model(cfg, tokenizer, seed=1)
     other = build_tiny_model(cfg, tokenizer, seed=2)
     assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
@@ -63,7 +63,7 @@ def test_tiny_model_is_seeded_tied_and_sized_by_config(tokenizer):
 
 def test_fit_tiny_model_lowers_the_loss_and_respects_the_loss_mask(tokenizer):
     cfg = ModelConfig(tiny_hidden_size=64, tiny_num_layers=1, tiny_num_heads=4, tiny_num_kv_heads=2,
-                      tiny_intermediate_size=96)
+                      tiny_intermediate_size=96, tiny_copy_circuit=False)
     model = build_tiny_model(cfg, tokenizer)
     losses = fit_tiny_model(model, tokenizer, TEXTS[:4], steps=15, lr=1e-2)
     assert losses[-1] < 0.7 * losses[0] and not model.training
@@ -99,10 +99,49 @@ def test_a_tokenizer_saved_next_to_the_tiny_model_reloads_as_saved(tmp_path):
     texts = ["The founder of Kipifu Museum was born in the year 1943. <think> x </think>"] * 40
     tokenizer = train_tokenizer(texts, vocab_size=400, word_piece_pattern=NAME_PIECE_PATTERN)
     model = build_tiny_model(ModelConfig(tiny_hidden_size=32, tiny_num_layers=1, tiny_num_heads=2,
-                                         tiny_num_kv_heads=1, tiny_intermediate_size=48), tokenizer)
+                                         tiny_num_kv_heads=1, tiny_intermediate_size=48,
+                                         tiny_copy_circuit=False), tokenizer)
     model.save_pretrained(tmp_path)  # config.json says qwen2: AutoTokenizer would load a Qwen2Tokenizer
     tokenizer.save_pretrained(tmp_path)
     reloaded = load_tokenizer(str(tmp_path))
     text = "Fumil Kipifu was born in the year 1943 in Sizegal. <search> who </search>"
     assert reloaded.encode(text) == tokenizer.encode(text)
     assert reloaded.pad_token_id == tokenizer.pad_token_id and reloaded.eos_token_id == tokenizer.eos_token_id
+
+
+def _repeat_accuracy(model, sequences: torch.Tensor) -> float:
+    """Top-1 accuracy of predicting each token of the second half of `sequences` (each a list repeated twice)."""
+    half = sequences.shape[1] // 2
+    with torch.no_grad():
+        logits = model(sequences).logits  # (B, 2L, V)
+    predicted = logits[:, half:-1].argmax(-1)  # (B, L - 1): positions L .. 2L - 2 predict tokens L + 1 .. 2L - 1
+    return (predicted == sequences[:, half + 1:]).float().mean().item()
+
+
+def test_copy_circuit_copies_a_repeated_list_of_tokens_before_any_training(tokenizer, tmp_path):
+    cfg = ModelConfig(tiny_hidden_size=128, tiny_num_layers=2, tiny_num_heads=4, tiny_num_kv_heads=2,
+                      tiny_intermediate_size=352)
+    generator = torch.Generator().manual_seed(0)
+    # 16 lists of 40 distinct tokens each, then the same list again; ids 10+ skip the special tokens
+    lists = torch.stack([torch.randperm(len(tokenizer) - 10, generator=generator)[:40] + 10 for _ in range(16)])
+    sequences = torch.cat([lists, lists], dim=1)  # (16, 80)
+    model = build_tiny_model(cfg, tokenizer, seed=3)
+    model.config._attn_implementation = "eager"  # attention weights are returned by eager attention only
+    attention = model(sequences[:1], output_attentions=True).attentions[0][0, 0]  # (T, T): layer 0, head 0
+    assert attention.diagonal(-1).mean() > 0.95, "layer 0 head 0 must attend to the previous token"
+    with_circuit = _repeat_accuracy(model, sequences)
+    without = _repeat_accuracy(build_tiny_model(
+        ModelConfig(**{**cfg.__dict__, "tiny_copy_circuit": False}), tokenizer, seed=3), sequences)
+    assert with_circuit > 0.2 and without < 0.05, (with_circuit, without)
+    # The circuit is ordinary Qwen2 weights: a saved model reloads with the same outputs.
+    from transformers import Qwen2ForCausalLM
+
+    model.save_pretrained(tmp_path)
+    reloaded = Qwen2ForCausalLM.from_pretrained(tmp_path)
+    torch.testing.assert_close(reloaded(sequences[:2]).logits, model(sequences[:2]).logits)
+    assert reloaded.config.rope_parameters["rope_theta"] == cfg.tiny_rope_theta
+
+
+def test_copy_circuit_needs_two_layers():
+    with pytest.raises(ValueError, match="tiny_copy_circuit needs tiny_num_layers >= 2"):
+        ModelConfig(tiny_num_layers=1)

@@ -224,7 +224,8 @@ def test_retriever_error_raises_a_clear_retriever_error(world):
 def test_model_that_never_closes_a_tag_ends_at_the_turn_budget(world):
     tokenizer, retriever, _ = world
     model = build_tiny_model(ModelConfig(tiny_hidden_size=64, tiny_num_layers=1, tiny_num_heads=4,
-                                         tiny_num_kv_heads=2, tiny_intermediate_size=96), tokenizer)
+                                         tiny_num_kv_heads=2, tiny_intermediate_size=96,
+                                         tiny_copy_circuit=False), tokenizer)
     engine = HFEngine(model, tokenizer, "cpu")
     engine.eos_ids = set()  # a random model may emit EOS by chance; this test is about never closing a tag
     records = [_record(Q_TWO_HOP), _record(Q_EMPTY)]

@@ -25,7 +25,8 @@ def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("sglang")
     tokenizer = train_tokenizer(TEXTS, vocab_size=400, out_dir=root / "served")
     model = build_tiny_model(ModelConfig(tiny_hidden_size=64, tiny_num_layers=1, tiny_num_heads=4,
-                                         tiny_num_kv_heads=2, tiny_intermediate_size=96), tokenizer)
+                                         tiny_num_kv_heads=2, tiny_intermediate_size=96,
+                                         tiny_copy_circuit=False), tokenizer)
     model.save_pretrained(root / "served")
     backend = HFEngine(model, tokenizer, "cpu")
     seen = {"requests": [], "loaded": [], "files": [], "refuse": None}

@@ -120,7 +120,7 @@ def policy_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("policy")
     tokenizer = train_tokenizer([f"doc {i} <search>q {i}</search>" for i in range(40)], vocab_size=320, out_dir=out)
     cfg = ModelConfig(tiny_hidden_size=32, tiny_num_layers=1, tiny_num_heads=2, tiny_num_kv_heads=1,
-                      tiny_intermediate_size=48)
+                      tiny_intermediate_size=48, tiny_copy_circuit=False)
     build_tiny_model(cfg, tokenizer, seed=0).save_pretrained(out)
     return out, tokenizer
 

@@ -56,7 +56,8 @@ def test_gold_trajectory_is_rendered_as_the_agent_loop_would_with_information_un
 
 def test_supervised_warm_start_lowers_the_loss(tokenizer):
     model = build_tiny_model(ModelConfig(tiny_hidden_size=32, tiny_num_layers=1, tiny_num_heads=2,
-                                         tiny_num_kv_heads=1, tiny_intermediate_size=48), tokenizer)
+                                         tiny_num_kv_heads=1, tiny_intermediate_size=48,
+                                         tiny_copy_circuit=False), tokenizer)
     examples = render_gold_examples([RECORD], tokenizer, FixedRetriever(), RolloutConfig(), topk=1)
     losses = supervised_warm_start(model, examples, tokenizer.pad_token_id, steps=15, lr=1e-2, progress=False)
     assert len(losses) == 15 and losses[-1] < 0.5 * losses[0]
@@ -134,7 +135,8 @@ def test_reading_loss_trains_the_passages_but_reports_the_policy_loss(tokenizer)
 
     def fresh():
         return build_tiny_model(ModelConfig(tiny_hidden_size=32, tiny_num_layers=1, tiny_num_heads=2,
-                                            tiny_num_kv_heads=1, tiny_intermediate_size=48), tokenizer, seed=1)
+                                            tiny_num_kv_heads=1, tiny_intermediate_size=48,
+                                            tiny_copy_circuit=False), tokenizer, seed=1)
 
     examples = render_gold_examples([RECORD], tokenizer, FixedRetriever(), RolloutConfig(), topk=2)
     ids, mask = examples[0]

@@ -162,6 +162,13 @@ CURVE_KEYS = (("reward/outcome", "train outcome reward"), ("eval/avg/f1", "held-
               ("response/turns", "searches per trajectory"), ("kl", "KL(actor || ref)"))
 
 
+def with_held_out_ends(rows: list[dict[str, Any]], start_f1: float, end_f1: float,
+                       last_step: int) -> list[dict[str, Any]]:
+    """A run's metric rows plus its held-out F1 at step 0 (the shared start) and at its last step (`eval_after`):
+    the rows log only the evaluations in between, so the F1 curve would otherwise miss where it starts and ends."""
+    return [{"step": 0, "eval/avg/f1": start_f1}, *rows, {"step": last_step, "eval/avg/f1": end_f1}]
+
+
 def plot_curves(curves: dict[str, list[list[dict[str, Any]]]], out_path: Path) -> Path | None:
     """One panel per metric; each variant's mean over seeds with a ±std band. None when nothing was logged."""
     import matplotlib
@@ -225,7 +232,8 @@ def run_ablation(base: Config, seeds: list[int], out_dir: Path, variants: tuple[
         for variant in variants:
             run_dir = train(variant_config(base, variant, seed, f"{variant}-seed{seed}"))
             results[variant].append(summarise_eval(read_eval(run_dir, "after")))
-            curves[variant].append(read_metrics(run_dir))
+            curves[variant].append(with_held_out_ends(read_metrics(run_dir), baseline["f1"], results[variant][-1]["f1"],
+                                                      base.trainer.total_steps))
 
     table = markdown_table(results, baseline)
     paired = paired_table(results, seeds)

@@ -5,7 +5,15 @@ import math
 import pytest
 
 from stepsearch.config import load_config
-from stepsearch.experiment import markdown_table, mean_std, plot_curves, summarise_eval, variant_config
+from stepsearch.experiment import (
+    diagnostics_table,
+    markdown_table,
+    mean_std,
+    plot_curves,
+    summarise_eval,
+    variant_config,
+    with_held_out_ends,
+)
 from stepsearch.trainer.run_dir import read_eval
 
 
@@ -70,6 +78,14 @@ def test_curves_plot_writes_a_png(tmp_path):
     assert plot_curves({"outcome": [[{"step": 1}]]}, tmp_path / "none.png") is None
 
 
+def test_held_out_f1_curve_starts_at_the_shared_start_and_ends_at_the_final_evaluation():
+    rows = [{"step": 10, "eval/avg/f1": 0.2, "reward/step_reward": 0.5}, {"step": 20, "reward/step_reward": 0.7}]
+    curve = with_held_out_ends(rows, start_f1=0.125, end_f1=0.3, last_step=30)
+    assert [(r["step"], r.get("eval/avg/f1")) for r in curve] == [(0, 0.125), (10, 0.2), (20, None), (30, 0.3)]
+    # the added ends carry no reward terms, so the diagnostics average only the logged steps
+    assert "| 0.600 |" in diagnostics_table({"full": [curve]})
+
+
 def test_paired_table_compares_each_variant_with_outcome_seed_by_seed():
     from stepsearch.experiment import paired_table
 
@@ -85,8 +101,6 @@ def test_paired_table_compares_each_variant_with_outcome_seed_by_seed():
 
 
 def test_diagnostics_table_averages_reward_scales_and_advantage_placement_over_steps_and_seeds():
-    from stepsearch.experiment import diagnostics_table
-
     curves = {"outcome": [[{"step": 1, "reward/outcome": 0.2, "advantage/abs_at_search_end": 0.5},
                            {"step": 2, "reward/outcome": 0.4, "advantage/abs_at_search_end": 0.7}],
                           [{"step": 1, "reward/outcome": 0.6}]],

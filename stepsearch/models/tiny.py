@@ -17,7 +17,7 @@ al., 2022, "In-context learning and induction heads"):
                          current token, and writes that token's embedding: with tied embeddings, a high logit for it
 
 The match uses only the slowly turning rotary dimensions, so it holds across hundreds of positions. Measured on
-a repeated list of made-up names (loss on the repeat, 300 steps): from random weights the loss stays at 4.2 nats
+a repeated list of made-up names (loss on the repeat, 300 steps): from random weights the loss stays at 4.2-4.3 nats
 (chance among the syllables); from the circuit it falls to 0.01.
 """
 from __future__ import annotations

@@ -392,7 +392,7 @@ class TrainerConfig:
     (batches four times larger): cheap steps that teach carrying the question's names into the first search."""
     warm_start_reading_weight: float = 0.0
     """Weight of a next-token loss on the text the policy reads (prompt and retrieved passages) during the warm
-    start: a model trained from scratch has never read text, and reading is where it learns to copy names."""
+    start: a model trained from scratch has never read text, and reading the passages teaches it their wording."""
     warm_start_question_first: bool = False
     """Demonstrations whose question, searched as is, retrieves the first hop's passage start with that search
     (then quote its evidence) instead of the first hop's reference query."""

@@ -219,7 +219,7 @@ def supervised_warm_start(model: "PreTrainedModel", examples: Sequence[tuple[lis
     The loss is the mean cross-entropy of the policy's tokens (loss mask 1). With `reading_weight` > 0 the other
     tokens (the question's prompt and the retrieved passages) add `reading_weight` times their own mean
     cross-entropy: a model that starts from random weights, unlike a pretrained checkpoint, has never read text,
-    and reading the passages is where it learns names and how to copy them. The returned loss is the policy part.
+    and reading the passages teaches it their wording and names. The returned loss is the policy part.
 
     `first_turn_steps` of the `steps` come first and train on first turns only (the prompt and the first
     think/search: `first_turns`, by default each example cut after its first generated turn), in batches four times

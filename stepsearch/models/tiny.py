@@ -103,11 +103,14 @@ def write_copy_circuit(model: "Qwen2ForCausalLM", seed: int = 0) -> None:
     # The previous token's projected embedding enters the residual stream at the embeddings' own scale.
     previous_gain = config.initializer_range * (hidden / head_dim) ** 0.5
 
+    def per_head(projection: "torch.nn.Linear", heads: int) -> tuple["torch.Tensor", "torch.Tensor"]:
+        return projection.weight.view(heads, head_dim, hidden), projection.bias.view(heads, head_dim)
+
     with torch.no_grad():
         first = model.model.layers[0].self_attn
-        q_weight, k_weight = first.q_proj.weight.view(num_heads, head_dim, hidden), first.k_proj.weight.view(
-            num_kv_heads, head_dim, hidden)
-        q_bias, k_bias = first.q_proj.bias.view(num_heads, head_dim), first.k_proj.bias.view(num_kv_heads, head_dim)
+        q_weight, q_bias = per_head(first.q_proj, num_heads)
+        k_weight, k_bias = per_head(first.k_proj, num_kv_heads)
+        v_weight, v_bias = per_head(first.v_proj, num_kv_heads)
         q_weight[0] = 0.0
         k_weight[0] = 0.0
         # Per rotary pair, key = (a, 0) and query = a * e^{-i*theta}: the score a^2 cos((m - n - 1) theta) peaks at
@@ -116,25 +119,26 @@ def write_copy_circuit(model: "Qwen2ForCausalLM", seed: int = 0) -> None:
         k_bias[0, half:] = 0.0
         q_bias[0, :half] = _PREVIOUS_TOKEN_SHARPNESS * torch.cos(inv_freq)
         q_bias[0, half:] = -_PREVIOUS_TOKEN_SHARPNESS * torch.sin(inv_freq)
-        first.v_proj.weight.view(num_kv_heads, head_dim, hidden)[0] = read_token.T
-        first.v_proj.bias.view(num_kv_heads, head_dim)[0] = 0.0
+        v_weight[0] = read_token.T
+        v_bias[0] = 0.0
         first_out = first.o_proj.weight.view(hidden, num_heads, head_dim)
         first_out[:, :group] = 0.0  # the other heads of group 0 would write the same values with another pattern
         first_out[:, 0] = previous_slot * previous_gain
 
         second = model.model.layers[1].self_attn
-        q_weight, k_weight = second.q_proj.weight.view(num_heads, head_dim, hidden), second.k_proj.weight.view(
-            num_kv_heads, head_dim, hidden)
+        q_weight, q_bias = per_head(second.q_proj, num_heads)
+        k_weight, k_bias = per_head(second.k_proj, num_kv_heads)
+        v_weight, v_bias = per_head(second.v_proj, num_kv_heads)
         q_weight[:group] = 0.0
         q_weight[:group, slow_dims] = _MATCH_SCALE * read_token.T[:len(slow_dims)]
-        second.q_proj.bias.view(num_heads, head_dim)[:group] = 0.0
+        q_bias[:group] = 0.0
         k_weight[0] = 0.0
         k_weight[0, slow_dims] = _MATCH_SCALE * previous_slot.T[:len(slow_dims)]
-        second.k_proj.bias.view(num_kv_heads, head_dim)[0] = 0.0
-        second.v_proj.weight.view(num_kv_heads, head_dim, hidden)[0] = copied_token.T
-        second.v_proj.bias.view(num_kv_heads, head_dim)[0] = 0.0
-        second.o_proj.weight.view(hidden, num_heads, head_dim)[:, :group] = (copied_token * _COPY_GAIN / group)[
-            :, None, :]
+        k_bias[0] = 0.0
+        v_weight[0] = copied_token.T
+        v_bias[0] = 0.0
+        second_out = second.o_proj.weight.view(hidden, num_heads, head_dim)
+        second_out[:, :group] = (copied_token * _COPY_GAIN / group)[:, None, :]
 
 
 def fit_tiny_model(model: "Qwen2ForCausalLM", tokenizer: "PreTrainedTokenizerBase", texts: list[str], steps: int,

@@ -1,6 +1,8 @@
 """The offline tokenizer (tags as single non-special ids, reload) and the seeded tiny Qwen2 model."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -130,8 +132,7 @@ def test_copy_circuit_copies_a_repeated_list_of_tokens_before_any_training(token
     attention = model(sequences[:1], output_attentions=True).attentions[0][0, 0]  # (T, T): layer 0, head 0
     assert attention.diagonal(-1).mean() > 0.95, "layer 0 head 0 must attend to the previous token"
     with_circuit = _repeat_accuracy(model, sequences)
-    without = _repeat_accuracy(build_tiny_model(
-        ModelConfig(**{**cfg.__dict__, "tiny_copy_circuit": False}), tokenizer, seed=3), sequences)
+    without = _repeat_accuracy(build_tiny_model(replace(cfg, tiny_copy_circuit=False), tokenizer, seed=3), sequences)
     assert with_circuit > 0.2 and without < 0.05, (with_circuit, without)
     # The circuit is ordinary Qwen2 weights: a saved model reloads with the same outputs.
     from transformers import Qwen2ForCausalLM

@@ -5,16 +5,20 @@ generator, so the same seed gives bit-identical weights. Input and output embedd
 and the rotary base is Qwen2.5's.
 
 `write_copy_circuit` (on by default, `model.tiny_copy_circuit`) gives the random model what every pretrained LM
-has and a 2-layer model trained for minutes does not learn: copying a name out of its context. It writes the two
-heads of an induction circuit into the initial weights (the circuit found in trained transformers by Olsson et
+has and a 2-layer model trained for minutes does not learn: copying a name out of its context. It writes the heads
+of an induction circuit into the initial weights (the circuit found in trained transformers by Olsson et
 al., 2022, "In-context learning and induction heads"):
 
-    layer 0, head 0      attends to the previous token (by position only: its query and key are constant vectors
-                         whose rotary phases differ by one position) and writes that token's embedding, projected,
-                         into a subspace R of the residual stream
-    layer 1, kv group 0  its queries read the current token; its keys read subspace R, i.e. the token *before*
-                         each position; so it attends to the token that followed an earlier occurrence of the
-                         current token, and writes that token's embedding: with tied embeddings, a high logit for it
+    layer 0, heads 0, 1  attend to the token before and the token two before (by position only: their queries
+                         and keys are constant vectors whose rotary phases differ by one and by two positions) and
+                         write those tokens' embeddings, projected, into subspaces R1 and R2 of the residual stream
+    layer 1, kv group 0  its queries read the current token and R1 (the token before it); its keys read R1 and R2,
+                         i.e. the two tokens *before* each position; so it attends to the token that followed an
+                         earlier occurrence of the last two tokens, and writes that token's embedding: with tied
+                         embeddings, a high logit for it
+
+Matching two tokens, not one, is what picks the right name out of a passage: after "The founder of Vabi Company
+was", every "was X" in the context matches "was", but only one of them follows "Company was".
 
 The match uses only the slowly turning rotary dimensions, so it holds across hundreds of positions. Measured on
 a repeated list of made-up names (loss on the repeat, 300 steps): from random weights the loss stays at 4.2-4.3 nats
@@ -76,7 +80,7 @@ _COPY_GAIN = 1.0  # gain of the induction head's output, which then dominates th
 
 
 def write_copy_circuit(model: "Qwen2ForCausalLM", seed: int = 0) -> None:
-    """Overwrite layer 0's head 0 and layer 1's first key/value group with a previous-token + induction circuit.
+    """Overwrite layer 0's heads 0 and 1 and layer 1's first key/value group with a two-token induction circuit.
 
     See the module docstring for what the two heads do. The random subspaces come from a generator seeded with
     `seed`. Other heads, the MLPs and the embeddings keep their random initialisation, and every weight stays
@@ -90,8 +94,14 @@ def write_copy_circuit(model: "Qwen2ForCausalLM", seed: int = 0) -> None:
     half = head_dim // 2
     group = num_heads // num_kv_heads
     inv_freq = model.model.rotary_emb.inv_freq.float()  # (half,) rotary frequency of pair (i, i + half)
-    slow = max(1, half // 2)
-    slow_dims = list(range(half - slow, half)) + list(range(head_dim - slow, head_dim))  # the slowest rotary pairs
+    # The induction head matches in the slowest half of the rotary pairs: the slowest quarter compare the current
+    # token, the next quarter the token before it.
+    token_pairs = list(range(half - max(1, half // 4), half))
+    context_pairs = list(range(half - max(2, half // 2), token_pairs[0]))
+    token_dims = token_pairs + [pair + half for pair in token_pairs]
+    context_dims = context_pairs + [pair + half for pair in context_pairs]
+    token_components = list(range(len(token_dims)))  # which components of a head-sized token projection each uses
+    context_components = list(range(len(token_dims), len(token_dims) + len(context_dims)))
     generator = torch.Generator().manual_seed(seed)
 
     def orthonormal_columns(rows: int, cols: int) -> "torch.Tensor":
@@ -100,6 +110,7 @@ def write_copy_circuit(model: "Qwen2ForCausalLM", seed: int = 0) -> None:
     read_token = orthonormal_columns(hidden, head_dim)  # (H, d): what the previous-token head reads
     previous_slot = orthonormal_columns(hidden, head_dim)  # (H, d): where it writes the previous token
     copied_token = orthonormal_columns(hidden, head_dim)  # (H, d): what the induction head reads and writes
+    second_previous_slot = orthonormal_columns(hidden, len(context_dims))  # (H, c): where head 1 writes token t - 2
     # The previous token's projected embedding enters the residual stream at the embeddings' own scale.
     previous_gain = config.initializer_range * (hidden / head_dim) ** 0.5
 
@@ -111,29 +122,38 @@ def write_copy_circuit(model: "Qwen2ForCausalLM", seed: int = 0) -> None:
         q_weight, q_bias = per_head(first.q_proj, num_heads)
         k_weight, k_bias = per_head(first.k_proj, num_kv_heads)
         v_weight, v_bias = per_head(first.v_proj, num_kv_heads)
-        q_weight[0] = 0.0
-        k_weight[0] = 0.0
-        # Per rotary pair, key = (a, 0) and query = a * e^{-i*theta}: the score a^2 cos((m - n - 1) theta) peaks at
-        # key position n = m - 1 for every frequency at once.
-        k_bias[0, :half] = _PREVIOUS_TOKEN_SHARPNESS
-        k_bias[0, half:] = 0.0
-        q_bias[0, :half] = _PREVIOUS_TOKEN_SHARPNESS * torch.cos(inv_freq)
-        q_bias[0, half:] = -_PREVIOUS_TOKEN_SHARPNESS * torch.sin(inv_freq)
-        v_weight[0] = read_token.T
-        v_bias[0] = 0.0
         first_out = first.o_proj.weight.view(hidden, num_heads, head_dim)
-        first_out[:, :group] = 0.0  # the other heads of group 0 would write the same values with another pattern
+        # Per rotary pair, key = (a, 0) and query = a * e^{-i*k*theta}: the score a^2 cos((m - n - k) theta) peaks at
+        # key position n = m - k for every frequency at once. Head h reads its key/value group h // group.
+        for head, offset in ((0, 1), (1, 2)):
+            kv = head // group
+            q_weight[head] = 0.0
+            q_bias[head, :half] = _PREVIOUS_TOKEN_SHARPNESS * torch.cos(offset * inv_freq)
+            q_bias[head, half:] = -_PREVIOUS_TOKEN_SHARPNESS * torch.sin(offset * inv_freq)
+            k_weight[kv] = 0.0
+            k_bias[kv, :half] = _PREVIOUS_TOKEN_SHARPNESS
+            k_bias[kv, half:] = 0.0
+            v_weight[kv] = read_token.T
+            v_bias[kv] = 0.0
+            # the group's other heads would write the same values with another pattern
+            first_out[:, kv * group:(kv + 1) * group] = 0.0
         first_out[:, 0] = previous_slot * previous_gain
+        # Head 1 writes only the components the induction head's context match reads, to spare the residual stream.
+        first_out[:, 1, context_components] = second_previous_slot * previous_gain
 
         second = model.model.layers[1].self_attn
         q_weight, q_bias = per_head(second.q_proj, num_heads)
         k_weight, k_bias = per_head(second.k_proj, num_kv_heads)
         v_weight, v_bias = per_head(second.v_proj, num_kv_heads)
+        # Query at t: (token t, token t - 1); key at s: (token s - 1, token s - 2). Both match only where the last
+        # two tokens before s are the last two tokens up to t.
         q_weight[:group] = 0.0
-        q_weight[:group, slow_dims] = _MATCH_SCALE * read_token.T[:len(slow_dims)]
+        q_weight[:group, token_dims] = _MATCH_SCALE * read_token.T[token_components]
+        q_weight[:group, context_dims] = _MATCH_SCALE * previous_slot.T[context_components]
         q_bias[:group] = 0.0
         k_weight[0] = 0.0
-        k_weight[0, slow_dims] = _MATCH_SCALE * previous_slot.T[:len(slow_dims)]
+        k_weight[0, token_dims] = _MATCH_SCALE * previous_slot.T[token_components]
+        k_weight[0, context_dims] = _MATCH_SCALE * second_previous_slot.T
         k_bias[0] = 0.0
         v_weight[0] = copied_token.T
         v_bias[0] = 0.0

@@ -143,6 +143,26 @@ def test_copy_circuit_copies_a_repeated_list_of_tokens_before_any_training(token
     assert reloaded.config.rope_parameters["rope_theta"] == cfg.tiny_rope_theta
 
 
+def test_copy_circuit_continues_the_occurrence_whose_two_preceding_tokens_match(tokenizer):
+    """As in "The founder of Vabi Company was" among several "... was X": the token before the current one picks X."""
+    cfg = ModelConfig(tiny_hidden_size=128, tiny_num_layers=2, tiny_num_heads=4, tiny_num_kv_heads=2,
+                      tiny_intermediate_size=352)
+    generator = torch.Generator().manual_seed(1)
+    pairs, trials, hits = 6, 48, 0
+    model = build_tiny_model(cfg, tokenizer, seed=3)
+    for trial in range(trials):
+        ids = torch.randperm(len(tokenizer) - 10, generator=generator)[:2 * pairs + 1 + 5 * pairs] + 10
+        subjects, objects, shared, filler = ids[:pairs], ids[pairs:2 * pairs], ids[2 * pairs], ids[2 * pairs + 1:]
+        # `pairs` facts "subject shared object filler..." that all share the middle token, then "subject_j shared"
+        context = [token for i in range(pairs)
+                   for token in (subjects[i], shared, objects[i], *filler[5 * i:5 * i + 5])]
+        asked = trial % pairs
+        with torch.no_grad():
+            logits = model(torch.tensor([[*context, subjects[asked], shared]])).logits[0, -1]  # (V,)
+        hits += int(logits.argmax() == objects[asked])
+    assert hits / trials > 0.15, hits / trials  # matching the current token alone: 0.08
+
+
 def test_copy_circuit_needs_two_layers():
     with pytest.raises(ValueError, match="tiny_copy_circuit needs tiny_num_layers >= 2"):
         ModelConfig(tiny_num_layers=1)

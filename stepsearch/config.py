@@ -85,9 +85,10 @@ class ModelConfig:
     """Rotary base of the tiny model (Qwen2.5's). A large base leaves many slowly turning rotary dimensions, in
     which a query can match a key by content hundreds of tokens away; the copy circuit matches in them."""
     tiny_copy_circuit: bool = True
-    """Start the tiny model with a copy (induction) circuit written into its initial weights: layer 0 head 0
-    attends to the previous token and writes it into the residual stream; layer 1's first key/value group
-    attends to the token after an earlier occurrence of the current token and writes that token's embedding.
+    """Start the tiny model with a copy (induction) circuit written into its initial weights: layer 0 heads 0 and
+    1 attend to the token before and the token two before and write them into the residual stream; layer 1's
+    first key/value group attends to the position after an earlier occurrence of the last two tokens and writes
+    the token there.
     A pretrained LM copies names out of its context; a 2-layer model trained from random weights for minutes
     does not learn to (its loss on a repeated list of names stays at chance), so without this the embedded run
     measures copying, not search. Everything stays trainable and the checkpoint is a plain Qwen2 model."""
@@ -105,8 +106,13 @@ class ModelConfig:
         _check(self.tiny_vocab_size >= 300, "model.tiny_vocab_size must be >= 300 (256 bytes + special tokens)")
         _check(self.tiny_rope_theta > 0, "model.tiny_rope_theta must be > 0")
         _check(not self.tiny_copy_circuit or self.tiny_num_layers >= 2,
-               "model.tiny_copy_circuit needs tiny_num_layers >= 2 (a previous-token head feeds an induction head); "
+               "model.tiny_copy_circuit needs tiny_num_layers >= 2 (previous-token heads feed an induction head); "
                "set model.tiny_copy_circuit=false for a 1-layer model")
+        _check(not self.tiny_copy_circuit or (self.tiny_num_heads >= 2
+                                              and self.tiny_hidden_size // self.tiny_num_heads >= 4),
+               "model.tiny_copy_circuit needs tiny_num_heads >= 2 and a head size (tiny_hidden_size / tiny_num_heads) "
+               ">= 4 (two heads read the two previous tokens; the match uses two rotary pairs); "
+               "set model.tiny_copy_circuit=false for such a model")
 
 
 @dataclass

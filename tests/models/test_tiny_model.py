@@ -163,6 +163,10 @@ def test_copy_circuit_continues_the_occurrence_whose_two_preceding_tokens_match(
     assert hits / trials > 0.15, hits / trials  # matching the current token alone: 0.08
 
 
-def test_copy_circuit_needs_two_layers():
+def test_copy_circuit_needs_two_layers_and_two_heads():
     with pytest.raises(ValueError, match="tiny_copy_circuit needs tiny_num_layers >= 2"):
         ModelConfig(tiny_num_layers=1)
+    with pytest.raises(ValueError, match="tiny_copy_circuit needs tiny_num_heads >= 2"):
+        ModelConfig(tiny_num_heads=1, tiny_num_kv_heads=1)
+    with pytest.raises(ValueError, match="head size"):
+        ModelConfig(tiny_hidden_size=4, tiny_num_heads=2, tiny_num_kv_heads=1)

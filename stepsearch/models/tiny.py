@@ -21,8 +21,8 @@ Matching two tokens, not one, is what picks the right name out of a passage: aft
 was", every "was X" in the context matches "was", but only one of them follows "Company was".
 
 The match uses only the slowly turning rotary dimensions, so it holds across hundreds of positions. Measured on
-a repeated list of made-up names (loss on the repeat, 300 steps): from random weights the loss stays at 4.2-4.3 nats
-(chance among the syllables); from the circuit it falls to 0.01.
+a repeated list of fresh made-up names (loss on the repeat, 300 steps, `benchmarks/bench_copy.py`): from random
+weights the loss ends at 3.08 nats; from the circuit it falls to 0.54 within 50 steps and ends at 0.13.
 """
 from __future__ import annotations
 

@@ -82,7 +82,7 @@ _COPY_GAIN = 1.0  # gain of the induction head's output, which then dominates th
 def write_copy_circuit(model: "Qwen2ForCausalLM", seed: int = 0) -> None:
     """Overwrite layer 0's heads 0 and 1 and layer 1's first key/value group with a two-token induction circuit.
 
-    See the module docstring for what the two heads do. The random subspaces come from a generator seeded with
+    See the module docstring for what the heads do. The random subspaces come from a generator seeded with
     `seed`. Other heads, the MLPs and the embeddings keep their random initialisation, and every weight stays
     trainable. Needs at least 2 layers.
     """

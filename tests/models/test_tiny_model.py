@@ -160,7 +160,7 @@ def test_copy_circuit_continues_the_occurrence_whose_two_preceding_tokens_match(
         with torch.no_grad():
             logits = model(torch.tensor([[*context, subjects[asked], shared]])).logits[0, -1]  # (V,)
         hits += int(logits.argmax() == objects[asked])
-    assert hits / trials > 0.15, hits / trials  # matching the current token alone: 0.08
+    assert hits / trials > 0.2, hits / trials  # 0.27 measured; matching the current token alone: 0.08
 
 
 def test_copy_circuit_needs_two_layers_and_two_heads():

@@ -10,6 +10,9 @@ from stepsearch.config import ModelConfig
 from stepsearch.models.tiny import build_tiny_model, fit_tiny_model
 from stepsearch.models.tokenizer import TAGS, train_tokenizer
 
+# The embedded preset's model size (configs/tiny_cpu.yaml), on which the copy circuit's scales were chosen.
+PRESET_SIZED = ModelConfig(tiny_hidden_size=128, tiny_num_layers=2, tiny_num_heads=4, tiny_num_kv_heads=2,
+                           tiny_intermediate_size=352)
 TEXTS = [f"Doc {i}: The river Alder{i} flows through Brennick. <search>river {i}</search>" for i in range(60)]
 
 
@@ -121,8 +124,7 @@ def _repeat_accuracy(model, sequences: torch.Tensor) -> float:
 
 
 def test_copy_circuit_copies_a_repeated_list_of_tokens_before_any_training(tokenizer, tmp_path):
-    cfg = ModelConfig(tiny_hidden_size=128, tiny_num_layers=2, tiny_num_heads=4, tiny_num_kv_heads=2,
-                      tiny_intermediate_size=352)
+    cfg = PRESET_SIZED
     generator = torch.Generator().manual_seed(0)
     # 16 lists of 40 distinct tokens each, then the same list again; ids 10+ skip the special tokens
     lists = torch.stack([torch.randperm(len(tokenizer) - 10, generator=generator)[:40] + 10 for _ in range(16)])
@@ -145,8 +147,7 @@ def test_copy_circuit_copies_a_repeated_list_of_tokens_before_any_training(token
 
 def test_copy_circuit_continues_the_occurrence_whose_two_preceding_tokens_match(tokenizer):
     """As in "The founder of Vabi Company was" among several "... was X": the token before the current one picks X."""
-    cfg = ModelConfig(tiny_hidden_size=128, tiny_num_layers=2, tiny_num_heads=4, tiny_num_kv_heads=2,
-                      tiny_intermediate_size=352)
+    cfg = PRESET_SIZED
     generator = torch.Generator().manual_seed(1)
     pairs, trials, hits = 6, 48, 0
     model = build_tiny_model(cfg, tokenizer, seed=3)

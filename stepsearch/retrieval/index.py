@@ -13,6 +13,7 @@ device is visible (sharded across GPUs in fp16), faiss-cpu otherwise. bm25s, fai
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 import warnings
@@ -95,8 +96,9 @@ class BM25Index(SearchIndex):
 
     def __init__(self, docs: list[Document], meta: dict[str, Any], model: Any) -> None:
         super().__init__(docs, meta)
-        import bm25s.stopwords
         import scipy.sparse
+
+        bm25s = import_bm25s()
 
         self.model = model
         self._stopwords = frozenset(bm25s.stopwords.STOPWORDS_EN)
@@ -109,8 +111,7 @@ class BM25Index(SearchIndex):
     @classmethod
     def build(cls, docs: list[Document], meta: dict[str, Any], k1: float = BM25_DEFAULT_K1,
               b: float = BM25_DEFAULT_B) -> BM25Index:
-        import bm25s
-
+        bm25s = import_bm25s()
         check_bm25_params(k1, b)
         tokens = bm25s.tokenize([d.contents for d in docs], stopwords="en", show_progress=True)
         model = bm25s.BM25(k1=k1, b=b)
@@ -123,8 +124,7 @@ class BM25Index(SearchIndex):
 
     @classmethod
     def load_files(cls, index_dir: Path, docs: list[Document], meta: dict[str, Any]) -> BM25Index:
-        import bm25s
-
+        bm25s = import_bm25s()
         return cls(docs, meta, bm25s.BM25.load(str(index_dir / BM25_DIR), show_progress=False))
 
     def search_positions(self, queries: list[str], topk: int) -> Hits:
@@ -166,6 +166,21 @@ class BM25Index(SearchIndex):
             positions.append(row_docs[best].tolist())
             scores.append(row_scores[best].tolist())
         return positions, scores
+
+
+def import_bm25s() -> Any:
+    """`bm25s`, imported without letting JAX take the GPU.
+
+    When JAX is installed, importing bm25s runs a JAX top-k, which starts JAX's default backend: on a GPU machine
+    that preallocates 75% of the GPU's memory in every process that builds or loads a BM25 index (trainer ranks,
+    the retrieval server), leaving a quarter of the card to the trainer and SGLang. Search here is our own sparse
+    product, never bm25s's JAX path, so JAX is kept on the CPU unless `JAX_PLATFORMS` is already set.
+    """
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    import bm25s
+    import bm25s.stopwords  # noqa: F401  (the submodule the stop-word list lives in)
+
+    return bm25s
 
 
 def check_bm25_params(k1: float, b: float) -> None:

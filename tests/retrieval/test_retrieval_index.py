@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -159,3 +162,24 @@ def test_dense_index_served_over_http_matches_direct_search(dense_index_dir):
     assert [[d.id for d in docs] for docs in served] == [[d.id for d in docs] for docs in direct]
     for served_docs, direct_docs in zip(served, direct):
         assert [d.score for d in served_docs] == pytest.approx([d.score for d in direct_docs], abs=1e-5)
+
+
+@pytest.mark.parametrize("user_setting, seen_by_jax", [(None, "cpu"), ("cuda", "cuda")])
+def test_bm25s_starts_jax_on_the_cpu_unless_the_user_chose(tmp_path, user_setting, seen_by_jax):
+    """bm25s runs a JAX top-k at import; on a GPU that would preallocate most of the card. A stand-in `jax` records
+    the JAX_PLATFORMS it is imported under (then fails to import, so bm25s falls back to numpy)."""
+    (tmp_path / "jax").mkdir()
+    (tmp_path / "jax" / "__init__.py").write_text(
+        "import os, pathlib\n"
+        "pathlib.Path(os.environ['JAX_SEEN']).write_text(os.environ.get('JAX_PLATFORMS', '<unset>'))\n"
+        "raise ImportError('stand-in jax')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    env.update(PYTHONPATH=os.pathsep.join(filter(None, [str(tmp_path), env.get("PYTHONPATH")])),
+               JAX_SEEN=str(tmp_path / "seen"))
+    if user_setting is not None:
+        env["JAX_PLATFORMS"] = user_setting
+    code = "from stepsearch.retrieval.index import import_bm25s; import_bm25s().BM25"
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=120)
+    assert (tmp_path / "seen").read_text() == seen_by_jax
+

@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
-# The first GPU minutes: one script, one GPU, no internet, under 8 minutes (docs/gpu.md).
+# The first GPU minutes: one script, one GPU, no internet, under 9 minutes (docs/gpu.md).
 #
 #   bash benchmarks/gpu_check.sh OUT_DIR [--wheels DIR]   # on the GPU machine (any working directory)
 #   bash benchmarks/gpu_check.sh --fetch-wheels DIR       # beforehand, on a machine that reaches PyPI
 #
-# Steps, each under its own time limit inside one budget (GPU_CHECK_BUDGET_S, default 465 s); a failed, timed-out
+# Steps, each under its own time limit inside one budget (GPU_CHECK_BUDGET_S, default 530 s); a failed, timed-out
 # or skipped step is reported and the others still run:
 #   env            nvidia-smi and the versions of python, torch, triton, transformers, deepspeed, sglang
 #   install        this tree installed editable without index or build isolation (builds the C++ segmenter)
 #   gpu_tests      pytest -m gpu: the Triton kernels against their float64 twins at full shapes
 #   bench_gae, bench_ppo_loss, bench_logprob   the kernel benchmarks at their full GPU shapes
+#   decode         benchmarks/gpu_check_decode.py: ms per decode step of the tiny model (rollout engine, plain
+#                  generate, each SDPA backend, one cached forward) and the profiler's top operators
 #   steppo         a one-GPU `deepspeed` StePPO run of 2 steps on the tiny preset with the Triton kernels
 #   sglang         when sglang imports: benchmarks/gpu_check_sglang.py on the tiny model saved with
 #                  save_pretrained (generation with log-probs, weight update, memory release and resume)
@@ -26,7 +28,7 @@ set -uo pipefail
 
 PY=${PYTHON:-python3}
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-BUDGET=${GPU_CHECK_BUDGET_S:-465}
+BUDGET=${GPU_CHECK_BUDGET_S:-530}
 
 usage() {
     sed -n '2,5p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
@@ -124,6 +126,14 @@ write_summary() {
             tail -n 30 "$WORK/bench_$bench.log"
             echo '```'
         done
+        if [[ -f $WORK/decode.log ]]; then
+            echo
+            echo "## decode (printed table and profile)"
+            echo
+            echo '```'
+            sed -n '/^decode step of/,$p' "$WORK/decode.log" | head -n 40
+            echo '```'
+        fi
     } > "$OUT/summary.md"
     rm -rf "$WORK"
     echo "gpu_check: $(grep -c ',ok,' "$OUT/steps.csv") steps ok; summary in $OUT/summary.md"
@@ -175,13 +185,18 @@ for bench in gae ppo_loss logprob; do
     record "bench_$bench" "$STATUS" "$ELAPSED" "$bench.csv: $(($(wc -l 2>/dev/null < "$OUT/$bench.csv" || echo 1) - 1)) rows"
 done
 
+# ---- decode step cost of the tiny model --------------------------------------------------------------------------
+step decode 60 "$PY" benchmarks/gpu_check_decode.py
+record decode "$STATUS" "$ELAPSED" "$(grep -E '^(engine|generate|forward)' "$WORK/decode.log" | awk '{printf "%s %s ms/step; ", $1, $2}')"
+
 # ---- a one-GPU deepspeed StePPO run -----------------------------------------------------------------------------
+# Responses are capped at 256 tokens: a policy this briefly warm-started often repeats itself to every cap
 RUN="$WORK/runs/steppo"
-step steppo 150 "$PY" -m deepspeed.launcher.runner --num_gpus 1 --master_port $((29500 + RANDOM % 400)) \
+step steppo 200 "$PY" -m deepspeed.launcher.runner --num_gpus 1 --master_port $((29500 + RANDOM % 400)) \
     stepsearch/train.py --config configs/tiny_cpu.yaml trainer.device=cuda kernels.impl=triton \
     trainer.total_steps=2 trainer.output_dir="$WORK/runs" trainer.run_name=steppo trainer.save_every=0 \
-    trainer.warm_start_steps=40 trainer.eval_max_questions=8 trainer.report=false trainer.tensorboard=false \
-    data.synth_num_train=64 data.synth_num_test=8
+    trainer.warm_start_steps=40 trainer.eval_max_questions=4 trainer.report=false trainer.tensorboard=false \
+    data.synth_num_train=64 data.synth_num_test=8 rollout.max_response_tokens=256
 STEPPO_DETAIL=$("$PY" - "$RUN/metrics.jsonl" "$OUT/steppo_metrics.csv" <<'EOF' 2>&1
 import csv, json, math, sys
 rows = [json.loads(line) for line in open(sys.argv[1], encoding="utf-8") if line.strip()]

@@ -134,6 +134,9 @@ class DataConfig:
     synth_num_warm_start: int = 0
     """Questions for the supervised warm start, drawn from a region of the synthetic world that shares no entity
     with the train and test questions (0: the warm start uses the training questions)."""
+    synth_hops: list[int] = field(default_factory=lambda: [2, 3, 4])
+    """Hop counts the synthetic questions (train, test and warm start) may have: a non-empty subset of [2, 3, 4].
+    [2] gives a quick world (2-hop chains, grandfathers, comparisons) or a first curriculum stage."""
     max_prompt_tokens: int = 512
     """Prompts longer than this (after the template) are dropped with a count in the log."""
     shuffle_seed: int = 0
@@ -145,6 +148,8 @@ class DataConfig:
             _check(path.strip() != "", f"data.test_paths[{index}] is empty")
         _check(self.synth_num_train > 0 and self.synth_num_test > 0, "data.synth_num_train/test must be positive")
         _check(self.synth_num_warm_start >= 0, "data.synth_num_warm_start must be >= 0")
+        _check(bool(self.synth_hops) and set(self.synth_hops) <= {2, 3, 4},
+               f"data.synth_hops must be a non-empty subset of [2, 3, 4], got {self.synth_hops}")
         _check(self.max_prompt_tokens > 0, "data.max_prompt_tokens must be positive")
         _at_least("data", self, 0, "synth_seed", "shuffle_seed")
 

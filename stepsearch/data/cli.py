@@ -1,6 +1,6 @@
 """`stepsearch data ...`: write the synthetic world, convert a dataset to StepSearch format, run the data pipeline.
 
-    stepsearch data synth --out DIR [--seed S] [--num-train N] [--num-test M]
+    stepsearch data synth --out DIR [--seed S] [--num-train N] [--num-test M] [--hops 2,3,4]
     stepsearch data convert --input FILE [--format F] --out FILE.jsonl [--skip-bad-rows]
     stepsearch data pipeline --input FILE [--format musique] --out FILE.jsonl --retriever URL|INDEX_DIR
                              [--llm-url URL --llm-model NAME] [--n-queries N] [--topk K] [--workers W]
@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -26,6 +27,7 @@ def _parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--num-train", type=int, default=2000)
     synth.add_argument("--num-test", type=int, default=200)
+    synth.add_argument("--hops", default="2,3,4", help="comma-separated hop counts to keep, a subset of 2,3,4")
 
     convert = sub.add_parser("convert", help="any supported format -> StepSearch jsonl")
     convert.add_argument("--input", required=True)
@@ -63,7 +65,9 @@ def _synth(args: argparse.Namespace) -> int:
     from stepsearch.data.synth import write_world
 
     start = time.perf_counter()
-    files = write_world(args.out, args.seed, args.num_train, args.num_test)
+    if not re.fullmatch(r"\d+(,\d+)*", args.hops):
+        raise ValueError(f"--hops must be comma-separated hop counts such as 2,3; got {args.hops!r}")
+    files = write_world(args.out, args.seed, args.num_train, args.num_test, hops=[int(h) for h in args.hops.split(",")])
     meta = json.loads(files.meta.read_text(encoding="utf-8"))
     print(f"wrote {files.root}: {meta['num_docs']} passages, {args.num_train} train / {args.num_test} test "
           f"questions (hops {meta['hops']}, types {meta['types']}) in {time.perf_counter() - start:.1f}s")

@@ -11,7 +11,8 @@ Questions follow MuSiQue/2WikiMultiHopQA kinds: `compositional` (a chain of 2-4 
 (paternal grandfather = father of the father), `comparison` (which was founded / born / released earlier) and
 `bridge_comparison` (whose father was born first: 4 hops). Every hop has a sub-question, its answer, reference
 search queries made of the subject's name plus relation words that occur in its passage (so BM25 finds the
-passage in its top 3), and the passage itself (the golden support doc).
+passage in its top 3), and the passage itself (the golden support doc). A world can keep only some hop counts
+(`hops`, `data.synth_hops`): e.g. 2-hop questions alone for a quick world or a first curriculum stage.
 
 Files (`write_world`, `stepsearch data synth`): `corpus.jsonl` ({"id", "contents": '"Title"\\ntext'}),
 `train.jsonl`, `test.jsonl` in StepSearch's released format (see `stepsearch.data.loaders`), `world.json`
@@ -29,6 +30,7 @@ import os
 import random
 import re
 from bisect import bisect_left, bisect_right
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Union
@@ -65,6 +67,8 @@ _WORK_KINDS = {
 }
 
 QUESTION_TYPE_WEIGHTS = {"compositional": 0.5, "inference": 0.15, "comparison": 0.2, "bridge_comparison": 0.15}
+ALL_HOPS = (2, 3, 4)
+"""The hop counts questions are drawn with; a world may keep a subset (`hops`: a quick world, a curriculum stage)."""
 
 
 @dataclass(eq=False)
@@ -553,9 +557,19 @@ class QuestionGenerator:
         return SynthQuestion(question, first.name, _ref_alias(first), "bridge_comparison", hops)
 
 
-def generate_questions(world: World, rng: random.Random, count: int,
-                       exclude: set[str] | None = None) -> list[SynthQuestion]:
-    """`count` questions with distinct texts (and none in `exclude`); raises if the world is too small for it."""
+def check_hops(hops: Collection[int]) -> tuple[int, ...]:
+    """`hops` as a sorted tuple: a non-empty subset of ALL_HOPS, else ValueError."""
+    if not hops or not set(hops) <= set(ALL_HOPS):
+        raise ValueError(f"question hops must be a non-empty subset of {list(ALL_HOPS)}, got {list(hops)}")
+    return tuple(sorted(set(hops)))
+
+
+def generate_questions(world: World, rng: random.Random, count: int, exclude: set[str] | None = None,
+                       hops: Collection[int] = ALL_HOPS) -> list[SynthQuestion]:
+    """`count` questions with distinct texts (and none in `exclude`) and a hop count in `hops`; raises if the world
+    is too small for it. Questions of other hop counts are drawn and discarded, so with every hop count allowed the
+    questions are the same as without the filter."""
+    allowed = check_hops(hops)
     generator = QuestionGenerator(world, rng)
     seen = set(exclude or ())
     out: list[SynthQuestion] = []
@@ -566,7 +580,7 @@ def generate_questions(world: World, rng: random.Random, count: int,
             raise RuntimeError(f"synthetic world: only {len(out)} distinct questions of {count} asked; "
                                "increase the world size")
         question = generator.draw()
-        if question is None or question.question in seen:
+        if question is None or question.question in seen or len(question.hops) not in allowed:
             continue
         seen.add(question.question)
         out.append(question)
@@ -625,8 +639,10 @@ def build_world(seed: int, num_train: int, num_test: int) -> tuple[World, list[S
     return splits.world, splits.train, splits.test
 
 
-def build_splits(seed: int, num_train: int, num_test: int, num_warm_start: int = 0) -> SynthSplits:
-    """The world and its train/test questions (test texts never occur in train), plus warm-start questions.
+def build_splits(seed: int, num_train: int, num_test: int, num_warm_start: int = 0,
+                 hops: Collection[int] = ALL_HOPS) -> SynthSplits:
+    """The world and its train/test questions (test texts never occur in train), plus warm-start questions, every
+    one of them with a hop count in `hops`.
 
     Warm-start questions come from a second region of the world, generated with its own random stream and
     sharing no entity, name or fact with the first: a supervised warm start on them never sees a test question's
@@ -635,7 +651,7 @@ def build_splits(seed: int, num_train: int, num_test: int, num_warm_start: int =
     """
     taken: set[str] = set()
     main = World.generate(seed, world_size_for(num_train + num_test), taken_names=taken)
-    questions = generate_questions(main, random.Random(f"questions-{seed}"), num_train + num_test)
+    questions = generate_questions(main, random.Random(f"questions-{seed}"), num_train + num_test, hops=hops)
     warm_questions: list[SynthQuestion] = []
     entities = list(main.entities)
     if num_warm_start > 0:
@@ -643,13 +659,14 @@ def build_splits(seed: int, num_train: int, num_test: int, num_warm_start: int =
         # across demonstrations, so a policy learns to copy names from its context rather than recall them.
         warm = World.generate(f"warm-start-{seed}", world_size_for(3 * num_warm_start), taken_names=taken,
                               first_doc_id=len(entities))
-        warm_questions = generate_questions(warm, random.Random(f"warm-start-questions-{seed}"), num_warm_start)
+        warm_questions = generate_questions(warm, random.Random(f"warm-start-questions-{seed}"), num_warm_start,
+                                            hops=hops)
         entities += warm.entities
     return SynthSplits(World(entities), questions[:num_train], questions[num_train:], warm_questions)
 
 
 def write_world(out_dir: str | os.PathLike, seed: int, num_train: int, num_test: int,
-                num_warm_start: int = 0) -> WorldFiles:
+                num_warm_start: int = 0, hops: Collection[int] = ALL_HOPS) -> WorldFiles:
     """Generate and write corpus/train/test (and warm_start) jsonl and world.json (written last: it marks the
     files complete)."""
     if num_train <= 0 or num_test <= 0 or num_warm_start < 0:
@@ -657,7 +674,7 @@ def write_world(out_dir: str | os.PathLike, seed: int, num_train: int, num_test:
                          f"(got {num_train}, {num_test}, {num_warm_start})")
     files = _files(out_dir)
     files.root.mkdir(parents=True, exist_ok=True)
-    splits = build_splits(seed, num_train, num_test, num_warm_start)
+    splits = build_splits(seed, num_train, num_test, num_warm_start, hops)
     _write_jsonl_atomic(files.corpus, splits.world.corpus_rows())
     _write_jsonl_atomic(files.train, [q.to_row(f"synth{seed}-train-{i}") for i, q in enumerate(splits.train)])
     _write_jsonl_atomic(files.test, [q.to_row(f"synth{seed}-test-{i}") for i, q in enumerate(splits.test)])
@@ -666,7 +683,8 @@ def write_world(out_dir: str | os.PathLike, seed: int, num_train: int, num_test:
                             [q.to_row(f"synth{seed}-warm-{i}") for i, q in enumerate(splits.warm_start)])
     asked = splits.train + splits.test
     meta = {"generator_version": GENERATOR_VERSION, "seed": seed, "num_train": num_train, "num_test": num_test,
-            "num_warm_start": num_warm_start, "num_docs": len(splits.world.entities),
+            "num_warm_start": num_warm_start, "question_hops": list(check_hops(hops)),
+            "num_docs": len(splits.world.entities),
             "hops": {h: sum(len(q.hops) == h for q in asked) for h in (2, 3, 4)},
             "types": {t: sum(q.qtype == t for q in asked) for t in QUESTION_TYPE_WEIGHTS}}
     tmp = _tmp_path(files.meta)
@@ -676,7 +694,7 @@ def write_world(out_dir: str | os.PathLike, seed: int, num_train: int, num_test:
 
 
 def load_or_create_world(out_dir: str | os.PathLike, seed: int, num_train: int, num_test: int,
-                         num_warm_start: int = 0) -> WorldFiles:
+                         num_warm_start: int = 0, hops: Collection[int] = ALL_HOPS) -> WorldFiles:
     """The world's files under `out_dir`: reused when world.json records the same parameters, else (re)written.
 
     Safe to call from several processes at once (each writes its own temporary files, then renames them; the
@@ -689,11 +707,12 @@ def load_or_create_world(out_dir: str | os.PathLike, seed: int, num_train: int, 
         except (json.JSONDecodeError, UnicodeDecodeError):
             meta = {}
         wanted = {"generator_version": GENERATOR_VERSION, "seed": seed, "num_train": num_train, "num_test": num_test,
-                  "num_warm_start": num_warm_start}
+                  "num_warm_start": num_warm_start, "question_hops": list(check_hops(hops))}
+        meta.setdefault("question_hops", list(ALL_HOPS))  # worlds written before hop filtering kept every count
         needed = [files.corpus, files.train, files.test] + ([files.warm_start] if num_warm_start else [])
         if all(meta.get(k) == v for k, v in wanted.items()) and all(p.exists() for p in needed):
             return files
-    return write_world(out_dir, seed, num_train, num_test, num_warm_start)
+    return write_world(out_dir, seed, num_train, num_test, num_warm_start, hops)
 
 
 @dataclass(frozen=True)

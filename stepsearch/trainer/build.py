@@ -156,9 +156,9 @@ def prepare_data(ctx: Context) -> Data:
         world_dir = ctx.paths.world
         sizes = (cfg.synth_seed, cfg.synth_num_train, cfg.synth_num_test, cfg.synth_num_warm_start)
         if ctx.is_main:
-            load_or_create_world(world_dir, *sizes)
+            load_or_create_world(world_dir, *sizes, hops=cfg.synth_hops)
         ctx.barrier()
-        files = load_or_create_world(world_dir, *sizes)
+        files = load_or_create_world(world_dir, *sizes, hops=cfg.synth_hops)
         train_path, test_paths, corpus = (
             files.train,
             [files.test] if not cfg.test_paths else cfg.test_paths,

@@ -110,6 +110,8 @@ def test_bare_on_off_reach_on_off_fields():
     ("trainer.eval_every=-1", "trainer.eval_every must be >= 0"),
     ("trainer.resume=' '", "trainer.resume must be 'auto', 'never' or a checkpoint path"),
     ("data.shuffle_seed=-3", "data.shuffle_seed must be >= 0"),
+    ("data.synth_hops=[2,5]", "data.synth_hops must be a non-empty subset of [2, 3, 4], got [2, 5]"),
+    ("data.synth_hops=[]", "data.synth_hops must be a non-empty subset of [2, 3, 4], got []"),
     ("model.actor_path=' '", "model.actor_path must be null or a non-empty string"),
 ])
 def test_every_field_is_validated(override, needle):

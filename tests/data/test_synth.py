@@ -15,6 +15,7 @@ from stepsearch.data.cli import main as data_main
 from stepsearch.data.loaders import load_records
 from stepsearch.data.records import QARecord, SupportDoc
 from stepsearch.data.synth import (
+    build_splits,
     build_world,
     gold_trajectory,
     load_or_create_world,
@@ -140,6 +141,35 @@ def test_load_or_create_world_reuses_matching_files_and_regenerates_on_change(tm
     assert sum(1 for _ in open(again.test)) == 10
     files.test.unlink()
     assert load_or_create_world(tmp_path, seed=5, num_train=60, num_test=10).test.exists()
+
+
+def test_a_world_keeps_only_the_hop_counts_asked_for():
+    every, filtered = build_splits(3, 60, 20, 30), build_splits(3, 60, 20, 30, hops=(4, 2, 3))
+    assert every.world.corpus_rows() == filtered.world.corpus_rows()  # keeping every count changes nothing
+    assert [[q.to_row("q") for q in split] for split in (every.train, every.test, every.warm_start)] == \
+        [[q.to_row("q") for q in split] for split in (filtered.train, filtered.test, filtered.warm_start)]
+    assert {len(q.hops) for q in every.train + every.test + every.warm_start} == {2, 3, 4}
+    for hops in [(2,), (3, 4)]:
+        splits = build_splits(3, 60, 20, 30, hops=hops)
+        asked = splits.train + splits.test + splits.warm_start
+        assert (len(splits.train), len(splits.test), len(splits.warm_start)) == (60, 20, 30)
+        assert {len(q.hops) for q in asked} == set(hops)
+        assert not {q.question for q in splits.train} & {q.question for q in splits.test}
+    with pytest.raises(ValueError, match="non-empty subset of"):
+        build_splits(3, 60, 20, hops=(1, 2))
+
+
+def test_load_or_create_world_regenerates_when_the_hop_counts_change(tmp_path):
+    files = load_or_create_world(tmp_path, seed=5, num_train=40, num_test=10)
+    assert json.loads(files.meta.read_text())["question_hops"] == [2, 3, 4]
+    meta = json.loads(files.meta.read_text())
+    del meta["question_hops"]  # a world written before hop filtering kept every hop count: still reused
+    files.meta.write_text(json.dumps(meta))
+    stamp = files.train.stat().st_mtime_ns
+    assert load_or_create_world(tmp_path, seed=5, num_train=40, num_test=10).train.stat().st_mtime_ns == stamp
+    two_hop = load_or_create_world(tmp_path, seed=5, num_train=40, num_test=10, hops=[2])
+    assert {r.hops for r in load_records(two_hop.train).records} == {2}
+    assert json.loads(two_hop.meta.read_text())["question_hops"] == [2]
 
 
 def test_written_files_load_as_records_with_gold_trajectories(tmp_path):

@@ -3,8 +3,8 @@ the synthetic world, the evaluation from another (no test question, and no entit
 appears in the demonstrations), so a correct answer means the policy searched, read and copied the answer.
 
 A 2-hop world (`data.synth_hops=[2]`) with the preset-sized model: 250 warm-start steps take about 45 s on 2 idle
-cores. Measured on 60 held-out questions, exact answers for trainer seeds 0 / 1 / 2: 9 / 6 / 11 (F1 18% / 17%
-/ 27%); the test asks for one. With 2-4 hop questions the same model needs about 400 steps to answer any.
+cores. Measured on 60 held-out questions, exact answers for trainer seeds 0 to 4: 9, 6, 11, 13 and 2 (F1 18%, 17%,
+27%, 28%, 7%); the test asks for one. With 2-4 hop questions the same model needs about 400 steps to answer any.
 """
 
 from __future__ import annotations

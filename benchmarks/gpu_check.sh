@@ -10,6 +10,7 @@
 #   install        this tree installed editable without index or build isolation (builds the C++ segmenter)
 #   gpu_tests      pytest -m gpu: the Triton kernels against their float64 twins at full shapes
 #   bench_gae, bench_ppo_loss, bench_logprob   the kernel benchmarks at their full GPU shapes
+#   profile        benchmarks/gpu_check_profile.py: wall time vs GPU kernel time per fused PPO-loss / GAE call
 #   decode         benchmarks/gpu_check_decode.py: ms per decode step of the tiny model (rollout engine, plain
 #                  generate, each SDPA backend, one cached forward) and the profiler's top operators
 #   steppo         a one-GPU `deepspeed` StePPO run of 2 steps on the tiny preset with the Triton kernels
@@ -126,6 +127,14 @@ write_summary() {
             tail -n 30 "$WORK/bench_$bench.log"
             echo '```'
         done
+        if [[ -f $WORK/profile.log ]]; then
+            echo
+            echo "## profile (printed table)"
+            echo
+            echo '```'
+            grep -v '^USDT' "$WORK/profile.log" | tail -n 30
+            echo '```'
+        fi
         if [[ -f $WORK/decode.log ]]; then
             echo
             echo "## decode (printed table and profile)"
@@ -184,6 +193,10 @@ for bench in gae ppo_loss logprob; do
     step "bench_$bench" 60 "$PY" "benchmarks/bench_$bench.py" --out "$OUT/$bench.csv"
     record "bench_$bench" "$STATUS" "$ELAPSED" "$bench.csv: $(($(wc -l 2>/dev/null < "$OUT/$bench.csv" || echo 1) - 1)) rows"
 done
+
+# ---- host path vs kernels of the fused calls ----------------------------------------------------------------------
+step profile 60 "$PY" benchmarks/gpu_check_profile.py
+record profile "$STATUS" "$ELAPSED" "$(grep -E '^(ppo_loss|scatter_kl_gae) ' "$WORK/profile.log" | awk '{printf "%s: wall %s us, GPU %s us; ", $1, $(NF-2), $(NF-1)}')"
 
 # ---- decode step cost of the tiny model --------------------------------------------------------------------------
 step decode 60 "$PY" benchmarks/gpu_check_decode.py

@@ -104,6 +104,19 @@ step() {
     return $rc
 }
 
+# log_section TITLE COMMAND...: a summary.md section holding the first 40 lines COMMAND prints, as a code block
+# shellcheck disable=SC2317  # invoked by write_summary
+log_section() {
+    local title=$1
+    shift
+    echo
+    echo "## $title"
+    echo
+    echo '```'
+    "$@" | head -n 40
+    echo '```'
+}
+
 # summary.md from steps.csv and the benchmarks' printed tables; written however the script ends
 # shellcheck disable=SC2317  # invoked by the EXIT trap
 write_summary() {
@@ -120,29 +133,12 @@ write_summary() {
         done
         for bench in gae ppo_loss logprob; do
             [[ -f $WORK/bench_$bench.log ]] || continue
-            echo
-            echo "## bench_$bench (printed table; every row in $bench.csv)"
-            echo
-            echo '```'
-            tail -n 30 "$WORK/bench_$bench.log"
-            echo '```'
+            log_section "bench_$bench (printed table; every row in $bench.csv)" tail -n 30 "$WORK/bench_$bench.log"
         done
-        if [[ -f $WORK/profile.log ]]; then
-            echo
-            echo "## profile (printed table)"
-            echo
-            echo '```'
-            grep -v '^USDT' "$WORK/profile.log" | tail -n 30
-            echo '```'
-        fi
-        if [[ -f $WORK/decode.log ]]; then
-            echo
-            echo "## decode (printed table and profile)"
-            echo
-            echo '```'
-            sed -n '/^decode step of/,$p' "$WORK/decode.log" | head -n 40
-            echo '```'
-        fi
+        [[ -f $WORK/profile.log ]] && log_section "profile (printed table)" \
+            grep -v '^USDT' "$WORK/profile.log"
+        [[ -f $WORK/decode.log ]] && log_section "decode (printed table and profile)" \
+            sed -n '/^decode step of/,$p' "$WORK/decode.log"
     } > "$OUT/summary.md"
     rm -rf "$WORK"
     echo "gpu_check: $(grep -c ',ok,' "$OUT/steps.csv") steps ok; summary in $OUT/summary.md"

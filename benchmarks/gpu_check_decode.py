@@ -2,9 +2,10 @@
 
     python benchmarks/gpu_check_decode.py [--device cuda|cpu]
 
-The first GPU check's StePPO run spent 24 s on eight greedy evaluation answers of about 100 tokens each, which take
-0.6 s on 2 CPU cores: a decode step cost about 40 times more on the GPU. Timed here, each as milliseconds per decode
-step (64 prompts, 128 new tokens, sampled, median of 3 after a warm-up), on the preset's model shape in bf16:
+The first GPU check's StePPO run spent 24 s on eight greedy evaluation answers, which take 0.6 s on 2 CPU cores
+(there each stops at the 64-token turn limit): a decode step seemed to cost tens of times more on the GPU. Timed
+here, each as milliseconds per decode step (64 prompts, 128 new tokens, sampled, median of 3 after a warm-up), on
+the preset's model shape in bf16:
 
 - engine:       `HFEngine.generate`, the trainer's rollout path (stop strings, per-token log-probs)
 - generate:     plain transformers `generate`, no logits processor, no stopping criteria

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import csv
 import platform
+import statistics
+import time
 from pathlib import Path
 
 import torch
@@ -13,6 +15,26 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def median_seconds(call, device: torch.device, repeats: int, warmup: int = 1) -> float:
+    """Median wall seconds of `call()` over `repeats` runs after `warmup` untimed ones, the device synchronised
+    before and after each timed run (so a GPU call's queued kernels count)."""
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(warmup):
+        call()
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        call()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def write_csv(path: Path, rows: list[dict], fieldnames: list[str] | None = None) -> None:

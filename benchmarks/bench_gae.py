@@ -121,15 +121,7 @@ def _time_gpu(fn, input_sets, slow: bool) -> float:
         fn(input_sets[next(calls) % len(input_sets)])
 
     if slow:
-        step()
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(3):
-            start = time.perf_counter()
-            step()
-            torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
+        return bench_common.median_seconds(step, torch.device("cuda"), repeats=3)
     return triton.testing.do_bench(step, return_mode="median") * 1e-3
 
 

@@ -100,7 +100,7 @@ def serve_searchr1(index_dir: str, bm25_search: str) -> None:
     from fastapi import FastAPI
     from pydantic import BaseModel
 
-    from stepsearch.retrieval.index import load_index
+    from stepsearch.retrieval.index import import_bm25s, load_index
 
     index = load_index(index_dir)
     default_topk = 3
@@ -112,9 +112,7 @@ def serve_searchr1(index_dir: str, bm25_search: str) -> None:
 
     def search_one_bm25(query: str, topk: int) -> tuple[list[int], list[float]]:
         if bm25_search == "stock":
-            import bm25s
-
-            tokens = bm25s.tokenize([query], stopwords="en", return_ids=False, show_progress=False)
+            tokens = import_bm25s().tokenize([query], stopwords="en", return_ids=False, show_progress=False)
             positions, scores = index.model.retrieve(tokens, k=min(topk, len(index.docs)), show_progress=False,
                                                      n_threads=1)
             keep = scores[0] > 0

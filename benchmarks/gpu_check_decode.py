@@ -18,11 +18,10 @@ then prints torch.profiler's top operators by CPU time for 32 engine steps. Prin
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
+import bench_common
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -42,18 +41,10 @@ BATCH, NEW_TOKENS, REPEATS = 64, 128, 3
 
 
 def timed_ms_per_step(run, device: torch.device) -> float:
-    """Median over REPEATS of run()'s seconds / decode steps, after one untimed call; run() returns its steps."""
-    run()
-    times = []
-    for _ in range(REPEATS):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        tick = time.perf_counter()
-        steps = run()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(1000 * (time.perf_counter() - tick) / steps)
-    return statistics.median(times)
+    """Median over REPEATS of run()'s milliseconds per decode step; the first call is untimed and counts the steps
+    (every call decodes the same tokens: the sampling seed is fixed)."""
+    steps = run()
+    return 1000 * bench_common.median_seconds(run, device, REPEATS, warmup=0) / steps
 
 
 def main(argv=None) -> int:

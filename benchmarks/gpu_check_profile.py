@@ -14,11 +14,10 @@ ratio, and each kernel's share; a GPU busy for a small part of the wall time mea
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
+import bench_common
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -89,23 +88,6 @@ def gae_call(batch: int, length: int, device: torch.device):
     return call
 
 
-def wall_us(call, device: torch.device) -> float:
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    for _ in range(3):
-        call()
-    times = []
-    for _ in range(CALLS):
-        sync()
-        tick = time.perf_counter()
-        call()
-        sync()
-        times.append((time.perf_counter() - tick) * 1e6)
-    return statistics.median(times)
-
-
 def kernel_table(call, device: torch.device) -> tuple[float, list[tuple[str, float]]]:
     """(GPU microseconds per call, [(kernel, microseconds per call)]) from torch.profiler over CALLS calls."""
     from torch.profiler import ProfilerActivity, profile
@@ -140,7 +122,7 @@ def main(argv=None) -> int:
     tables = []
     for label, make in (("ppo_loss fwd+bwd", ppo_call), ("scatter_kl_gae", gae_call)):
         call = make(batch, length, device)
-        wall = wall_us(call, device)
+        wall = 1e6 * bench_common.median_seconds(call, device, CALLS, warmup=3)
         gpu, rows = kernel_table(call, device)
         print(f"{label:<26} {wall:>9.1f} {gpu:>9.1f} {gpu / wall:>8.0%}")
         tables.append((label, rows))

@@ -120,8 +120,9 @@ def _forward_backward(loss_fn, case, dtype=None, **extra):
     return result
 
 
-def _kink_tokens(case, shift=1e-6):
-    """(B, T) bool: tokens whose float64 gradient changes branch when `logp` or `values` moves by +-`shift`.
+def _kink_tokens(case, reference, shift=1e-6):
+    """(B, T) bool: tokens whose float64 gradient (`reference`: the twin's `_forward_backward` in float64) changes
+    branch when `logp` or `values` moves by +-`shift`.
 
     The clipped objectives have kinks (ratio at 1 - eps, 1 + eps or the dual-clip bound; |values - old_values| at
     the value clip; the switch between clipped and unclipped value loss), where the gradient jumps. A token within
@@ -130,7 +131,6 @@ def _kink_tokens(case, shift=1e-6):
     kernel. Away from the kinks a shift of 1e-6 moves a gradient by at most ~2e-7 of the largest one (its slope
     is at most 1 / token count times the input scale); a branch change moves it by all of itself, and one below
     1e-6 of the largest gradient is within the comparison's tolerance whichever branch it takes."""
-    base = _forward_backward(twin_ppo_loss, case, dtype=torch.float64)
     kinks = torch.zeros_like(case["loss_mask"])
     for name in ("logp", "values"):
         if case[name] is None:
@@ -138,7 +138,7 @@ def _kink_tokens(case, shift=1e-6):
         for sign in (1.0, -1.0):
             moved = dict(case, **{name: case[name].double() + sign * shift})
             grad = _forward_backward(twin_ppo_loss, moved, dtype=torch.float64)[f"grad_{name}"]
-            kinks |= (grad - base[f"grad_{name}"]).abs() > 1e-6 * base[f"grad_{name}"].abs().max()
+            kinks |= (grad - reference[f"grad_{name}"]).abs() > 1e-6 * reference[f"grad_{name}"].abs().max()
     return kinks & case["loss_mask"]
 
 
@@ -155,7 +155,7 @@ def test_kink_tokens_are_the_ones_on_a_clip_bound():
     case["values"][1, 2] = case["old_values"][1, 2] + 0.4  # ... except its gradient stops at the value clip
     expected = torch.zeros(2, 8, dtype=torch.bool)
     expected[0, 3] = expected[1, 5] = expected[1, 2] = True
-    assert torch.equal(_kink_tokens(case), expected)
+    assert torch.equal(_kink_tokens(case, _forward_backward(twin_ppo_loss, case, dtype=torch.float64)), expected)
 
 
 def _run_kernel(kernels, case):
@@ -256,7 +256,7 @@ def test_gpu_two_million_tokens_match_float64_twin(mode):
     reference = _forward_backward(twin_ppo_loss, case, dtype=torch.float64)
     for index, field in enumerate(PPOLossOutput._fields):
         _assert_close(result["outputs"][index], reference["outputs"][index], 1e-5, field, floor=1.0)
-    smooth = ~_kink_tokens(case)
+    smooth = ~_kink_tokens(case, reference)
     assert (~smooth).sum() <= 1e-4 * smooth.numel(), f"{int((~smooth).sum())} tokens on a kink"
     for name in _DIFFERENTIABLE:
         _assert_close(result[f"grad_{name}"][smooth], reference[f"grad_{name}"][smooth], 1e-5, name)

@@ -401,6 +401,13 @@ class TrainerConfig:
     warm_start_first_turn_steps: int = 0
     """Of `warm_start_steps`, how many come first and train only the prompt and first turn of each demonstration
     (batches four times larger): cheap steps that teach carrying the question's names into the first search."""
+    warm_start_select_every: int = 0
+    """Model selection for the warm start: every this many steps from half-way on, and at the last step, evaluate
+    the policy greedily on `warm_start_select_questions` RL training questions (never a test question, nor a
+    demonstrated one) and keep the weights that score best: mean answer F1, with `reward.format_penalty` for an
+    invalid format (the outcome reward without the search-key term). 0 keeps the last step's weights."""
+    warm_start_select_questions: int = 120
+    """Questions of each `warm_start_select_every` evaluation."""
     warm_start_reading_weight: float = 0.0
     """Weight of a next-token loss on the text the policy reads (prompt and retrieved passages) during the warm
     start: a model trained from scratch has never read text, and reading the passages teaches it their wording."""
@@ -415,6 +422,10 @@ class TrainerConfig:
     """Fraction of demonstrations that take one detour (searching the whole question first, repeating a search,
     or answering with an intermediate hop's answer), so the warm-started policy is not already optimal at
     searching."""
+    warm_start_limit_prob: float = 0.0
+    """Fraction of demonstrations that repeat their last search until the agent loop refuses one with its search-limit
+    notice, and then answer: otherwise no demonstration shows what the notice asks for, and a policy that reaches
+    the limit tends to search again (drawn from a random stream of its own: 0 leaves every other draw unchanged)."""
     tensorboard: bool = True
     """Write TensorBoard event files next to metrics.jsonl."""
     wandb_project: str | None = None
@@ -441,8 +452,10 @@ class TrainerConfig:
         _check(self.dist_timeout_minutes >= 1, "trainer.dist_timeout_minutes must be >= 1")
         _check(self.warm_start_batch_size >= 1, "trainer.warm_start_batch_size must be >= 1")
         _at_least("trainer", self, 0, "warm_start_reading_weight", "warm_start_first_turn_steps",
-                  "warm_start_trajectories")
+                  "warm_start_trajectories", "warm_start_select_every")
+        _check(self.warm_start_select_questions >= 1, "trainer.warm_start_select_questions must be >= 1")
         _check(0.0 <= self.warm_start_detour_prob <= 1.0, "trainer.warm_start_detour_prob must be in [0, 1]")
+        _check(0.0 <= self.warm_start_limit_prob <= 1.0, "trainer.warm_start_limit_prob must be in [0, 1]")
 
     @property
     def run_dir(self) -> Path:

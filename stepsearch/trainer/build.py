@@ -303,7 +303,13 @@ def prepare_policy(ctx: Context, data: Data, retriever, tokenizer) -> str:
         model = build_tiny_model(cfg.model, tokenizer, seed=cfg.trainer.seed)
         staging = policy_dir.with_name(policy_dir.name + ".tmp")
         if warm:
-            from stepsearch.trainer.warm_start import render_first_turns, render_gold_examples, supervised_warm_start
+            from stepsearch.trainer.warm_start import (
+                CheckpointSelector,
+                answer_score,
+                render_first_turns,
+                render_gold_examples,
+                supervised_warm_start,
+            )
 
             model.to(ctx.device)
             trainer_cfg = cfg.trainer
@@ -322,6 +328,7 @@ def prepare_policy(ctx: Context, data: Data, retriever, tokenizer) -> str:
                 cfg.retriever.topk,
                 seed=trainer_cfg.seed,
                 detour_prob=trainer_cfg.warm_start_detour_prob,
+                limit_prob=trainer_cfg.warm_start_limit_prob,
                 question_first=trainer_cfg.warm_start_question_first,
                 fresh_names_avoiding=avoid,
             )
@@ -337,6 +344,23 @@ def prepare_policy(ctx: Context, data: Data, retriever, tokenizer) -> str:
                     seed=trainer_cfg.seed,
                     fresh_names_avoiding=avoid,
                 )
+            selector = None
+            if trainer_cfg.warm_start_select_every:
+                # RL training questions: outside the demonstrations (their own region of the world when there is
+                # one), and never a test question
+                held_out = data.train if data.warm_start else questions[len(demonstrated):]
+                held_out = list(held_out)[: trainer_cfg.warm_start_select_questions]
+                if not held_out:
+                    raise ConfigError("trainer.warm_start_select_every needs questions the warm start does not "
+                                      "demonstrate: set trainer.warm_start_trajectories below the number of "
+                                      "training questions, or use a synthetic world with data.synth_num_warm_start")
+
+                def score(policy):
+                    return answer_score(policy, tokenizer, retriever, held_out, cfg.rollout, cfg.reward,
+                                        cfg.retriever.topk, cfg.retriever.max_query_chars)
+
+                selector = CheckpointSelector(model, score, trainer_cfg.warm_start_select_every,
+                                              trainer_cfg.warm_start_steps)
             losses = supervised_warm_start(
                 model,
                 examples,
@@ -348,10 +372,17 @@ def prepare_policy(ctx: Context, data: Data, retriever, tokenizer) -> str:
                 reading_weight=trainer_cfg.warm_start_reading_weight,
                 first_turn_steps=trainer_cfg.warm_start_first_turn_steps,
                 first_turns=first_turns,
+                after_step=selector,
             )
             log.info("warm start: %d gold trajectories, loss %.3f -> %.3f", len(examples), losses[0], losses[-1])
             staging.mkdir(parents=True, exist_ok=True)
             (staging / "losses.json").write_text(json.dumps(losses), encoding="utf-8")
+            if selector is not None:
+                selector.restore()
+                log.info("warm start: kept step %d of %d (held-out answer score by step: %s)", selector.best_step,
+                         len(losses), ", ".join(f"{row['step']}: {row['score']:.3f}" for row in selector.history))
+                selection = {"kept_step": selector.best_step, "questions": len(held_out), "history": selector.history}
+                (staging / "selection.json").write_text(json.dumps(selection, indent=1), encoding="utf-8")
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         os.replace(staging, policy_dir)

@@ -13,6 +13,7 @@ answer. It is rendered exactly as the agent loop would produce it, token by toke
 
 where evidence k is the sentence of hop k's support passage that states its answer (`evidence_sentence`). A
 fraction of the demonstrations can take a detour (`DETOURS`): imperfect searching for RL to improve on.
+`CheckpointSelector` keeps the weights of the step that answers held-out questions best (`answer_score`).
 
 Each piece is tokenized on its own and the ids are concatenated, and the budgets are the agent loop's, through the
 one renderer both use (`stepsearch.rollout.render`): a gold trajectory is laid out exactly as the agent loop would
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import math
 import random
 import re
@@ -42,10 +44,12 @@ from stepsearch.rollout.render import TrajectoryRenderer, format_documents
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-    from stepsearch.config import RolloutConfig
+    from stepsearch.config import RewardConfig, RolloutConfig
     from stepsearch.data.records import QARecord
     from stepsearch.retrieval.base import Document, Retriever
 
+
+log = logging.getLogger("stepsearch.trainer")
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
@@ -71,11 +75,12 @@ DETOURS = ("question_query", "repeated_query", "early_answer")
 `question_query`: the first search sends the whole question (a common first move of weak search agents), whose
 results go unused: the first hop is then searched with its reference query; `repeated_query`: one search is sent
 twice (the second retrieves nothing new: redundancy); `early_answer`: the trajectory answers with an intermediate
-hop's answer instead of finishing the chain."""
+hop's answer instead of finishing the chain. Apart from these, `gold_turns(refused_after=...)` demonstrates the
+search limit: no other demonstration ever shows the agent loop's refusal notice."""
 
 
 def gold_turns(record: "QARecord", rng: random.Random | None = None, detour: str | None = None,
-               question_first: bool = False) -> tuple[list[str], list[str]]:
+               question_first: bool = False, refused_after: int | None = None) -> tuple[list[str], list[str]]:
     """(generated turn texts, search queries) of the record's gold trajectory; one more turn than queries.
 
     Each turn after a search first quotes the passage sentence that answers the hop (its intermediate answer when
@@ -84,10 +89,14 @@ def gold_turns(record: "QARecord", rng: random.Random | None = None, detour: str
     retrieves the first hop's passage): the question names the entity the chain starts from, so its search needs
     no name copied out of the question, only the question copied. `detour` (one of `DETOURS`, drawn positions from
     `rng`) turns the demonstration into an imperfect one, so that a policy warm-started on a mix is not already
-    optimal at searching and RL has something to improve.
+    optimal at searching and RL has something to improve. `refused_after` (the agent loop's `max_turns`): after the
+    chain, the last search is repeated until there are `refused_after` + 1 searches, so that the agent loop refuses
+    the last one with its notice, and the trajectory then answers.
     """
     if detour is not None and detour not in DETOURS:
         raise ValueError(f"unknown warm-start detour {detour!r} (expected one of {DETOURS})")
+    if refused_after is not None and refused_after < 1:
+        raise ValueError(f"refused_after must be >= 1 (the agent loop's max_turns), got {refused_after}")
     gold = gold_trajectory(record, rng)
     rng = rng or random.Random(0)
     steps = list(gold.steps)
@@ -108,6 +117,10 @@ def gold_turns(record: "QARecord", rng: random.Random | None = None, detour: str
         again = rng.randrange(len(searches))
         searches.insert(again + 1, searches[again])
         findings.insert(again + 1, findings[again])
+    if refused_after is not None:
+        while len(searches) <= refused_after:
+            searches.append(searches[-1])
+            findings.append(findings[-1])
     turns, queries, previous = [], [], ""
     for (sub_question, query), finding in zip(searches, findings):
         thought = f"{previous} {sub_question}".strip()
@@ -129,39 +142,48 @@ def _finding(step) -> str:
 def render_gold_examples(records: Sequence["QARecord"], tokenizer: "PreTrainedTokenizerBase", retriever: "Retriever",
                          rollout_cfg: "RolloutConfig", topk: int, seed: int = 0,
                          detour_prob: float = 0.0, question_first: bool = False,
-                         fresh_names_avoiding: set[str] | frozenset[str] | None = None,
+                         fresh_names_avoiding: set[str] | frozenset[str] | None = None, limit_prob: float = 0.0,
                          ) -> list[tuple[list[int], list[int]]]:
     """(token ids, loss mask) per record with a gold trajectory; records without one are skipped.
 
     With `question_first`, a record whose question, searched as is, retrieves its first hop's passage is
     demonstrated starting with that search (`gold_turns(question_first=True)`). With probability `detour_prob` a
-    record's demonstration takes one of the `DETOURS` (drawn uniformly). With `fresh_names_avoiding` (the world's
-    own names), each demonstration is searched with the world's names and then rendered with its made-up names
+    record's demonstration takes one of the `DETOURS` (drawn uniformly); with probability `limit_prob` (drawn from
+    a stream of its own, so that 0 changes nothing else) it then repeats its last search until the agent loop
+    refuses one, and answers (`gold_turns(refused_after=rollout_cfg.max_turns)`). With `fresh_names_avoiding` (the
+    world's own names), each demonstration is searched with the world's names and then rendered with its made-up names
     renamed to fresh ones (`synth.FreshNames`), its question, turns and retrieved passages alike.
     """
     rng = random.Random(seed)
+    limit_rng = random.Random(f"search-limit-{seed}")
     renamers = _renamers(fresh_names_avoiding, seed)
     records = list(records)
     question_hits = _question_finds_first_hop(records, retriever, topk) if question_first else [False] * len(records)
     rendered = []
     for record, hit in zip(records, question_hits):
         detour = rng.choice(DETOURS) if detour_prob > 0 and rng.random() < detour_prob else None
+        refused_after = rollout_cfg.max_turns if limit_prob > 0 and limit_rng.random() < limit_prob else None
         try:
-            turns, queries = gold_turns(record, rng, detour, question_first=hit)
+            turns, queries = gold_turns(record, rng, detour, question_first=hit, refused_after=refused_after)
         except ValueError:
             continue
         rendered.append((record, turns, queries))
     all_queries = [q for _, _, queries in rendered for q in queries]
     results = iter(retriever.search(all_queries, topk) if all_queries else [])
     renderer = TrajectoryRenderer(tokenizer, rollout_cfg)
-    examples = []
+    examples, cut = [], 0
     for record, turns, queries in rendered:
         rename = next(renamers)
         documents = [[dataclasses.replace(doc, title=rename(doc.title), text=rename(doc.text)) for doc in next(results)]
                      for _ in queries]
-        response, loss_mask = _render_response(renderer, [rename(turn) for turn in turns], documents)
+        response, loss_mask, complete = _render_response(renderer, [rename(turn) for turn in turns], documents)
+        cut += not complete
         prompt = build_prompt_ids(tokenizer, rename(record.question), rollout_cfg.template)
         examples.append((prompt + response, [0] * len(prompt) + loss_mask))
+    if cut:
+        log.warning("%d of %d warm-start demonstrations do not fit the rollout budgets (rollout."
+                    "max_new_tokens_per_turn, max_response_tokens, max_information_tokens) and are trained cut, where "
+                    "a rollout would stop", cut, len(examples))
     return examples
 
 
@@ -187,17 +209,19 @@ def _question_finds_first_hop(records: list["QARecord"], retriever: "Retriever",
 
 
 def _render_response(renderer: TrajectoryRenderer, turns: list[str],
-                     documents: list[list["Document"]]) -> tuple[list[int], list[int]]:
-    """(response ids, loss mask) of a gold trajectory as the agent loop would lay it out if the policy wrote the gold
-    turns: a turn longer than its allowance is cut and ends the trajectory, a block that no longer fits ends it, and
-    the search after `max_turns` searches gets the refusal notice, after which the next turn is the last."""
+                     documents: list[list["Document"]]) -> tuple[list[int], list[int], bool]:
+    """(response ids, loss mask, whether the last turn is laid out in full) of a gold trajectory as the agent loop
+    would lay it out if the policy wrote the gold turns: a turn longer than its allowance is cut and ends the
+    trajectory, a block that no longer fits ends it, and the search after `max_turns` searches gets the refusal
+    notice, after which the next turn is the last."""
     ids: list[int] = []
     mask: list[int] = []
-    refused = False
+    refused = complete = False
     for index, turn in enumerate(turns):
         turn_ids = renderer.tokenizer.encode(turn, add_special_tokens=False)
         allowance = renderer.turn_allowance(len(ids))
         ids, mask = ids + turn_ids[:allowance], mask + [1] * min(len(turn_ids), allowance)
+        complete = index == len(turns) - 1 and len(turn_ids) <= allowance
         if len(turn_ids) > allowance or refused or index >= len(documents):
             break
         body_budget = renderer.body_budget(len(ids))
@@ -207,13 +231,13 @@ def _render_response(renderer: TrajectoryRenderer, turns: list[str],
         body = SEARCH_REFUSED_NOTICE if refused else format_documents(documents[index])
         [block] = renderer.blocks([body], [body_budget])
         ids, mask = ids + block, mask + [0] * len(block)
-    return ids, mask
+    return ids, mask, complete
 
 
 def supervised_warm_start(model: "PreTrainedModel", examples: Sequence[tuple[list[int], list[int]]], pad_token_id: int,
                           *, steps: int, lr: float, batch_size: int = 16, seed: int = 0, reading_weight: float = 0.0,
                           first_turn_steps: int = 0, first_turns: Sequence[tuple[list[int], list[int]]] | None = None,
-                          progress: bool = True) -> list[float]:
+                          after_step: Callable[[int], None] | None = None, progress: bool = True) -> list[float]:
     """`steps` AdamW steps of masked next-token loss on `examples`; returns the loss per step (model left in eval).
 
     The loss is the mean cross-entropy of the policy's tokens (loss mask 1). With `reading_weight` > 0 the other
@@ -226,6 +250,9 @@ def supervised_warm_start(model: "PreTrainedModel", examples: Sequence[tuple[lis
     larger: a few times cheaper than whole trajectories, they teach the first thing every trajectory needs,
     carrying the question's names into the first search. Given a pool of first turns much larger than the
     examples (`render_first_turns`), that is copying: too many names to recall them.
+
+    `after_step(n)` runs after optimizer step n (1-based), with the model in training mode (e.g. a
+    `CheckpointSelector`).
 
     Learning rate: linear warm-up over the first 5% of the steps, then cosine decay to a tenth. Batches group
     examples of similar length (drawn at random, sorted within a pool of eight batches), which cuts padding; the
@@ -286,6 +313,9 @@ def supervised_warm_start(model: "PreTrainedModel", examples: Sequence[tuple[lis
         optimizer.step()
         scheduler.step()
         losses.append(policy_loss.detach())
+        if after_step is not None:
+            after_step(len(losses))
+            model.train()
         if bar is not None:
             bar.update(1)
             if len(losses) % 25 == 0:
@@ -294,6 +324,57 @@ def supervised_warm_start(model: "PreTrainedModel", examples: Sequence[tuple[lis
         bar.close()
     model.eval()
     return torch.stack(losses).tolist() if losses else []
+
+
+def answer_score(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", retriever: "Retriever",
+                 records: Sequence["QARecord"], rollout_cfg: "RolloutConfig", reward_cfg: "RewardConfig", topk: int,
+                 max_query_chars: int = 512) -> dict[str, float]:
+    """Greedy agent rollouts of `model` on `records`: {"score", "f1", "valid_format"}, where score is the mean of
+    the answer F1, or `reward_cfg.format_penalty` for an invalid format (the outcome reward without its search-key
+    term, so that it ranks answers, not searches)."""
+    from stepsearch.eval import evaluate
+    from stepsearch.rollout.engine import HFEngine
+
+    with torch.no_grad():
+        result = evaluate(HFEngine(model, tokenizer), retriever, tokenizer, {"held_out": records}, rollout_cfg, topk,
+                          max_query_chars=max_query_chars, progress=False, reward_cfg=reward_cfg)
+    rows = result.trajectories["held_out"]
+    scores = [row["f1"] if row["valid_format"] else reward_cfg.format_penalty for row in rows]
+    return {"score": sum(scores) / len(scores), "f1": result.datasets["held_out"].f1,
+            "valid_format": result.datasets["held_out"].valid_format_rate}
+
+
+class CheckpointSelector:
+    """An `after_step` for `supervised_warm_start` that scores the model every `every` steps from half of `steps`
+    on, and at the last step, with `score(model)` (a dict with a "score" key, higher is better), and keeps a copy
+    of the best weights (the later step on a tie); `restore()` loads them back. A warm start's last step is not
+    always its best: a tiny policy's greedy trajectories can start looping or searching past the limit while its
+    training loss still falls."""
+
+    def __init__(self, model: "PreTrainedModel", score: Callable[["PreTrainedModel"], dict[str, float]], every: int,
+                 steps: int) -> None:
+        if every < 1:
+            raise ValueError(f"CheckpointSelector: every must be >= 1, got {every}")
+        self.model, self.score, self.every, self.steps = model, score, every, steps
+        self.history: list[dict[str, float]] = []
+        self.best_step = 0
+        self._best_score = -math.inf
+        self._best_weights: dict[str, torch.Tensor] | None = None
+
+    def __call__(self, step: int) -> None:
+        if step != self.steps and (step % self.every or 2 * step < self.steps):
+            return
+        self.model.eval()
+        result = {"step": step, **self.score(self.model)}
+        self.history.append(result)
+        if result["score"] >= self._best_score:
+            self.best_step, self._best_score = step, result["score"]
+            self._best_weights = {name: tensor.detach().clone() for name, tensor in self.model.state_dict().items()}
+
+    def restore(self) -> None:
+        """Load the best-scoring weights into the model (nothing to do before the first evaluation)."""
+        if self._best_weights is not None:
+            self.model.load_state_dict(self._best_weights)
 
 
 def render_first_turns(records: Sequence["QARecord"], tokenizer: "PreTrainedTokenizerBase", retriever: "Retriever",

@@ -66,9 +66,10 @@ def test_supervised_warm_start_lowers_the_loss(tokenizer):
 class GoldEngine:
     """An `Engine` that writes the record's gold turns: turn n is gold turn n, cut at `max_new_tokens`."""
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, turns=None):
         self.tokenizer = tokenizer
-        self.turns = [tokenizer.encode(turn, add_special_tokens=False) for turn in gold_turns(RECORD)[0]]
+        turns = gold_turns(RECORD)[0] if turns is None else turns
+        self.turns = [tokenizer.encode(turn, add_special_tokens=False) for turn in turns]
 
     def generate(self, prompts, *, max_new_tokens, stop_strings, temperature, top_p, seed=None):
         out = []
@@ -118,6 +119,54 @@ def test_each_detour_changes_the_demonstration_as_documented():
     with pytest.raises(ValueError, match="unknown warm-start detour"):
         gold_turns(RECORD, None, "shortcut")
     assert len(plain_turns) == 3 and set(DETOURS) == {"question_query", "repeated_query", "early_answer"}
+
+
+def test_a_demonstration_refused_after_the_search_limit_repeats_its_last_search_and_then_answers():
+    import random
+
+    plain_turns, plain_queries = gold_turns(RECORD)
+    turns, queries = gold_turns(RECORD, random.Random(0), refused_after=4)
+    assert queries == [*plain_queries, *[plain_queries[-1]] * 3] and turns[-1] == plain_turns[-1]
+    _, queries = gold_turns(RECORD, random.Random(0), "repeated_query", refused_after=4)
+    assert len(queries) == 5  # a detour and the limit combine
+    with pytest.raises(ValueError, match="refused_after must be >= 1"):
+        gold_turns(RECORD, None, refused_after=0)
+
+
+def test_limit_prob_lays_out_the_refusal_notice_as_the_agent_loop_does_and_leaves_other_draws_alone(tokenizer):
+    import random
+
+    from stepsearch.rollout.agent_loop import SEARCH_REFUSED_NOTICE
+
+    rollout = RolloutConfig(samples_per_prompt=1, max_information_tokens=64, max_turns=3)
+    [(ids, mask)] = render_gold_examples([RECORD], tokenizer, FixedRetriever(), rollout, topk=1, limit_prob=1.0)
+    turns, _ = gold_turns(RECORD, random.Random(0), refused_after=3)
+    batch = run_agent_loop(GoldEngine(tokenizer, turns), FixedRetriever(), tokenizer, [RECORD], rollout, topk=1,
+                           greedy=True)
+    prompt, length = batch.prompt_ids[0], int(batch.response_mask[0].sum())
+    assert batch.finish_reasons[0] == "answer" and batch.num_searches[0] == 3  # the 4th search is refused
+    assert ids == prompt + batch.response_ids[0, :length].tolist()
+    assert mask == [0] * len(prompt) + batch.loss_mask[0, :length].int().tolist()
+    after_notice = tokenizer.decode(ids, skip_special_tokens=False).split(SEARCH_REFUSED_NOTICE)
+    assert len(after_notice) == 2 and after_notice[1].rstrip().endswith("<answer> Dazin </answer>")
+    records = [RECORD] * 40
+    mixed = render_gold_examples(records, tokenizer, FixedRetriever(), rollout, topk=1, seed=3, detour_prob=0.5)
+    assert mixed == render_gold_examples(records, tokenizer, FixedRetriever(), rollout, topk=1, seed=3,
+                                         detour_prob=0.5, limit_prob=0.0)
+    limited = render_gold_examples(records, tokenizer, FixedRetriever(), rollout, topk=1, seed=3, detour_prob=0.5,
+                                   limit_prob=0.5)
+    assert 8 <= sum(SEARCH_REFUSED_NOTICE in tokenizer.decode(ids) for ids, _ in limited) <= 32
+
+
+def test_demonstrations_cut_by_the_rollout_budgets_are_counted_in_a_warning(tokenizer, caplog):
+    rollout = RolloutConfig(max_information_tokens=64, max_new_tokens_per_turn=8)
+    with caplog.at_level("WARNING", logger="stepsearch.trainer"):
+        render_gold_examples([RECORD, RECORD], tokenizer, FixedRetriever(), rollout, topk=1)
+    assert "2 of 2 warm-start demonstrations do not fit the rollout budgets" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="stepsearch.trainer"):
+        render_gold_examples([RECORD], tokenizer, FixedRetriever(), RolloutConfig(max_information_tokens=64), topk=1)
+    assert "do not fit" not in caplog.text
 
 
 def test_detour_prob_mixes_imperfect_demonstrations_in_reproducibly(tokenizer):
@@ -251,3 +300,42 @@ def test_a_run_with_fresh_names_renames_its_demonstrations_away_from_every_name_
     for line in (run.ctx.paths.world / "corpus.jsonl").read_text().splitlines():
         world_names |= made_up_words(json.loads(line)["contents"])
     assert avoided == [world_names] and len(world_names) > 50  # held-out names included
+
+
+def test_checkpoint_selector_keeps_the_best_scoring_weights_from_half_way_on():
+    import torch
+
+    from stepsearch.trainer.warm_start import CheckpointSelector
+
+    model = torch.nn.Linear(2, 1, bias=False)
+    scores = {6: 0.2, 8: 0.5, 10: 0.5}  # a tie with step 8 at the last step: the later one is kept
+    selector = CheckpointSelector(model, lambda m: {"score": scores[step]}, every=2, steps=10)
+    for step in range(1, 11):
+        with torch.no_grad():
+            model.weight.fill_(float(step))
+        selector(step)
+    assert [row["step"] for row in selector.history] == [6, 8, 10] and selector.best_step == 10
+    scores[10] = 0.1
+    selector = CheckpointSelector(model, lambda m: {"score": scores[step]}, every=2, steps=10)
+    for step in range(1, 11):
+        with torch.no_grad():
+            model.weight.fill_(float(step))
+        selector(step)
+    selector.restore()
+    assert selector.best_step == 8 and model.weight.tolist() == [[8.0, 8.0]]
+    with pytest.raises(ValueError, match="every must be >= 1"):
+        CheckpointSelector(model, lambda m: {"score": 0.0}, every=0, steps=10)
+
+
+def test_answer_score_counts_an_invalid_format_at_the_format_penalty(tokenizer):
+    from stepsearch.config import RewardConfig
+    from stepsearch.trainer.warm_start import answer_score
+
+    model = build_tiny_model(ModelConfig(tiny_hidden_size=32, tiny_num_layers=1, tiny_num_heads=2,
+                                         tiny_num_kv_heads=1, tiny_intermediate_size=48,
+                                         tiny_copy_circuit=False), tokenizer)
+    rollout = RolloutConfig(max_turns=1, max_new_tokens_per_turn=4, max_response_tokens=64)
+    result = answer_score(model, tokenizer, FixedRetriever(), [RECORD, RECORD], rollout,
+                          RewardConfig(format_penalty=-0.75), topk=1)
+    # four random tokens never close an answer block
+    assert result == {"score": -0.75, "f1": 0.0, "valid_format": 0.0}

@@ -5,9 +5,12 @@ appears in the demonstrations), so a correct answer means the policy searched, r
 A 2-hop world (`data.synth_hops=[2]`) with the preset-sized model: 250 warm-start steps take about 45 s on 2 idle
 cores. Measured on 60 held-out questions, exact answers for trainer seeds 0 to 4: 9, 6, 11, 13 and 2 (F1 18%, 17%,
 27%, 28%, 7%); the test asks for one. With 2-4 hop questions the same model needs about 400 steps to answer any.
+Model selection (`trainer.warm_start_select_every`) scores the last step on 20 RL training questions and keeps it.
 """
 
 from __future__ import annotations
+
+import json
 
 from stepsearch.train import evaluate_stage
 from stepsearch.trainer.build import build_run
@@ -29,6 +32,8 @@ HELD_OUT_TOY = [
     "rollout.max_response_tokens=480",
     "trainer.warm_start_steps=250",
     "trainer.warm_start_first_turn_steps=50",
+    "trainer.warm_start_select_every=250",
+    "trainer.warm_start_select_questions=20",
     "trainer.eval_max_questions=60",
     "trainer.report=false",
     "deepspeed.enabled='off'",
@@ -40,5 +45,8 @@ def test_the_warm_started_toy_policy_answers_held_out_questions(tmp_path, toy_co
     demonstrated = {record.question for record in run.data.warm_start}
     tested = {record.question for records in run.data.tests.values() for record in records}
     assert demonstrated and not demonstrated & tested
+    selection = json.loads((run.ctx.paths.warm_start / "selection.json").read_text())
+    assert [row["step"] for row in selection["history"]] == [250] and selection["kept_step"] == 250
+    assert selection["questions"] == 20 and -1.0 <= selection["history"][0]["score"] <= 1.0
     metrics = evaluate_stage(run, "before")
     assert metrics["eval/test/em"] > 0, f"no held-out question answered exactly: {metrics}"

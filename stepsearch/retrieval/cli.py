@@ -110,9 +110,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-body-bytes", type=_int_at_least(1), default=1 << 20)
     serve.add_argument("--workers", type=_int_at_least(0), default=0,
                        help="index worker threads (default 0: cores / intra-op threads, at least 2)")
-    serve.add_argument("--intra-op-threads", type=_int_at_least(1), default=2,
-                       help="torch/FAISS threads per worker (default 2)")
-    serve.add_argument("--max-batch-queries", type=_int_at_least(1), default=16,
+    serve.add_argument("--intra-op-threads", type=_int_at_least(1), default=1,
+                       help="torch/FAISS threads per worker (default 1)")
+    serve.add_argument("--max-batch-queries", type=_int_at_least(1), default=32,
                        help="most queries per index call (raise it for a GPU encoder)")
     serve.add_argument("--request-share", type=_int_at_least(1), default=16,
                        help="most queries of one request per batch before others get their turn")

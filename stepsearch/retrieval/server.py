@@ -16,7 +16,7 @@ of the queue (which then moves to the back, so every request's turn comes round)
 fewest queries left. A small request therefore waits for at most one batch per worker, however many maximum-size
 requests are queued. The waiting work is split evenly over the free workers (no batch larger than needed), and each
 worker runs the encoder/FAISS with `intra_op_threads` threads, so all cores work on concurrent requests (by default
-cores / 2 workers of 2 threads each: at least two workers, so one's Python code overlaps the other's operations).
+one single-threaded worker per core, at least two, so one's Python code overlaps the other's operations).
 
 Connections: at most `max_connections` are open; a new one beyond that first evicts the connection idle or reading
 for the longest (a request being answered is never evicted), and is refused with a 503 when every connection is
@@ -81,17 +81,17 @@ class ServerLimits:
     """Largest accepted topk (400 above)."""
     default_topk: int = 3
     """topk when a request gives none, null or 0 (Search-R1's default)."""
-    max_batch_queries: int = 16
-    """Most queries in one index call: bounds how long a worker is busy with one batch (a CPU encoder gains
-    little from larger batches; on a GPU raise it)."""
+    max_batch_queries: int = 32
+    """Most queries in one index call: bounds how long a worker is busy with one batch. On 2 idle CPU cores a dense
+    encoder answered 695 q/s at 32 and 648 at 16 (64 clients, 8 queries per request); on a GPU raise it."""
     request_share: int = 16
     """Most queries one request puts into a batch before other waiting requests get their turn."""
     workers: int = 0
     """Index worker threads; 0 = available cores / `intra_op_threads`, at least 2."""
-    intra_op_threads: int = 2
-    """torch/FAISS threads inside each worker's index call. The encoder's Python code between operations holds the
-    GIL, so a few workers with two threads each keep the cores busier than one single-threaded worker per core
-    (benchmarks/README.md, "Retrieval server")."""
+    intra_op_threads: int = 1
+    """torch/FAISS threads inside each worker's index call. One per worker and one worker per core: two workers of
+    two threads on 2 idle cores run four OpenMP threads on two cores and answered 589 q/s against 648 for two
+    workers of one thread (dense, 64 clients, 8 queries per request; benchmarks/README.md, "Retrieval server")."""
     max_connections: int = 1000
     """Open connections at most (further capped by the file-descriptor limit)."""
     read_timeout_s: float = 10.0

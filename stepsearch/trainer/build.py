@@ -348,19 +348,30 @@ def prepare_policy(ctx: Context, data: Data, retriever, tokenizer) -> str:
             if trainer_cfg.warm_start_select_every:
                 # RL training questions: outside the demonstrations (their own region of the world when there is
                 # one), and never a test question
-                held_out = data.train if data.warm_start else questions[len(demonstrated):]
+                held_out = data.train if data.warm_start else questions[len(demonstrated) :]
                 held_out = list(held_out)[: trainer_cfg.warm_start_select_questions]
                 if not held_out:
-                    raise ConfigError("trainer.warm_start_select_every needs questions the warm start does not "
-                                      "demonstrate: set trainer.warm_start_trajectories below the number of "
-                                      "training questions, or use a synthetic world with data.synth_num_warm_start")
+                    raise ConfigError(
+                        "trainer.warm_start_select_every needs questions the warm start does not "
+                        "demonstrate: set trainer.warm_start_trajectories below the number of "
+                        "training questions, or use a synthetic world with data.synth_num_warm_start"
+                    )
 
                 def score(policy):
-                    return answer_score(policy, tokenizer, retriever, held_out, cfg.rollout, cfg.reward,
-                                        cfg.retriever.topk, cfg.retriever.max_query_chars)
+                    return answer_score(
+                        policy,
+                        tokenizer,
+                        retriever,
+                        held_out,
+                        cfg.rollout,
+                        cfg.reward,
+                        cfg.retriever.topk,
+                        cfg.retriever.max_query_chars,
+                    )
 
-                selector = CheckpointSelector(model, score, trainer_cfg.warm_start_select_every,
-                                              trainer_cfg.warm_start_steps)
+                selector = CheckpointSelector(
+                    model, score, trainer_cfg.warm_start_select_every, trainer_cfg.warm_start_steps
+                )
             losses = supervised_warm_start(
                 model,
                 examples,
@@ -379,8 +390,12 @@ def prepare_policy(ctx: Context, data: Data, retriever, tokenizer) -> str:
             (staging / "losses.json").write_text(json.dumps(losses), encoding="utf-8")
             if selector is not None:
                 selector.restore()
-                log.info("warm start: kept step %d of %d (held-out answer score by step: %s)", selector.best_step,
-                         len(losses), ", ".join(f"{row['step']}: {row['score']:.3f}" for row in selector.history))
+                log.info(
+                    "warm start: kept step %d of %d (held-out answer score by step: %s)",
+                    selector.best_step,
+                    len(losses),
+                    ", ".join(f"{row['step']}: {row['score']:.3f}" for row in selector.history),
+                )
                 selection = {"kept_step": selector.best_step, "questions": len(held_out), "history": selector.history}
                 (staging / "selection.json").write_text(json.dumps(selection, indent=1), encoding="utf-8")
         model.save_pretrained(staging)

@@ -14,6 +14,7 @@ from typing import NoReturn
 from stepsearch.retrieval.base import RetrieverError
 from stepsearch.retrieval.corpus import CorpusError
 from stepsearch.retrieval.index import BM25_LUCENE_B, BM25_LUCENE_K1
+from stepsearch.retrieval.server import ServerLimits
 
 BM25_PRESETS = {"measured": None, "lucene": (BM25_LUCENE_K1, BM25_LUCENE_B)}
 """`--bm25-preset`: `measured` = the project's defaults; `lucene` = Lucene/Pyserini's k1/b, as Search-R1 uses."""
@@ -103,23 +104,26 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="bind address (default loopback: no authentication)")
     serve.add_argument("--port", type=_port, default=8000, help="port (0 picks a free one)")
     serve.add_argument("--cache-size", type=_int_at_least(0), default=4096, help="query LRU cache entries (0 disables)")
-    serve.add_argument("--max-topk", type=_int_at_least(1), default=100)
-    serve.add_argument("--default-topk", type=_int_at_least(1), default=3,
-                       help="topk of a request that gives none or 0 (Search-R1: 3)")
-    serve.add_argument("--max-queries", type=_int_at_least(1), default=512, help="most queries per request")
-    serve.add_argument("--max-body-bytes", type=_int_at_least(1), default=1 << 20)
-    serve.add_argument("--workers", type=_int_at_least(0), default=0,
+    limits = ServerLimits()  # the server's own defaults, so the two cannot drift apart
+    serve.add_argument("--max-topk", type=_int_at_least(1), default=limits.max_topk)
+    serve.add_argument("--default-topk", type=_int_at_least(1), default=limits.default_topk,
+                       help=f"topk of a request that gives none or 0 (default {limits.default_topk}, as Search-R1)")
+    serve.add_argument("--max-queries", type=_int_at_least(1), default=limits.max_queries,
+                       help="most queries per request")
+    serve.add_argument("--max-body-bytes", type=_int_at_least(1), default=limits.max_body_bytes)
+    serve.add_argument("--workers", type=_int_at_least(0), default=limits.workers,
                        help="index worker threads (default 0: cores / intra-op threads, at least 2)")
-    serve.add_argument("--intra-op-threads", type=_int_at_least(1), default=1,
-                       help="torch/FAISS threads per worker (default 1)")
-    serve.add_argument("--max-batch-queries", type=_int_at_least(1), default=32,
-                       help="most queries per index call (raise it for a GPU encoder)")
-    serve.add_argument("--request-share", type=_int_at_least(1), default=16,
+    serve.add_argument("--intra-op-threads", type=_int_at_least(1), default=limits.intra_op_threads,
+                       help=f"torch/FAISS threads per worker (default {limits.intra_op_threads})")
+    serve.add_argument("--max-batch-queries", type=_int_at_least(1), default=limits.max_batch_queries,
+                       help=f"most queries per index call (default {limits.max_batch_queries}; raise it for a GPU "
+                            "encoder)")
+    serve.add_argument("--request-share", type=_int_at_least(1), default=limits.request_share,
                        help="most queries of one request per batch before others get their turn")
-    serve.add_argument("--max-connections", type=_int_at_least(1), default=1000)
-    serve.add_argument("--read-timeout", type=_positive_float, default=10.0,
+    serve.add_argument("--max-connections", type=_int_at_least(1), default=limits.max_connections)
+    serve.add_argument("--read-timeout", type=_positive_float, default=limits.read_timeout_s,
                        help="seconds for a request's headers and body to arrive")
-    serve.add_argument("--idle-timeout", type=_positive_float, default=30.0,
+    serve.add_argument("--idle-timeout", type=_positive_float, default=limits.idle_timeout_s,
                        help="seconds an idle connection stays open")
     return parser
 
@@ -162,8 +166,6 @@ def main(argv: list[str]) -> int:
                 parser.error("--k1/--b/--bm25-preset only apply to --method bm25")
             params = dense_params
     else:
-        from stepsearch.retrieval.server import ServerLimits
-
         limits = ServerLimits(max_body_bytes=args.max_body_bytes, max_queries=args.max_queries,
                               max_topk=args.max_topk, default_topk=args.default_topk, workers=args.workers,
                               intra_op_threads=args.intra_op_threads, max_batch_queries=args.max_batch_queries,

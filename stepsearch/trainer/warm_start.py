@@ -251,7 +251,7 @@ def supervised_warm_start(model: "PreTrainedModel", examples: Sequence[tuple[lis
     carrying the question's names into the first search. Given a pool of first turns much larger than the
     examples (`render_first_turns`), that is copying: too many names to recall them.
 
-    `after_step(n)` runs after optimizer step n (1-based), with the model in training mode (e.g. a
+    `after_step(n)` runs after optimizer step n (1-based) with the model in training mode, and leaves it so (e.g. a
     `CheckpointSelector`).
 
     Learning rate: linear warm-up over the first 5% of the steps, then cosine decay to a tenth. Batches group
@@ -315,7 +315,6 @@ def supervised_warm_start(model: "PreTrainedModel", examples: Sequence[tuple[lis
         losses.append(policy_loss.detach())
         if after_step is not None:
             after_step(len(losses))
-            model.train()
         if bar is not None:
             bar.update(1)
             if len(losses) % 25 == 0:
@@ -364,8 +363,10 @@ class CheckpointSelector:
     def __call__(self, step: int) -> None:
         if step != self.steps and (step % self.every or 2 * step < self.steps):
             return
+        was_training = self.model.training
         self.model.eval()
         result = {"step": step, **self.score(self.model)}
+        self.model.train(was_training)
         self.history.append(result)
         if result["score"] >= self._best_score:
             self.best_step, self._best_score = step, result["score"]

@@ -308,19 +308,19 @@ def test_checkpoint_selector_keeps_the_best_scoring_weights_from_half_way_on():
     from stepsearch.trainer.warm_start import CheckpointSelector
 
     model = torch.nn.Linear(2, 1, bias=False)
-    scores = {6: 0.2, 8: 0.5, 10: 0.5}  # a tie with step 8 at the last step: the later one is kept
-    selector = CheckpointSelector(model, lambda m: {"score": scores[step]}, every=2, steps=10)
-    for step in range(1, 11):
-        with torch.no_grad():
-            model.weight.fill_(float(step))
-        selector(step)
+
+    def run(scores):  # step n sets every weight to n; the selector sees each step
+        selector = CheckpointSelector(model, lambda m: {"score": scores[step]}, every=2, steps=10)
+        for step in range(1, 11):
+            with torch.no_grad():
+                model.weight.fill_(float(step))
+            selector(step)
+        return selector
+
+    selector = run({6: 0.2, 8: 0.5, 10: 0.5})  # a tie with step 8 at the last step: the later one is kept
     assert [row["step"] for row in selector.history] == [6, 8, 10] and selector.best_step == 10
-    scores[10] = 0.1
-    selector = CheckpointSelector(model, lambda m: {"score": scores[step]}, every=2, steps=10)
-    for step in range(1, 11):
-        with torch.no_grad():
-            model.weight.fill_(float(step))
-        selector(step)
+    assert model.training  # the training mode it found
+    selector = run({6: 0.2, 8: 0.5, 10: 0.1})
     selector.restore()
     assert selector.best_step == 8 and model.weight.tolist() == [[8.0, 8.0]]
     with pytest.raises(ValueError, match="every must be >= 1"):

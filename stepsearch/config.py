@@ -414,6 +414,10 @@ class TrainerConfig:
     warm_start_question_first: bool = False
     """Demonstrations whose question, searched as is, retrieves the first hop's passage start with that search
     (then quote its evidence) instead of the first hop's reference query."""
+    warm_start_restate_question: bool = True
+    """With `warm_start_question_first`: the first thought restates the question before the search sends it
+    again. False: the thought is a short fixed sentence, and the question is copied once, not twice, in a turn
+    (a long question's second copy is where a small model's copying tends to loop)."""
     warm_start_fresh_names: bool = False
     """Render every demonstration with its made-up names replaced by fresh ones (consistently within it, never a
     name of the world): the warm start can then only lower its loss by copying names from what the policy read,
@@ -426,6 +430,10 @@ class TrainerConfig:
     """Fraction of demonstrations that repeat their last search until the agent loop refuses one with its search-limit
     notice, and then answer: otherwise no demonstration shows what the notice asks for, and a policy that reaches
     the limit tends to search again (drawn from a random stream of its own: 0 leaves every other draw unchanged)."""
+    warm_start_bridge_answer_prob: float = 0.0
+    """Fraction of demonstrations that search and quote every hop, then answer with the hop before the last one's
+    answer (a chain's bridge entity, a compared year): an answer-type slip that only the answer reward corrects, for
+    a start whose answers RL can improve (a random stream of its own: 0 leaves every other draw unchanged)."""
     tensorboard: bool = True
     """Write TensorBoard event files next to metrics.jsonl."""
     wandb_project: str | None = None
@@ -456,6 +464,8 @@ class TrainerConfig:
         _check(self.warm_start_select_questions >= 1, "trainer.warm_start_select_questions must be >= 1")
         _check(0.0 <= self.warm_start_detour_prob <= 1.0, "trainer.warm_start_detour_prob must be in [0, 1]")
         _check(0.0 <= self.warm_start_limit_prob <= 1.0, "trainer.warm_start_limit_prob must be in [0, 1]")
+        _check(0.0 <= self.warm_start_bridge_answer_prob <= 1.0,
+               "trainer.warm_start_bridge_answer_prob must be in [0, 1]")
 
     @property
     def run_dir(self) -> Path:

@@ -329,7 +329,9 @@ def prepare_policy(ctx: Context, data: Data, retriever, tokenizer) -> str:
                 seed=trainer_cfg.seed,
                 detour_prob=trainer_cfg.warm_start_detour_prob,
                 limit_prob=trainer_cfg.warm_start_limit_prob,
+                bridge_answer_prob=trainer_cfg.warm_start_bridge_answer_prob,
                 question_first=trainer_cfg.warm_start_question_first,
+                restate_question=trainer_cfg.warm_start_restate_question,
                 fresh_names_avoiding=avoid,
             )
             first_turns = None
@@ -341,6 +343,7 @@ def prepare_policy(ctx: Context, data: Data, retriever, tokenizer) -> str:
                     cfg.rollout,
                     cfg.retriever.topk,
                     question_first=trainer_cfg.warm_start_question_first,
+                    restate_question=trainer_cfg.warm_start_restate_question,
                     seed=trainer_cfg.seed,
                     fresh_names_avoiding=avoid,
                 )

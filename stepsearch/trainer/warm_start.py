@@ -76,22 +76,32 @@ DETOURS = ("question_query", "repeated_query", "early_answer")
 results go unused: the first hop is then searched with its reference query; `repeated_query`: one search is sent
 twice (the second retrieves nothing new: redundancy); `early_answer`: the trajectory answers with an intermediate
 hop's answer instead of finishing the chain. Apart from these, `gold_turns(refused_after=...)` demonstrates the
-search limit: no other demonstration ever shows the agent loop's refusal notice."""
+search limit: no other demonstration ever shows the agent loop's refusal notice, and `gold_turns(bridge_answer=True)`
+a reading slip: the whole chain searched, then the hop before the last one's answer given as the final answer."""
+
+
+QUESTION_SEARCH_THOUGHT = "I search the question."
+"""The thought before a question-first search when the demonstration does not restate the question."""
 
 
 def gold_turns(record: "QARecord", rng: random.Random | None = None, detour: str | None = None,
-               question_first: bool = False, refused_after: int | None = None) -> tuple[list[str], list[str]]:
+               question_first: bool = False, refused_after: int | None = None, bridge_answer: bool = False,
+               restate_question: bool = True) -> tuple[list[str], list[str]]:
     """(generated turn texts, search queries) of the record's gold trajectory; one more turn than queries.
 
-    Each turn after a search first quotes the passage sentence that answers the hop (its intermediate answer when
-    no sentence states it), then asks the next sub-question. `question_first`: the first search sends the question
-    itself instead of the first hop's reference query (what `render_gold_examples` chooses when that search
-    retrieves the first hop's passage): the question names the entity the chain starts from, so its search needs
-    no name copied out of the question, only the question copied. `detour` (one of `DETOURS`, drawn positions from
-    `rng`) turns the demonstration into an imperfect one, so that a policy warm-started on a mix is not already
-    optimal at searching and RL has something to improve. `refused_after` (the agent loop's `max_turns`): after the
-    chain, the last search is repeated until there are `refused_after` + 1 searches, so that the agent loop refuses
-    the last one with its notice, and the trajectory then answers.
+    Each turn after a search first quotes the passage sentence that answers the hop (its intermediate answer when no
+    sentence states it), then asks the next sub-question. `question_first`: the first search sends the question itself
+    instead of the first hop's reference query (what `render_gold_examples` chooses when that search retrieves the first
+    hop's passage): the question names the entity the chain starts from, so its search needs no name copied out of the
+    question, only the question copied; its thought restates the question, or, with `restate_question=False`, is only
+    `QUESTION_SEARCH_THOUGHT`, so that the question is copied once. `detour` (one of `DETOURS`, drawn positions from
+    `rng`) turns the demonstration into an imperfect one, so that a policy warm-started on a mix is not already optimal
+    at searching and RL has something to improve. `refused_after` (the agent loop's `max_turns`): after the chain, the
+    last search is repeated until there are `refused_after` + 1 searches, so that the agent loop refuses the last one
+    with its notice, and the trajectory then answers. `bridge_answer`: every hop is searched and quoted, but the answer
+    given is the answer of the hop before the last (a chain's bridge entity, the first of two compared years, a compared
+    person's father): the answer-type slip of a reader that stops one hop short, a mistake that only the answer reward
+    can correct. With `detour="early_answer"`, or on a one-hop record, it changes nothing.
     """
     if detour is not None and detour not in DETOURS:
         raise ValueError(f"unknown warm-start detour {detour!r} (expected one of {DETOURS})")
@@ -105,6 +115,8 @@ def gold_turns(record: "QARecord", rng: random.Random | None = None, detour: str
         cut = rng.randrange(1, len(steps))
         if steps[cut - 1].answer:
             steps, final_answer = steps[:cut], steps[cut - 1].answer
+    elif bridge_answer and len(steps) >= 2 and steps[-2].answer:
+        final_answer = steps[-2].answer
     searches = [(step.sub_question, step.query) for step in steps]
     findings = [_finding(step) for step in steps]
     question = record.question.strip()
@@ -112,7 +124,7 @@ def gold_turns(record: "QARecord", rng: random.Random | None = None, detour: str
         searches.insert(0, (question, question.rstrip("?")))
         findings.insert(0, "")
     elif question_first:
-        searches[0] = (question, question.rstrip("?"))
+        searches[0] = (question if restate_question else QUESTION_SEARCH_THOUGHT, question.rstrip("?"))
     if detour == "repeated_query":
         again = rng.randrange(len(searches))
         searches.insert(again + 1, searches[again])
@@ -143,19 +155,24 @@ def render_gold_examples(records: Sequence["QARecord"], tokenizer: "PreTrainedTo
                          rollout_cfg: "RolloutConfig", topk: int, seed: int = 0,
                          detour_prob: float = 0.0, question_first: bool = False,
                          fresh_names_avoiding: set[str] | frozenset[str] | None = None, limit_prob: float = 0.0,
+                         bridge_answer_prob: float = 0.0, restate_question: bool = True,
                          ) -> list[tuple[list[int], list[int]]]:
     """(token ids, loss mask) per record with a gold trajectory; records without one are skipped.
 
     With `question_first`, a record whose question, searched as is, retrieves its first hop's passage is
-    demonstrated starting with that search (`gold_turns(question_first=True)`). With probability `detour_prob` a
+    demonstrated starting with that search (`gold_turns(question_first=True, restate_question=...)`). With
+    probability `detour_prob` a
     record's demonstration takes one of the `DETOURS` (drawn uniformly); with probability `limit_prob` (drawn from
     a stream of its own, so that 0 changes nothing else) it then repeats its last search until the agent loop
-    refuses one, and answers (`gold_turns(refused_after=rollout_cfg.max_turns)`). With `fresh_names_avoiding` (the
+    refuses one, and answers (`gold_turns(refused_after=rollout_cfg.max_turns)`); with probability
+    `bridge_answer_prob` (a stream of its own as well) it answers with the hop before the last one's answer
+    (`gold_turns(bridge_answer=True)`). With `fresh_names_avoiding` (the
     world's own names), each demonstration is searched with the world's names and then rendered with its made-up names
     renamed to fresh ones (`synth.FreshNames`), its question, turns and retrieved passages alike.
     """
     rng = random.Random(seed)
     limit_rng = random.Random(f"search-limit-{seed}")
+    slip_rng = random.Random(f"bridge-answer-{seed}")
     renamers = _renamers(fresh_names_avoiding, seed)
     records = list(records)
     question_hits = _question_finds_first_hop(records, retriever, topk) if question_first else [False] * len(records)
@@ -163,8 +180,10 @@ def render_gold_examples(records: Sequence["QARecord"], tokenizer: "PreTrainedTo
     for record, hit in zip(records, question_hits):
         detour = rng.choice(DETOURS) if detour_prob > 0 and rng.random() < detour_prob else None
         refused_after = rollout_cfg.max_turns if limit_prob > 0 and limit_rng.random() < limit_prob else None
+        slip = bridge_answer_prob > 0 and slip_rng.random() < bridge_answer_prob
         try:
-            turns, queries = gold_turns(record, rng, detour, question_first=hit, refused_after=refused_after)
+            turns, queries = gold_turns(record, rng, detour, question_first=hit, refused_after=refused_after,
+                                        bridge_answer=slip, restate_question=restate_question)
         except ValueError:
             continue
         rendered.append((record, turns, queries))
@@ -381,7 +400,7 @@ class CheckpointSelector:
 def render_first_turns(records: Sequence["QARecord"], tokenizer: "PreTrainedTokenizerBase", retriever: "Retriever",
                        rollout_cfg: "RolloutConfig", topk: int,
                        question_first: bool = False, seed: int = 0,
-                       fresh_names_avoiding: set[str] | frozenset[str] | None = None,
+                       fresh_names_avoiding: set[str] | frozenset[str] | None = None, restate_question: bool = True,
                        ) -> list[tuple[list[int], list[int]]]:
     """(token ids, loss mask) of each record's prompt and first gold turn, the start `render_gold_examples` would
     give it without a detour (with `fresh_names_avoiding`, each renamed with fresh names of its own); no search
@@ -393,7 +412,7 @@ def render_first_turns(records: Sequence["QARecord"], tokenizer: "PreTrainedToke
     rendered = []
     for record, hit in zip(records, hits):
         try:
-            turns, _ = gold_turns(record, None, None, question_first=hit)
+            turns, _ = gold_turns(record, None, None, question_first=hit, restate_question=restate_question)
         except ValueError:
             continue
         rename = next(renamers)

@@ -158,6 +158,25 @@ def test_limit_prob_lays_out_the_refusal_notice_as_the_agent_loop_does_and_leave
     assert 8 <= sum(SEARCH_REFUSED_NOTICE in tokenizer.decode(ids) for ids, _ in limited) <= 32
 
 
+def test_a_bridge_answer_slip_searches_every_hop_and_answers_with_the_hop_before_the_last(tokenizer):
+    import random
+
+    plain_turns, plain_queries = gold_turns(RECORD)
+    turns, queries = gold_turns(RECORD, random.Random(0), bridge_answer=True)
+    assert queries == plain_queries and turns[:-1] == plain_turns[:-1]
+    assert turns[-1] == plain_turns[-1].replace("<answer> Dazin </answer>", "<answer> Vogul Tusos </answer>")
+    early, _ = gold_turns(RECORD, random.Random(0), "early_answer")
+    assert gold_turns(RECORD, random.Random(0), "early_answer", bridge_answer=True)[0] == early
+    records = [RECORD] * 40
+    mixed = render_gold_examples(records, tokenizer, FixedRetriever(), RolloutConfig(), topk=1, seed=3, detour_prob=0.5)
+    slipped = render_gold_examples(records, tokenizer, FixedRetriever(), RolloutConfig(), topk=1, seed=3,
+                                   detour_prob=0.5, bridge_answer_prob=0.5)
+    assert mixed == render_gold_examples(records, tokenizer, FixedRetriever(), RolloutConfig(), topk=1, seed=3,
+                                         detour_prob=0.5, bridge_answer_prob=0.0)
+    changed = [tokenizer.decode(b[0]) for a, b in zip(mixed, slipped) if a != b]
+    assert 5 <= len(changed) <= 30 and all(text.rstrip().endswith("<answer> Vogul Tusos </answer>") for text in changed)
+
+
 def test_demonstrations_cut_by_the_rollout_budgets_are_counted_in_a_warning(tokenizer, caplog):
     rollout = RolloutConfig(max_information_tokens=64, max_new_tokens_per_turn=8)
     with caplog.at_level("WARNING", logger="stepsearch.trainer"):
@@ -213,6 +232,10 @@ def test_question_first_demonstrations_search_the_question_when_it_finds_the_fir
     assert turns[0] == ("<think> Where was the father of Mibe Tusos born? </think>\n"
                         "<search> Where was the father of Mibe Tusos born </search>")
     assert turns[1].startswith("<think> The father of Mibe Tusos was Vogul Tusos. Where was Vogul Tusos born?")
+    short, short_queries = gold_turns(RECORD, random.Random(0), question_first=True, restate_question=False)
+    assert short_queries == queries and short[1:] == turns[1:]
+    assert short[0] == ("<think> I search the question. </think>\n"
+                        "<search> Where was the father of Mibe Tusos born </search>")
     # the question_query detour still searches the question and then the first hop: its results go unused
     _, queries = gold_turns(RECORD, random.Random(0), "question_query", question_first=True)
     assert queries == ["Where was the father of Mibe Tusos born", "father of Mibe Tusos", "Vogul Tusos born city"]
@@ -235,6 +258,9 @@ def test_question_first_demonstrations_search_the_question_when_it_finds_the_fir
         return trained.split("<search>")[1].split("</search>")[0].strip()
 
     assert first_query(SupportRetriever(True)) == "Where was the father of Mibe Tusos born"
+    [(ids, mask)] = render_gold_examples([RECORD], tokenizer, SupportRetriever(True), RolloutConfig(), topk=1,
+                                         question_first=True, restate_question=False)
+    assert tokenizer.decode(ids).count("Where was the father of Mibe Tusos born") == 2  # the prompt, the search
     assert first_query(SupportRetriever(False)) == "father of Mibe Tusos"  # the question misses: reference query
 
 
@@ -245,6 +271,17 @@ def test_first_turns_are_the_start_of_the_demonstrations_under_the_agent_loops_b
     rollout = RolloutConfig(max_information_tokens=64, **limits)
     [example] = render_gold_examples([RECORD], tokenizer, FixedRetriever(), rollout, topk=2)
     assert render_first_turns([RECORD], tokenizer, FixedRetriever(), rollout, topk=2) == [_first_turn(*example)]
+
+    class FirstHopRetriever:  # searching the question finds the first hop: question-first demonstrations
+        def search(self, queries, topk):
+            doc = RECORD.support_docs[0]
+            return [[Document(id="d0", title=doc.title, text=doc.text, score=1.0)] for _ in queries]
+
+    for restate in (True, False):
+        options = {"topk": 1, "question_first": True, "restate_question": restate}
+        [example] = render_gold_examples([RECORD], tokenizer, FirstHopRetriever(), rollout, **options)
+        assert render_first_turns([RECORD], tokenizer, FirstHopRetriever(), rollout, **options) == [
+            _first_turn(*example)]
     unusable = QARecord(id="q1", question="Who?", answers=["x"])  # no search keys: no gold trajectory
     assert render_first_turns([unusable], tokenizer, FixedRetriever(), rollout, topk=2) == []
 

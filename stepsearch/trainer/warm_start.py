@@ -161,14 +161,13 @@ def render_gold_examples(records: Sequence["QARecord"], tokenizer: "PreTrainedTo
 
     With `question_first`, a record whose question, searched as is, retrieves its first hop's passage is
     demonstrated starting with that search (`gold_turns(question_first=True, restate_question=...)`). With
-    probability `detour_prob` a
-    record's demonstration takes one of the `DETOURS` (drawn uniformly); with probability `limit_prob` (drawn from
-    a stream of its own, so that 0 changes nothing else) it then repeats its last search until the agent loop
-    refuses one, and answers (`gold_turns(refused_after=rollout_cfg.max_turns)`); with probability
-    `bridge_answer_prob` (a stream of its own as well) it answers with the hop before the last one's answer
-    (`gold_turns(bridge_answer=True)`). With `fresh_names_avoiding` (the
-    world's own names), each demonstration is searched with the world's names and then rendered with its made-up names
-    renamed to fresh ones (`synth.FreshNames`), its question, turns and retrieved passages alike.
+    probability `detour_prob` a record's demonstration takes one of the `DETOURS` (drawn uniformly); with
+    probability `limit_prob` (drawn from a stream of its own, so that 0 changes nothing else) it then repeats its
+    last search until the agent loop refuses one, and answers (`gold_turns(refused_after=rollout_cfg.max_turns)`);
+    with probability `bridge_answer_prob` (a stream of its own as well) it answers with the hop before the last
+    one's answer (`gold_turns(bridge_answer=True)`). With `fresh_names_avoiding` (the world's own names), each
+    demonstration is searched with the world's names and then rendered with its made-up names renamed to fresh ones
+    (`synth.FreshNames`), its question, turns and retrieved passages alike.
     """
     rng = random.Random(seed)
     limit_rng = random.Random(f"search-limit-{seed}")

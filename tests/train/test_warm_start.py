@@ -35,6 +35,17 @@ class FixedRetriever:
                  for i in range(topk)] for q in queries]
 
 
+class SupportRetriever:
+    """Returns the first hop's support passage (searching the question finds it) or the second hop's."""
+
+    def __init__(self, finds_first_hop):
+        self.finds_first_hop = finds_first_hop
+
+    def search(self, queries, topk):
+        doc = RECORD.support_docs[0] if self.finds_first_hop else RECORD.support_docs[1]
+        return [[Document(id="d0", title=doc.title, text=doc.text, score=1.0)] for _ in queries]
+
+
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
     texts = [RECORD.question, *gold_turns(RECORD)[0], "Vogul Tusos was born in Dazin. Doc Title"] * 20
@@ -243,14 +254,6 @@ def test_question_first_demonstrations_search_the_question_when_it_finds_the_fir
     assert len(queries) == 3 and queries[0] == "Where was the father of Mibe Tusos born"
     assert any(a == b for a, b in zip(queries, queries[1:]))
 
-    class SupportRetriever:
-        def __init__(self, finds_first_hop):
-            self.finds_first_hop = finds_first_hop
-
-        def search(self, queries, topk):
-            doc = RECORD.support_docs[0] if self.finds_first_hop else RECORD.support_docs[1]
-            return [[Document(id="d0", title=doc.title, text=doc.text, score=1.0)] for _ in queries]
-
     def first_query(retriever):
         [(ids, mask)] = render_gold_examples([RECORD], tokenizer, retriever, RolloutConfig(), topk=1,
                                              question_first=True)
@@ -271,16 +274,10 @@ def test_first_turns_are_the_start_of_the_demonstrations_under_the_agent_loops_b
     rollout = RolloutConfig(max_information_tokens=64, **limits)
     [example] = render_gold_examples([RECORD], tokenizer, FixedRetriever(), rollout, topk=2)
     assert render_first_turns([RECORD], tokenizer, FixedRetriever(), rollout, topk=2) == [_first_turn(*example)]
-
-    class FirstHopRetriever:  # searching the question finds the first hop: question-first demonstrations
-        def search(self, queries, topk):
-            doc = RECORD.support_docs[0]
-            return [[Document(id="d0", title=doc.title, text=doc.text, score=1.0)] for _ in queries]
-
-    for restate in (True, False):
+    for restate in (True, False):  # question-first demonstrations, with and without the restated question
         options = {"topk": 1, "question_first": True, "restate_question": restate}
-        [example] = render_gold_examples([RECORD], tokenizer, FirstHopRetriever(), rollout, **options)
-        assert render_first_turns([RECORD], tokenizer, FirstHopRetriever(), rollout, **options) == [
+        [example] = render_gold_examples([RECORD], tokenizer, SupportRetriever(True), rollout, **options)
+        assert render_first_turns([RECORD], tokenizer, SupportRetriever(True), rollout, **options) == [
             _first_turn(*example)]
     unusable = QARecord(id="q1", question="Who?", answers=["x"])  # no search keys: no gold trajectory
     assert render_first_turns([unusable], tokenizer, FixedRetriever(), rollout, topk=2) == []

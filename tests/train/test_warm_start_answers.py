@@ -6,6 +6,11 @@ A 2-hop world (`data.synth_hops=[2]`) with the preset-sized model: 250 warm-star
 cores. Measured on 60 held-out questions, exact answers for trainer seeds 0 to 4: 9, 6, 11, 13 and 2 (F1 18%, 17%,
 27%, 28%, 7%); the test asks for one. With 2-4 hop questions the same model needs about 400 steps to answer any.
 Model selection (`trainer.warm_start_select_every`) scores the last step on 20 RL training questions and keeps it.
+
+Unlike the embedded preset, the demonstrations here restate the question before searching it and never end in an
+answer slip: after 250 steps, a policy taught to send the question without restating it first garbles it in its
+first search and answered none of the 60 (seeds 0 and 1; the preset's 1,500 steps copy it), and the preset's slips
+teach a wrong answer on purpose, for StePPO to correct.
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ HELD_OUT_TOY = [
     "trainer.warm_start_first_turn_steps=50",
     "trainer.warm_start_select_every=250",
     "trainer.warm_start_select_questions=20",
+    "trainer.warm_start_restate_question=true",
+    "trainer.warm_start_bridge_answer_prob=0",
     "trainer.eval_max_questions=60",
     "trainer.report=false",
     "deepspeed.enabled='off'",

@@ -17,22 +17,23 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (nothing to wait for on a CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def median_seconds(call, device: torch.device, repeats: int, warmup: int = 1) -> float:
     """Median wall seconds of `call()` over `repeats` runs after `warmup` untimed ones, the device synchronised
     before and after each timed run (so a GPU call's queued kernels count)."""
-
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
     for _ in range(warmup):
         call()
     times = []
     for _ in range(repeats):
-        sync()
+        synchronize(device)
         start = time.perf_counter()
         call()
-        sync()
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 

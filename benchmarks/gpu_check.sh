@@ -10,7 +10,8 @@
 #   install        this tree installed editable without index or build isolation (builds the C++ segmenter)
 #   gpu_tests      pytest -m gpu: the Triton kernels against their float64 twins at full shapes
 #   bench_gae, bench_ppo_loss, bench_logprob   the kernel benchmarks at their full GPU shapes
-#   profile        benchmarks/gpu_check_profile.py: wall time vs GPU kernel time per fused PPO-loss / GAE call
+#   profile        benchmarks/gpu_check_profile.py: wall, host and GPU kernel time per fused PPO-loss / GAE call,
+#                  and the floor of one Triton launch and one torch op
 #   decode         benchmarks/gpu_check_decode.py: ms per decode step of the tiny model (rollout engine, plain
 #                  generate, each SDPA backend, one cached forward) and the profiler's top operators
 #   steppo         a one-GPU `deepspeed` StePPO run of 2 steps on the tiny preset with the Triton kernels
@@ -192,7 +193,7 @@ done
 
 # ---- host path vs kernels of the fused calls ----------------------------------------------------------------------
 step profile 60 "$PY" benchmarks/gpu_check_profile.py
-record profile "$STATUS" "$ELAPSED" "$(grep -E '^(ppo_loss|scatter_kl_gae) ' "$WORK/profile.log" | awk '{printf "%s: wall %s us, GPU %s us; ", $1, $(NF-2), $(NF-1)}')"
+record profile "$STATUS" "$ELAPSED" "$(grep -E '^(ppo_loss|scatter_kl_gae) ' "$WORK/profile.log" | awk '{printf "%s: wall %s us, host %s us, GPU %s us; ", $1, $(NF-3), $(NF-2), $(NF-1)}')"
 
 # ---- decode step cost of the tiny model --------------------------------------------------------------------------
 step decode 60 "$PY" benchmarks/gpu_check_decode.py

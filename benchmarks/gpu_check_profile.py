@@ -6,19 +6,27 @@
 On the first H200 run the PPO loss took 804 us fwd+bwd for 2M fp32 tokens (~120 MB: 30 us at the measured copy
 bandwidth) and the fused GAE 129 us (~44 MB). Either the kernels are slow or the calls spend their time on the host
 (Python, argument handling, launches) while the GPU waits. For each call this prints the wall time per call
-(synchronised, median of 20 after warm-up), the GPU time of its kernels per call (torch.profiler, CUPTI), their
-ratio, and each kernel's share; a GPU busy for a small part of the wall time means the host path is what to cut
-(fewer launches, CUDA graphs), a busy one that the kernels themselves are.
+(synchronised, median of 20 after warm-up), the host time per call (the same calls queued back to back without a
+synchronisation: what the CPU spends to launch them), the GPU time of its kernels per call (torch.profiler, CUPTI),
+the GPU's busy share of the wall time, and each kernel's share; a GPU busy for a small part of the wall time means
+the host path is what to cut (fewer launches, CUDA graphs), a busy one that the kernels themselves are. The floor
+rows time one launch of an empty Triton kernel with 2 and with 24 arguments (the fused kernels take 20-35) and one
+eager torch op, host and wall: the least a call with that many launches can cost on this machine.
+`benchmarks/bench_host_path.py` times this project's share of the host path on a CPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import bench_common
 import torch
+import triton
+import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -88,6 +96,55 @@ def gae_call(batch: int, length: int, device: torch.device):
     return call
 
 
+@triton.jit
+def _empty_kernel(x_ptr, n):
+    pass
+
+
+# fmt: off
+@triton.jit
+def _empty_kernel_24_args(
+    a_ptr, b_ptr, c_ptr, d_ptr, e_ptr, f_ptr, g_ptr, h_ptr, i_ptr, j_ptr, n1, n2, n3, n4, n5, n6, n7, n8, n9, n10,
+    x1, x2, x3, FLAG: tl.constexpr,
+):
+    pass
+# fmt: on
+
+
+def floor_calls(device: torch.device) -> list[tuple[str, object]]:
+    """One launch each: an empty Triton kernel with 2 and with 24 arguments, one eager torch op."""
+    x = torch.zeros(1, device=device)
+    pointers = [torch.zeros(16, device=device) for _ in range(10)]
+
+    def triton_2_args():
+        _empty_kernel[(1,)](x, 1)
+
+    def triton_24_args():
+        _empty_kernel_24_args[(1,)](*pointers, *range(16, 26), 0.5, 1.5, 2.5, FLAG=True)
+
+    def torch_op():
+        x.add_(1.0)
+
+    return [
+        ("triton launch, 2 args", triton_2_args),
+        ("triton launch, 24 args", triton_24_args),
+        ("torch op (add_)", torch_op),
+    ]
+
+
+def host_microseconds(call, device: torch.device) -> float:
+    """Median CPU microseconds per call with the calls queued back to back (one synchronisation at the end)."""
+    call()
+    bench_common.synchronize(device)
+    times = []
+    for _ in range(CALLS):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    bench_common.synchronize(device)
+    return 1e6 * statistics.median(times)
+
+
 def kernel_table(call, device: torch.device) -> tuple[float, list[tuple[str, float]]]:
     """(GPU microseconds per call, [(kernel, microseconds per call)]) from torch.profiler over CALLS calls."""
     from torch.profiler import ProfilerActivity, profile
@@ -118,14 +175,18 @@ def main(argv=None) -> int:
     batch, length = (8, 256) if args.quick else (512, 4096)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (interpreter)"
     print(f"{name}, B={batch} T={length} fp32, {CALLS} calls each")
-    print(f"{'call':<26} {'wall us':>9} {'GPU us':>9} {'GPU busy':>9}")
+    print(f"{'call':<30} {'wall us':>9} {'host us':>9} {'GPU us':>9} {'GPU busy':>9}")
     tables = []
     for label, make in (("ppo_loss fwd+bwd", ppo_call), ("scatter_kl_gae", gae_call)):
         call = make(batch, length, device)
         wall = 1e6 * bench_common.median_seconds(call, device, CALLS, warmup=3)
+        host = host_microseconds(call, device)
         gpu, rows = kernel_table(call, device)
-        print(f"{label:<26} {wall:>9.1f} {gpu:>9.1f} {gpu / wall:>8.0%}")
+        print(f"{label:<30} {wall:>9.1f} {host:>9.1f} {gpu:>9.1f} {gpu / wall:>8.0%}")
         tables.append((label, rows))
+    for label, call in floor_calls(device):
+        wall = 1e6 * bench_common.median_seconds(call, device, CALLS, warmup=3)
+        print(f"{'floor: ' + label:<30} {wall:>9.1f} {host_microseconds(call, device):>9.1f}")
     for label, rows in tables:
         print(f"\n{label}: GPU time per call by kernel")
         for kernel, us in rows[:8]:

@@ -40,7 +40,16 @@ from stepsearch.algo.gae import RewardsAndGAE, check_gae_inputs
 from stepsearch.algo.gae import compute_gae as _twin_compute_gae
 from stepsearch.algo.gae import scatter_rewards_and_gae as _twin_scatter_rewards_and_gae
 from stepsearch.algo.scatter import check_scatter_inputs
-from stepsearch.kernels.launch import K3_CLAMP, LOG_RATIO_CLAMP, launch_options, launch_plan, mask_for_kernel, row_major
+from stepsearch.kernels.launch import (
+    K3_CLAMP,
+    LOG_RATIO_CLAMP,
+    ceil_div,
+    launch_options,
+    launch_plan,
+    mask_for_kernel,
+    next_power_of_two,
+    row_major,
+)
 
 __all__ = ["compute_gae", "scatter_rewards_and_gae"]
 
@@ -247,7 +256,7 @@ def _launch(
         block, chunk_len = launch_plan(batch, length, device, max_block=_GPU_BLOCK, programs_per_sm=_PROGRAMS_PER_SM)
     if chunk_len % block:
         raise ValueError(f"scatter_rewards_and_gae: chunk_len {chunk_len} must be a multiple of block {block}")
-    num_chunks = triton.cdiv(length, chunk_len)
+    num_chunks = ceil_div(length, chunk_len)
     fused = token_rewards is None
     has_kl = fused and kl_coef != 0
     mask = mask_for_kernel(loss_mask)
@@ -274,7 +283,7 @@ def _launch(
     scalars = (float(kl_coef), float(gamma), float(gamma * lam))
     num_steps = step_scores.shape[1] if fused else 0
     flags = dict(FUSED=fused, HAS_KL=has_kl, KL_ESTIMATOR=_KL_CODES[kl_estimator], BLOCK=block,
-                 STEPS=triton.next_power_of_2(max(num_steps, 1)))
+                 STEPS=next_power_of_two(num_steps))
     launch = launch_options()
     summary_launch = dict(launch, maxnreg=_SUMMARY_MAX_REGISTERS) if launch else launch
     grid = (num_chunks, batch)

@@ -13,10 +13,11 @@ Forward, three launches at most:
    derives the per-row weights of the aggregation mode and the normaliser, and writes the 7 outputs (0-d tensors,
    never read on the host) and the per-row weights for the backward. Results are bitwise reproducible.
 Backward: `_ppo_bwd_kernel` scales the saved local derivatives by row weight x normaliser x upstream gradients
-(non-unit upstream gradients of loss, policy_loss, value_loss and entropy_loss are all honoured) and writes the
-gradients of logp, values and entropy in their own dtypes. Only the inputs whose outputs received a gradient get
-one, so `policy_loss - c * entropy_loss` and `value_loss` can be backpropagated by two separate calls (actor and
-critic engines) through the one node, each reaching only its own model's graph.
+(non-unit upstream gradients of loss, policy_loss, value_loss and entropy_loss are all honoured; the kernel reads
+them from autograd's 0-d tensors, so nothing is stacked or zero-filled on the host) and writes the gradients of
+logp, values and entropy in their own dtypes. Only the inputs whose outputs received a gradient get one, so
+`policy_loss - c * entropy_loss` and `value_loss` can be backpropagated by two separate calls (actor and critic
+engines) through the one node, each reaching only its own model's graph.
 
 Memory traffic per token (fp32 inputs, all parts on): forward reads 7 x 4 + 1 bytes and writes 8, backward reads
 8 + 1 and writes 12: ~58 bytes, about 120 MB at 2M tokens. Float64 inputs are delegated to the twin. Under
@@ -31,7 +32,14 @@ import triton.language as tl
 
 from stepsearch.algo.ppo_loss import LOSS_AGG_MODES, PPOLossOutput, check_ppo_inputs
 from stepsearch.algo.ppo_loss import ppo_loss as _twin_ppo_loss
-from stepsearch.kernels.launch import LOG_RATIO_CLAMP, launch_options, launch_plan, mask_for_kernel, row_major
+from stepsearch.kernels.launch import (
+    LOG_RATIO_CLAMP,
+    ceil_div,
+    launch_options,
+    launch_plan,
+    mask_for_kernel,
+    row_major,
+)
 
 __all__ = ["ppo_loss"]
 
@@ -203,29 +211,40 @@ def _ppo_finalize_kernel(
 
 
 @triton.jit
+def _upstream(grad_ptr, GIVEN: tl.constexpr):
+    """An upstream gradient (0-d fp32), 0 where autograd passed none."""
+    if GIVEN:
+        return tl.load(grad_ptr).to(tl.float32)
+    else:
+        return 0.0
+
+
+@triton.jit
 def _ppo_bwd_kernel(
     grad_logp_ptr, grad_values_ptr, grad_entropy_ptr, dpolicy_ptr, dvalue_ptr, mask_ptr, stride_mask,
-    row_weights_ptr, outputs_ptr, upstream_ptr, length, vf_coef, entropy_coef,
-    HAS_POLICY: tl.constexpr, HAS_VALUE: tl.constexpr, HAS_ENTROPY: tl.constexpr, BLOCK: tl.constexpr,
+    row_weights_ptr, outputs_ptr, grad_loss_ptr, grad_policy_ptr, grad_value_ptr, grad_entropy_loss_ptr, length,
+    vf_coef, entropy_coef,
+    HAS_POLICY: tl.constexpr, HAS_VALUE: tl.constexpr, HAS_ENTROPY: tl.constexpr, GIVEN_LOSS: tl.constexpr,
+    GIVEN_POLICY: tl.constexpr, GIVEN_VALUE: tl.constexpr, GIVEN_ENTROPY: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """grad = local derivative x row weight x 1/N x upstream; upstream = (d loss, d policy, d value, d entropy)."""
+    """grad = local derivative x row weight x 1/N x the upstream gradients of (loss, policy, value, entropy)."""
     row = tl.program_id(1)
     row64 = row.to(tl.int64)
     t = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     in_row = t < length
     out = row64 * length + t
     scale = tl.load(row_weights_ptr + row) * tl.load(outputs_ptr + 7)
-    grad_loss = tl.load(upstream_ptr)
+    grad_loss = _upstream(grad_loss_ptr, GIVEN_LOSS)
     if HAS_POLICY:
-        policy_scale = scale * (grad_loss + tl.load(upstream_ptr + 1))
+        policy_scale = scale * (grad_loss + _upstream(grad_policy_ptr, GIVEN_POLICY))
         dpolicy = tl.load(dpolicy_ptr + out, mask=in_row, other=0.0)
         tl.store(grad_logp_ptr + out, dpolicy * policy_scale, mask=in_row)
     if HAS_VALUE:
-        value_scale = scale * (vf_coef * grad_loss + tl.load(upstream_ptr + 2))
+        value_scale = scale * (vf_coef * grad_loss + _upstream(grad_value_ptr, GIVEN_VALUE))
         dvalue = tl.load(dvalue_ptr + out, mask=in_row, other=0.0)
         tl.store(grad_values_ptr + out, dvalue * value_scale, mask=in_row)
     if HAS_ENTROPY:
-        entropy_scale = scale * (tl.load(upstream_ptr + 3) - entropy_coef * grad_loss)
+        entropy_scale = scale * (_upstream(grad_entropy_loss_ptr, GIVEN_ENTROPY) - entropy_coef * grad_loss)
         masked_in = tl.load(mask_ptr + row64 * stride_mask + t, mask=in_row, other=0) != 0
         tl.store(grad_entropy_ptr + out, tl.where(masked_in, entropy_scale, 0.0), mask=in_row)
 
@@ -252,7 +271,7 @@ class _FusedPPOLoss(torch.autograd.Function):
                                            programs_per_sm=_PROGRAMS_PER_SM)
         if chunk_len % block:
             raise ValueError(f"ppo_loss: chunk_len {chunk_len} must be a multiple of block {block}")
-        num_chunks = max(1, triton.cdiv(length, chunk_len))
+        num_chunks = max(1, ceil_div(length, chunk_len))
         mask = mask_for_kernel(loss_mask)
         outputs = torch.empty(_NUM_OUTPUTS, dtype=torch.float32, device=device)  # (8,)
         # (7, B, chunks); every forward program writes its slot, an empty batch leaves zeros for the finalize.
@@ -305,20 +324,20 @@ class _FusedPPOLoss(torch.autograd.Function):
         if not (has_policy or has_value or has_entropy):
             return None, None, None, None, None, None, None, None, None
         batch, length = mask.shape
-        zero = outputs.new_zeros(())
-        upstream = torch.stack([g if g is not None else zero for g in (grad_loss, grad_policy, grad_value,
-                                                                       grad_entropy)]).float()  # (4,)
+        upstream = (grad_loss, grad_policy, grad_value, grad_entropy)  # 0-d each, or None
         device = mask.device
         grad_logp = torch.empty(batch, length, dtype=logp_dtype, device=device) if has_policy else None
         grad_values = torch.empty(batch, length, dtype=values_dtype, device=device) if has_value else None
         grad_entropy_in = torch.empty(batch, length, dtype=entropy_dtype, device=device) if has_entropy else None
         if batch and length:
             launch = launch_options()
-            _ppo_bwd_kernel[(triton.cdiv(length, block), batch)](
+            _ppo_bwd_kernel[(ceil_div(length, block), batch)](
                 grad_logp if has_policy else outputs, grad_values if has_value else outputs,
                 grad_entropy_in if has_entropy else outputs, dpolicy, dvalue, mask, mask.stride(0),
-                row_weights, outputs, upstream, length, vf_coef, entropy_coef,
-                HAS_POLICY=has_policy, HAS_VALUE=has_value, HAS_ENTROPY=has_entropy, BLOCK=block, **launch,
+                row_weights, outputs, *[g if g is not None else outputs for g in upstream], length, vf_coef,
+                entropy_coef, HAS_POLICY=has_policy, HAS_VALUE=has_value, HAS_ENTROPY=has_entropy,
+                GIVEN_LOSS=grad_loss is not None, GIVEN_POLICY=grad_policy is not None,
+                GIVEN_VALUE=grad_value is not None, GIVEN_ENTROPY=grad_entropy is not None, BLOCK=block, **launch,
             )
         return grad_logp, None, None, grad_values, None, None, None, grad_entropy_in, None
 
@@ -363,7 +382,9 @@ def ppo_loss(
         entropy_coef_used = entropy_coef if entropy is not None else 0.0
     settings = (float(clip_ratio), dual_clip, float(value_clip), vf_coef_used, entropy_coef_used,
                 LOSS_AGG_MODES.index(loss_agg_mode), global_token_count, global_seq_count, _block, _chunk_len)
-    detach = [x.detach() if x is not None else None for x in (old_logp, advantages, old_values, returns)]
+    # Data, not parameters: detached so the node keeps no graph behind them alive (a flag test is cheaper).
+    detach = [x.detach() if x is not None and x.requires_grad else x for x in (old_logp, advantages, old_values,
+                                                                               returns)]
     results = _FusedPPOLoss.apply(logp, detach[0], detach[1], values, detach[2], detach[3], loss_mask, entropy,
                                   settings)
     return PPOLossOutput(*results)

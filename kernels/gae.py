@@ -1,4 +1,4 @@
-"""Fused reward scatter + KL penalty + GAE (Triton): one associative scan over time, parallel over B and T.
+"""Fused reward scatter + KL penalty + GAE (Triton): associative scans over time, parallel over B and T.
 
 Same signatures and semantics as the pure-torch twins `stepsearch.algo.gae.compute_gae` and
 `stepsearch.algo.gae.scatter_rewards_and_gae` (read `stepsearch.algo.gae` and `stepsearch.algo.scatter` for the
@@ -6,22 +6,32 @@ maths). Structure (Liger style): private `@triton.jit` kernels, a launcher, the 
 advantages and returns are data.
 
 The scan. Walking a row backwards in time, the state (A, W, O) = (advantage of the next generated token, its value,
-outcome not yet placed) goes through one affine map per token:
+outcome not yet placed) changes at masked-in tokens only:
 
     masked-in t:  A <- gamma*lam*A + gamma*W + O + (r_t - V_t);  W <- V_t;  O <- 0
     masked-out t: identity (the skip-through of verl)
 
-so the outcome lands on the last generated token and every generated token sees the value of the next one. Affine
-maps compose associatively; a composite is (p, q, k, u, s, w) meaning A <- pA + qW + kO + u, W <- sW + w,
-O <- sO. Each tile of BLOCK tokens is loaded in reversed order (index i holds t = tile_end - 1 - i) and scanned
-FORWARD with `tl.associative_scan` (never `reverse=True`, unreliable for non-commutative combines: Triton issue
-4362); the carried state enters each element as A_t = p_i A_in + q_i W_in + k_i O_in + u_i.
+so the outcome lands on the last generated token and every generated token sees the value of the next one. Each
+tile of BLOCK tokens is loaded in reversed order (index i holds t = tile_end - 1 - i) and scanned FORWARD with
+`tl.associative_scan` (never `reverse=True`, unreliable for non-commutative combines: Triton issue 4362), twice:
+
+1. over each token's successor in time (loaded again, shifted by one token, and kept to the tile), a "latest"
+   scan of (seen, value): every token learns the value of the nearest later masked-in token of the tile, which is
+   its W (the carried-in W where there is none), and the tile's latest masked-in token, the one that takes O;
+2. the one-coefficient decay scan x <- p x + u, with p = gamma*lam on masked-in tokens (1 elsewhere) and
+   u = r_t - V_t + gamma*W_t (+ O there): A_t = P_t A_in + U_t.
+
+The state after a tile is read off its last element (one three-operand reduction). Against a single 6-wide scan of
+affine maps on (A, W, O), the two 2-wide scans make the sm_90 loop body ~21% shorter (823 against 1,039 instructions
+per warp and tile, fused with k1 KL and 4 step slots) and need a third fewer registers (see `_GPU_BLOCK`).
 
 Parallel over T: a row is cut into chunks of whole tiles. When the rows alone fill the GPU (B >= 2 x SMs) there is
 one chunk per row and a single kernel (`_gae_chunk_kernel`) walks its row's tiles right to left with the state in
-registers. Otherwise `_gae_summary_kernel` first writes each chunk's composite map (6 floats) and then each chunk
-program of `_gae_chunk_kernel` composes the summaries of the chunks to its right (a short scalar loop) to get its
-carry-in: B x chunks programs, so few long rows still fill the device (the inputs are read twice in that case).
+registers. Otherwise `_gae_summary_kernel` first writes each chunk's composite affine map (p, q, k, u, s, w), meaning
+A <- pA + qW + kO + u, W <- sW + w, O <- sO, built from the same scans (W and O enter a tile only through its latest
+masked-in token, whose decay to the tile's end is k; q = gamma k), and then each chunk program of
+`_gae_chunk_kernel` composes the summaries of the chunks to its right (a short scalar loop) to get its carry-in:
+B x chunks programs, so few long rows still fill the device (the inputs are read twice in that case).
 
 Rewards are formed in registers (KL from old/ref log-probs, step scores matched per tile against the row's
 `step_ends`, loaded once per program as a vector, the outcome through O) and only written to global memory when
@@ -55,7 +65,8 @@ __all__ = ["compute_gae", "scatter_rewards_and_gae"]
 
 _KL_CODES = {"k1": 1, "k2": 2, "k3": 3}
 # 512-token tiles at 4 warps (offline sm_90 compile read with cuobjdump -res-usage, ints specialised as at 512 x 4096,
-# 8 step slots): the fused chunk kernel needs 153 registers (3 programs per SM), the summary kernel 78-128; no spills.
+# 8 step slots): the fused chunk kernel needs 101-113 registers (4 programs per SM; 153 with the 6-wide scan), the
+# plain-GAE one 64, the summary kernel 72-128; no spills.
 _GPU_BLOCK = 512
 # Left to itself ptxas keeps the plain-GAE summary kernel at 56 registers and spills 5 loop-invariant scalars around
 # the scan (24-byte stack); a 128-register ceiling lets it keep them (no stack) at the same occupancy class.
@@ -78,9 +89,33 @@ def _compose(p1, q1, k1, u1, s1, w1, p2, q2, k2, u2, s2, w2):
 
 
 @triton.jit
-def _last(x, BLOCK: tl.constexpr):
-    """x[BLOCK - 1] as a scalar (the inclusive scan's total)."""
-    return tl.sum(tl.where(tl.arange(0, BLOCK) == BLOCK - 1, x, 0.0), axis=0)
+def _combine_latest(seen1, value1, seen2, value2):
+    """Scan of (seen, value): the value of the latest element (in scan order) that has one."""
+    return tl.maximum(seen1, seen2), tl.where(seen2 > 0, value2, value1)
+
+
+@triton.jit
+def _combine_decay(p1, u1, p2, u2):
+    """Composite of x <- p1 x + u1, then x <- p2 x + u2."""
+    return p2 * p1, p2 * u1 + u2
+
+
+@triton.jit
+def _combine_decay_pair(p1, u1, k1, p2, u2, k2):
+    """Two affine maps sharing their coefficient, composed at once."""
+    return p2 * p1, p2 * u1 + u2, p2 * k1 + k2
+
+
+@triton.jit
+def _add3(a1, b1, c1, a2, b2, c2):
+    return a1 + a2, b1 + b2, c1 + c2
+
+
+@triton.jit
+def _last3(a, b, c, BLOCK: tl.constexpr):
+    """(a, b, c)[BLOCK - 1] as scalars (a scan's totals), in one reduction."""
+    is_last = tl.arange(0, BLOCK) == BLOCK - 1
+    return tl.reduce((tl.where(is_last, a, 0.0), tl.where(is_last, b, 0.0), tl.where(is_last, c, 0.0)), 0, _add3)
 
 
 @triton.jit
@@ -100,14 +135,15 @@ def _row_steps(row, step_ends_ptr, step_scores_ptr, num_steps, length, FUSED: tl
 
 
 @triton.jit
-def _tile_maps(
+def _tile_inputs(
     row, tile_end, tile_start, length,
     rewards_ptr, values_ptr, mask_ptr, old_logp_ptr, ref_logp_ptr, step_ends_row, step_scores_row,
     stride_rewards, stride_values, stride_mask, stride_old, stride_ref,
     kl_coef, gamma, gamma_lam,
     FUSED: tl.constexpr, HAS_KL: tl.constexpr, KL_ESTIMATOR: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """Per-token affine maps of one tile in reversed order, plus t, the mask, the values and the rewards."""
+    """One tile in reversed order: t, the masks, values and rewards, and per token the nearest later masked-in
+    token of the tile (`seen` = 1 where there is one, `later_value` its value), plus the shared decay p."""
     t = tile_end - 1 - tl.arange(0, BLOCK)  # (BLOCK,) reversed time
     in_tile = (t >= tile_start) & (t < length)
     row64 = row.to(tl.int64)
@@ -133,15 +169,18 @@ def _tile_maps(
         rewards = tl.where(masked_in, rewards, 0.0)
     else:
         rewards = tl.load(rewards_ptr + row64 * stride_rewards + t, mask=masked_in, other=0.0).to(tl.float32)
-    one = tl.full([BLOCK], 1.0, tl.float32)
-    zero = tl.zeros([BLOCK], dtype=tl.float32)
-    p = tl.where(masked_in, gamma_lam, one)
-    q = tl.where(masked_in, gamma, zero)
-    k = tl.where(masked_in, one, zero)
-    u = tl.where(masked_in, rewards - values, zero)
-    s = tl.where(masked_in, zero, one)
-    w = tl.where(masked_in, values, zero)
-    return t, in_tile, masked_in, values, rewards, p, q, k, u, s, w
+    # Element i of the walk sees the token one step later in time (element i - 1's), kept to this tile: an
+    # inclusive scan over these shifted elements is then exclusive of the token itself.
+    later = t + 1
+    later_in_tile = (later >= tile_start) & (later < tile_end)
+    later_masked_in = tl.load(mask_ptr + row64 * stride_mask + later, mask=later_in_tile, other=0) != 0
+    # Not masked by later_masked_in, so the two loads do not wait on each other: a masked-out value (pad, even a
+    # NaN) is only ever passed over by the scan's select, never computed with.
+    later_values = tl.load(values_ptr + row64 * stride_values + later, mask=later_in_tile, other=0.0)
+    seen, later_value = tl.associative_scan(
+        (tl.where(later_masked_in, 1.0, 0.0), later_values.to(tl.float32)), 0, _combine_latest)
+    p = tl.where(masked_in, gamma_lam, 1.0)
+    return t, in_tile, masked_in, values, rewards, seen, later_value, p
 
 
 @triton.jit
@@ -162,16 +201,23 @@ def _gae_summary_kernel(
     agg_p, agg_q, agg_k, agg_u, agg_s, agg_w = 1.0, 0.0, 0.0, 0.0, 1.0, 0.0
     for tile in range(0, tiles_per_chunk):
         tile_end = chunk_end - tile * BLOCK
-        _t, _in, _m, _v, _r, p, q, k, u, s, w = _tile_maps(
+        _t, _in, masked_in, values, rewards, seen, later_value, p = _tile_inputs(
             row, tile_end, chunk_start, length,
             rewards_ptr, values_ptr, mask_ptr, old_logp_ptr, ref_logp_ptr, step_ends_row, step_scores_row,
             stride_rewards, stride_values, stride_mask, stride_old, stride_ref,
             kl_coef, gamma, gamma_lam, FUSED, HAS_KL, KL_ESTIMATOR, BLOCK,
         )
-        p, q, k, u, s, w = tl.associative_scan((p, q, k, u, s, w), 0, _compose)
+        # The tile's map from the state after it (A, W, O) to the state before it: with zero carries (u), and the
+        # coefficient k with which W and O enter, both through the tile's latest masked-in token only (q = gamma k).
+        u = tl.where(masked_in, rewards - values + gamma * tl.where(seen > 0, later_value, 0.0), 0.0)
+        k = tl.where(masked_in & (seen == 0), 1.0, 0.0)
+        p, u, k = tl.associative_scan((p, u, k), 0, _combine_decay_pair)
+        tile_p, tile_u, tile_k = _last3(p, u, k, BLOCK)
+        latest_value = tl.where(masked_in, values, tl.where(seen > 0, later_value, 0.0))
+        tile_w, tile_any, _ = _last3(latest_value, tl.where(masked_in, 1.0, seen), p, BLOCK)
         agg_p, agg_q, agg_k, agg_u, agg_s, agg_w = _compose(
             agg_p, agg_q, agg_k, agg_u, agg_s, agg_w,
-            _last(p, BLOCK), _last(q, BLOCK), _last(k, BLOCK), _last(u, BLOCK), _last(s, BLOCK), _last(w, BLOCK),
+            tile_p, gamma * tile_k, tile_k, tile_u, 1.0 - tile_any, tile_w,
         )
     plane = num_chunks * tl.num_programs(1)
     base = summary_ptr + row * num_chunks + chunk
@@ -219,25 +265,26 @@ def _gae_chunk_kernel(
     step_ends_row, step_scores_row = _row_steps(row, step_ends_ptr, step_scores_ptr, num_steps, length, FUSED, STEPS)
     for tile in range(0, tiles_per_chunk):
         tile_end = chunk_end - tile * BLOCK
-        t, in_tile, masked_in, values, rewards, p, q, k, u, s, w = _tile_maps(
+        t, in_tile, masked_in, values, rewards, seen, later_value, p = _tile_inputs(
             row, tile_end, chunk_start, length,
             rewards_ptr, values_ptr, mask_ptr, old_logp_ptr, ref_logp_ptr, step_ends_row, step_scores_row,
             stride_rewards, stride_values, stride_mask, stride_old, stride_ref,
             kl_coef, gamma, gamma_lam, FUSED, HAS_KL, KL_ESTIMATOR, BLOCK,
         )
-        p, q, k, u, s, w = tl.associative_scan((p, q, k, u, s, w), 0, _compose)
-        advantages = p * carry_a + q * carry_w + k * carry_o + u
+        next_value = tl.where(seen > 0, later_value, carry_w)  # the value of the next generated token
+        # The pending outcome lands on the tile's latest masked-in token (the row's last generated one).
+        outcome_here = tl.where(masked_in & (seen == 0), carry_o, 0.0)
+        u = tl.where(masked_in, rewards - values + gamma * next_value + outcome_here, 0.0)
+        p, u = tl.associative_scan((p, u), 0, _combine_decay)
+        advantages = p * carry_a + u
         out = row64 * length + t
         tl.store(advantages_ptr + out, tl.where(masked_in, advantages, 0.0), mask=in_tile)
         tl.store(returns_ptr + out, tl.where(masked_in, advantages + values, 0.0), mask=in_tile)
         if STORE_REWARDS:
-            # The outcome lands on the first masked-in token of the walk while it is still pending.
-            seen = tl.cumsum(masked_in.to(tl.int32), 0)
-            outcome_here = tl.where(masked_in & (seen == 1), carry_o, 0.0)
             tl.store(rewards_out_ptr + out, rewards + outcome_here, mask=in_tile)
-        carry_a = _last(advantages, BLOCK)
-        carry_w = _last(s, BLOCK) * carry_w + _last(w, BLOCK)
-        carry_o = _last(s, BLOCK) * carry_o
+        latest_value = tl.where(masked_in, values, next_value)
+        carry_a, carry_w, tile_any = _last3(advantages, latest_value, tl.where(masked_in, 1.0, seen), BLOCK)
+        carry_o = carry_o * (1.0 - tile_any)
 
 
 def _launch(

@@ -25,7 +25,7 @@ from stepsearch.algo.kl import K3_CLAMP, LOG_RATIO_CLAMP
 
 def _make_case(name, batch, length, *, fused, seed, density=0.6, gamma=0.99, lam=0.95, num_steps=3, kl_coef=0.1,
                kl_estimator="k1", block=None, chunk_len=None, mask_dtype=torch.bool, values_dtype=torch.float32,
-               strided=False, out_of_range_end=False, extreme_log_ratios=False):
+               strided=False, out_of_range_end=False, extreme_log_ratios=False, non_finite_padding=False):
     generator = torch.Generator().manual_seed(seed)
     mask = torch.rand(batch, length, generator=generator) < density  # (B, T) holes everywhere
     if batch > 2:
@@ -51,6 +51,10 @@ def _make_case(name, batch, length, *, fused, seed, density=0.6, gamma=0.99, lam
         "old_logp": -torch.rand(batch, width, generator=generator)[:, :length] * 3 if kl_coef else None,
         "ref_logp": -torch.rand(batch, width, generator=generator)[:, :length] * 3 if kl_coef else None,
     }
+    if non_finite_padding:  # a critic's values at pads and retrieved tokens may be anything: NaN, +inf, -inf
+        padding = ~mask
+        case["values"][padding] = torch.tensor([float("nan"), float("inf"), -float("inf")]).repeat(
+            padding.sum().item() // 3 + 1)[: padding.sum().item()].to(values_dtype)
     if extreme_log_ratios:  # log-ratios of +40 and -40 (beyond the log-ratio clamp) and +15 (beyond k3's clamp)
         case["ref_logp"][:, 0::4] -= 40.0
         case["old_logp"][:, 1::4] -= 40.0
@@ -79,6 +83,10 @@ CASES = [
     _make_case("fused_k1_log_ratio_clamped", 3, 27, fused=True, seed=13, extreme_log_ratios=True, block=8,
                chunk_len=16),
     _make_case("fused_k3_both_clamps", 3, 27, fused=True, seed=14, kl_estimator="k3", extreme_log_ratios=True),
+    _make_case("fused_non_finite_padding", 4, 37, fused=True, seed=15, block=8, chunk_len=16,
+               non_finite_padding=True),
+    _make_case("gae_non_finite_padding", 4, 37, fused=False, seed=16, block=8, chunk_len=24,
+               non_finite_padding=True),
 ]
 for _case in CASES:
     if _case["name"] == "fused_int32_ends_no_steps":
@@ -106,9 +114,11 @@ def _run_kernel(kernels, case):
 
 
 def _reference(case):
-    """Float64 twin; out-of-range step ends (ignored by the kernel) become 'no step' for the twin."""
+    """Float64 twin; out-of-range step ends (ignored by the kernel) become 'no step' for the twin, and masked-out
+    values 0 (the twin ignores them too, but computes with them: a NaN there would reach its masked-out outputs)."""
     double = {k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
               for k, v in case.items()}
+    double["values"] = torch.where(case["loss_mask"] != 0, double["values"], 0.0)
     if case["fused"]:
         length = case["loss_mask"].shape[1]
         step_ends = torch.where(case["step_ends"] < length, case["step_ends"], -1)

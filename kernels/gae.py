@@ -11,32 +11,37 @@ outcome not yet placed) changes at masked-in tokens only:
     masked-in t:  A <- gamma*lam*A + gamma*W + O + (r_t - V_t);  W <- V_t;  O <- 0
     masked-out t: identity (the skip-through of verl)
 
-so the outcome lands on the last generated token and every generated token sees the value of the next one. Each
-tile of BLOCK tokens is loaded in reversed order (index i holds t = tile_end - 1 - i) and scanned FORWARD with
-`tl.associative_scan` (never `reverse=True`, unreliable for non-commutative combines: Triton issue 4362), twice:
+so the outcome lands on the last generated token and every generated token sees the value of the next one. Maps
+compose associatively; a composite is (p, q, k, u, s, w) meaning A <- pA + qW + kO + u, W <- sW + w, O <- sO.
 
-1. over each token's successor in time (loaded again, shifted by one token, and kept to the tile), a "latest"
-   scan of (seen, value): every token learns the value of the nearest later masked-in token of the tile, which is
-   its W (the carried-in W where there is none), and the tile's latest masked-in token, the one that takes O;
-2. the one-coefficient decay scan x <- p x + u, with p = gamma*lam on masked-in tokens (1 elsewhere) and
-   u = r_t - V_t + gamma*W_t (+ O there): A_t = P_t A_in + U_t.
+A tile of BLOCK tokens is held as (BLOCK / ROW, ROW): row r holds the ROW = 4 tokens ending ROW r before the tile's
+end, so rows run backwards in time and the tokens of a row forwards. One thread holds one row: every array is read
+and written as one 16-byte vector per thread, and a row's tokens are walked in registers. Per tile:
 
-The state after a tile is read off its last element (one three-operand reduction). Against a single 6-wide scan of
-affine maps on (A, W, O), the two 2-wide scans make the sm_90 loop body ~21% shorter (823 against 1,039 instructions
-per warp and tile, fused with k1 KL and 4 step slots) and need a third fewer registers (see `_GPU_BLOCK`).
+1. each row builds, token by token (latest first), the composite map of the row before it in the walk: that row's
+   tokens, loaded again one row later in time (cache hits; nothing for row 0);
+2. one forward `tl.associative_scan` over rows composes them (never `reverse=True`, unreliable for non-commutative
+   combines: Triton issue 4362), giving each row the map of everything later in the tile, which takes the carried
+   state to the state entering the row;
+3. each row walks its own tokens from that state, writing advantages and returns; the earliest row's final state
+   is the carry into the next tile (one three-operand reduction).
+
+Against a scan over tokens (one element per token, BLOCK-long scans), this moves data between threads only in the
+row scan: in the offline sm_90 compile at 512-token tiles the loop body is 534 instructions per warp and tile fused
+with k1 KL and 4 step slots, 396 for plain GAE (Triton 3.9; 576 and 413 with 3.6), against 1,039 and 970 for a 6-wide
+scan over the tokens in reversed order, whose descending addresses also kept every load scalar.
 
 Parallel over T: a row is cut into chunks of whole tiles. When the rows alone fill the GPU (B >= 2 x SMs) there is
 one chunk per row and a single kernel (`_gae_chunk_kernel`) walks its row's tiles right to left with the state in
-registers. Otherwise `_gae_summary_kernel` first writes each chunk's composite affine map (p, q, k, u, s, w), meaning
-A <- pA + qW + kO + u, W <- sW + w, O <- sO, built from the same scans (W and O enter a tile only through its latest
-masked-in token, whose decay to the tile's end is k; q = gamma k), and then each chunk program of
-`_gae_chunk_kernel` composes the summaries of the chunks to its right (a short scalar loop) to get its carry-in:
-B x chunks programs, so few long rows still fill the device (the inputs are read twice in that case).
+registers. Otherwise `_gae_summary_kernel` first writes each chunk's composite map (6 floats: its own rows' maps
+scanned, the last taken) and then each chunk program of `_gae_chunk_kernel` composes the summaries of the chunks to
+its right (a short scalar loop) to get its carry-in: B x chunks programs, so few long rows still fill the device
+(the inputs are read twice in that case).
 
-Rewards are formed in registers (KL from old/ref log-probs, step scores matched per tile against the row's
-`step_ends`, loaded once per program as a vector, the outcome through O) and only written to global memory when
-`return_rewards=True`. Everything is fp32 in registers; outputs are fp32; float64 inputs are delegated to the twin.
-Step ends outside [0, T) are ignored (checking would need a host sync; the twin raises on them). Under
+Rewards are formed in registers (KL from old/ref log-probs; step scores matched against the row's `step_ends`, loaded
+once per program as a vector and read out as loop-invariant scalars; the outcome through O) and only written to global
+memory when `return_rewards=True`. Everything is fp32 in registers; outputs are fp32; float64 inputs are delegated to
+the twin. Step ends outside [0, T) are ignored (checking would need a host sync; the twin raises on them). Under
 TRITON_INTERPRET=1 the same kernels run on CPU tensors.
 """
 
@@ -65,12 +70,11 @@ __all__ = ["compute_gae", "scatter_rewards_and_gae"]
 
 _KL_CODES = {"k1": 1, "k2": 2, "k3": 3}
 # 512-token tiles at 4 warps (offline sm_90 compile read with cuobjdump -res-usage, ints specialised as at 512 x 4096,
-# 8 step slots): the fused chunk kernel needs 101-113 registers (4 programs per SM; 153 with the 6-wide scan), the
-# plain-GAE one 64, the summary kernel 72-128; no spills.
+# 8 step slots, Triton 3.9 / 3.6): the fused chunk kernel needs 108-113 / 106-109 registers (4 programs per SM), the
+# plain-GAE one 54 / 56, the summary kernel 53-128 / 56-94; no spills.
 _GPU_BLOCK = 512
-# Left to itself ptxas keeps the plain-GAE summary kernel at 56 registers and spills 5 loop-invariant scalars around
-# the scan (24-byte stack); a 128-register ceiling lets it keep them (no stack) at the same occupancy class.
-_SUMMARY_MAX_REGISTERS = 128
+# Tokens per tile row, one row per thread: 16-byte vector loads and stores of fp32, the row walked in registers.
+_ROW = 4
 # ~2 programs per SM: enough chunks for few long rows, while the summary pass (inputs read twice) stays rare.
 _PROGRAMS_PER_SM = 2
 
@@ -89,33 +93,21 @@ def _compose(p1, q1, k1, u1, s1, w1, p2, q2, k2, u2, s2, w2):
 
 
 @triton.jit
-def _combine_latest(seen1, value1, seen2, value2):
-    """Scan of (seen, value): the value of the latest element (in scan order) that has one."""
-    return tl.maximum(seen1, seen2), tl.where(seen2 > 0, value2, value1)
-
-
-@triton.jit
-def _combine_decay(p1, u1, p2, u2):
-    """Composite of x <- p1 x + u1, then x <- p2 x + u2."""
-    return p2 * p1, p2 * u1 + u2
-
-
-@triton.jit
-def _combine_decay_pair(p1, u1, k1, p2, u2, k2):
-    """Two affine maps sharing their coefficient, composed at once."""
-    return p2 * p1, p2 * u1 + u2, p2 * k1 + k2
-
-
-@triton.jit
 def _add3(a1, b1, c1, a2, b2, c2):
     return a1 + a2, b1 + b2, c1 + c2
 
 
 @triton.jit
-def _last3(a, b, c, BLOCK: tl.constexpr):
-    """(a, b, c)[BLOCK - 1] as scalars (a scan's totals), in one reduction."""
-    is_last = tl.arange(0, BLOCK) == BLOCK - 1
+def _last3(a, b, c, ROWS: tl.constexpr):
+    """(a, b, c)[ROWS - 1] as scalars, in one reduction."""
+    is_last = tl.arange(0, ROWS) == ROWS - 1
     return tl.reduce((tl.where(is_last, a, 0.0), tl.where(is_last, b, 0.0), tl.where(is_last, c, 0.0)), 0, _add3)
+
+
+@triton.jit
+def _column(tile, c, ROW: tl.constexpr):
+    """Column c of a (ROWS, ROW) tile as a (ROWS,) vector: a row's tokens sit in one thread, so no data moves."""
+    return tl.sum(tl.where(tl.arange(0, ROW)[None, :] == c, tile, 0.0), axis=1)
 
 
 @triton.jit
@@ -135,25 +127,34 @@ def _row_steps(row, step_ends_ptr, step_scores_ptr, num_steps, length, FUSED: tl
 
 
 @triton.jit
-def _tile_inputs(
-    row, tile_end, tile_start, length,
+def _slot(vector, s, STEPS: tl.constexpr):
+    """vector[s] as a scalar (a loop-invariant reduction: computed once per program, outside the tile loop)."""
+    return tl.sum(tl.where(tl.arange(0, STEPS) == s, vector, 0), axis=0)
+
+
+@triton.jit
+def _tile(
+    row, tile_end, tile_start, shift,
     rewards_ptr, values_ptr, mask_ptr, old_logp_ptr, ref_logp_ptr, step_ends_row, step_scores_row,
-    stride_rewards, stride_values, stride_mask, stride_old, stride_ref,
-    kl_coef, gamma, gamma_lam,
-    FUSED: tl.constexpr, HAS_KL: tl.constexpr, KL_ESTIMATOR: tl.constexpr, BLOCK: tl.constexpr,
+    stride_rewards, stride_values, stride_mask, stride_old, stride_ref, kl_coef,
+    FUSED: tl.constexpr, HAS_KL: tl.constexpr, KL_ESTIMATOR: tl.constexpr, ROWS: tl.constexpr, ROW: tl.constexpr,
+    STEPS: tl.constexpr,
 ):
-    """One tile in reversed order: t, the masks, values and rewards, and per token the nearest later masked-in
-    token of the tile (`seen` = 1 where there is one, `later_value` its value), plus the shared decay p."""
-    t = tile_end - 1 - tl.arange(0, BLOCK)  # (BLOCK,) reversed time
-    in_tile = (t >= tile_start) & (t < length)
+    """A tile as (ROWS, ROW): row r holds times tile_end - ROW (r + 1) + shift + [0, ROW), so row 0 is the latest
+    and each thread loads one 16-byte vector per array. Returns t, masked-in (0/1), values and rewards (minus the KL
+    penalty plus the step scores placed at their ends, or the given rewards), all 0 outside [tile_start, tile_end)
+    and where masked out."""
+    t = tile_end - ROW * (tl.arange(0, ROWS)[:, None] + 1) + shift + tl.arange(0, ROW)[None, :]  # (ROWS, ROW)
+    in_tile = (t >= tile_start) & (t < tile_end)
     row64 = row.to(tl.int64)
-    masked_in = tl.load(mask_ptr + row64 * stride_mask + t, mask=in_tile, other=0) != 0
-    values = tl.load(values_ptr + row64 * stride_values + t, mask=masked_in, other=0.0).to(tl.float32)
+    # Loads are masked by the tile only, so none waits for the mask; pads (even NaN) are selected away, never used.
+    masked_in = (tl.load(mask_ptr + row64 * stride_mask + t, mask=in_tile, other=0) != 0) & in_tile
+    values = tl.load(values_ptr + row64 * stride_values + t, mask=in_tile, other=0.0).to(tl.float32)
     if FUSED:
-        rewards = tl.zeros([BLOCK], dtype=tl.float32)
+        rewards = tl.zeros([ROWS, ROW], dtype=tl.float32)
         if HAS_KL:
-            old_logp = tl.load(old_logp_ptr + row64 * stride_old + t, mask=masked_in, other=0.0).to(tl.float32)
-            ref_logp = tl.load(ref_logp_ptr + row64 * stride_ref + t, mask=masked_in, other=0.0).to(tl.float32)
+            old_logp = tl.load(old_logp_ptr + row64 * stride_old + t, mask=in_tile, other=0.0).to(tl.float32)
+            ref_logp = tl.load(ref_logp_ptr + row64 * stride_ref + t, mask=in_tile, other=0.0).to(tl.float32)
             log_ratio = tl.minimum(tl.maximum(old_logp - ref_logp, -LOG_RATIO_CLAMP), LOG_RATIO_CLAMP)
             if KL_ESTIMATOR == 1:
                 kl = log_ratio
@@ -161,26 +162,42 @@ def _tile_inputs(
                 kl = 0.5 * log_ratio * log_ratio
             else:
                 kl = tl.minimum(tl.maximum(tl.exp(-log_ratio) - 1.0 + log_ratio, -K3_CLAMP), K3_CLAMP)
-            rewards -= kl_coef * kl
-        # (STEPS, BLOCK) match against the row's step ends, loaded once per program; two steps on one token add up.
-        # Steps on axis 0: each thread holds every step of its own tokens, so the sum stays in registers.
-        at_step_end = step_ends_row[:, None] == t[None, :]
-        rewards += tl.sum(tl.where(at_step_end, step_scores_row[:, None], 0.0), axis=0)
-        rewards = tl.where(masked_in, rewards, 0.0)
+            rewards = -kl_coef * kl
+        for step in tl.static_range(STEPS):  # two steps on one token add up
+            at_end = t == _slot(step_ends_row, step, STEPS)
+            rewards += tl.where(at_end, _slot(step_scores_row, step, STEPS), 0.0)
     else:
-        rewards = tl.load(rewards_ptr + row64 * stride_rewards + t, mask=masked_in, other=0.0).to(tl.float32)
-    # Element i of the walk sees the token one step later in time (element i - 1's), kept to this tile: an
-    # inclusive scan over these shifted elements is then exclusive of the token itself.
-    later = t + 1
-    later_in_tile = (later >= tile_start) & (later < tile_end)
-    later_masked_in = tl.load(mask_ptr + row64 * stride_mask + later, mask=later_in_tile, other=0) != 0
-    # Not masked by later_masked_in, so the two loads do not wait on each other: a masked-out value (pad, even a
-    # NaN) is only ever passed over by the scan's select, never computed with.
-    later_values = tl.load(values_ptr + row64 * stride_values + later, mask=later_in_tile, other=0.0)
-    seen, later_value = tl.associative_scan(
-        (tl.where(later_masked_in, 1.0, 0.0), later_values.to(tl.float32)), 0, _combine_latest)
-    p = tl.where(masked_in, gamma_lam, 1.0)
-    return t, in_tile, masked_in, values, rewards, seen, later_value, p
+        rewards = tl.load(rewards_ptr + row64 * stride_rewards + t, mask=in_tile, other=0.0).to(tl.float32)
+    values = tl.where(masked_in, values, 0.0)
+    rewards = tl.where(masked_in, rewards, 0.0)
+    return t, masked_in.to(tl.float32), values, rewards
+
+
+@triton.jit
+def _token(masked_in, values, rewards, c, ROW: tl.constexpr):
+    """Token c of every row: (masked in, value, reward), each (ROWS,)."""
+    return _column(masked_in, c, ROW) > 0, _column(values, c, ROW), _column(rewards, c, ROW)
+
+
+@triton.jit
+def _row_maps(masked_in, values, rewards, gamma, gamma_lam, ROWS: tl.constexpr, ROW: tl.constexpr):
+    """Composite map (p, q, k, u, s, w) of each row's ROW tokens in walk order (latest first), each (ROWS,)."""
+    p = tl.full([ROWS], 1.0, tl.float32)
+    q = tl.zeros([ROWS], dtype=tl.float32)
+    k = tl.zeros([ROWS], dtype=tl.float32)
+    u = tl.zeros([ROWS], dtype=tl.float32)
+    s = tl.full([ROWS], 1.0, tl.float32)
+    w = tl.zeros([ROWS], dtype=tl.float32)
+    for c in tl.static_range(ROW - 1, -1, -1):
+        is_in, value, reward = _token(masked_in, values, rewards, c, ROW)
+        # then a masked-in token's map (gamma lam, gamma, 1, r - v, 0, v); a masked-out token changes nothing
+        u = tl.where(is_in, gamma_lam * u + gamma * w + (reward - value), u)
+        q = tl.where(is_in, gamma_lam * q + gamma * s, q)
+        k = tl.where(is_in, gamma_lam * k + s, k)
+        p = tl.where(is_in, gamma_lam * p, p)
+        s = tl.where(is_in, 0.0, s)
+        w = tl.where(is_in, value, w)
+    return p, q, k, u, s, w
 
 
 @triton.jit
@@ -190,9 +207,10 @@ def _gae_summary_kernel(
     stride_rewards, stride_values, stride_mask, stride_old, stride_ref, num_steps,
     kl_coef, gamma, gamma_lam,
     FUSED: tl.constexpr, HAS_KL: tl.constexpr, KL_ESTIMATOR: tl.constexpr, BLOCK: tl.constexpr,
-    STEPS: tl.constexpr,
+    STEPS: tl.constexpr, ROW: tl.constexpr,
 ):
     """summary[:, row, chunk] = composite map (p, q, k, u, s, w) of all tokens of one chunk (6, B, chunks)."""
+    ROWS: tl.constexpr = BLOCK // ROW
     chunk = tl.program_id(0)
     row = tl.program_id(1)
     chunk_start = chunk * chunk_len
@@ -201,23 +219,17 @@ def _gae_summary_kernel(
     agg_p, agg_q, agg_k, agg_u, agg_s, agg_w = 1.0, 0.0, 0.0, 0.0, 1.0, 0.0
     for tile in range(0, tiles_per_chunk):
         tile_end = chunk_end - tile * BLOCK
-        _t, _in, masked_in, values, rewards, seen, later_value, p = _tile_inputs(
-            row, tile_end, chunk_start, length,
-            rewards_ptr, values_ptr, mask_ptr, old_logp_ptr, ref_logp_ptr, step_ends_row, step_scores_row,
-            stride_rewards, stride_values, stride_mask, stride_old, stride_ref,
-            kl_coef, gamma, gamma_lam, FUSED, HAS_KL, KL_ESTIMATOR, BLOCK,
+        _t, masked_in, values, rewards = _tile(
+            row, tile_end, chunk_start, 0, rewards_ptr, values_ptr, mask_ptr, old_logp_ptr, ref_logp_ptr,
+            step_ends_row, step_scores_row, stride_rewards, stride_values, stride_mask, stride_old, stride_ref,
+            kl_coef, FUSED, HAS_KL, KL_ESTIMATOR, ROWS, ROW, STEPS,
         )
-        # The tile's map from the state after it (A, W, O) to the state before it: with zero carries (u), and the
-        # coefficient k with which W and O enter, both through the tile's latest masked-in token only (q = gamma k).
-        u = tl.where(masked_in, rewards - values + gamma * tl.where(seen > 0, later_value, 0.0), 0.0)
-        k = tl.where(masked_in & (seen == 0), 1.0, 0.0)
-        p, u, k = tl.associative_scan((p, u, k), 0, _combine_decay_pair)
-        tile_p, tile_u, tile_k = _last3(p, u, k, BLOCK)
-        latest_value = tl.where(masked_in, values, tl.where(seen > 0, later_value, 0.0))
-        tile_w, tile_any, _ = _last3(latest_value, tl.where(masked_in, 1.0, seen), p, BLOCK)
+        p, q, k, u, s, w = _row_maps(masked_in, values, rewards, gamma, gamma_lam, ROWS, ROW)
+        p, q, k, u, s, w = tl.associative_scan((p, q, k, u, s, w), 0, _compose)  # over rows, latest first
+        tile_p, tile_q, tile_k = _last3(p, q, k, ROWS)
+        tile_u, tile_s, tile_w = _last3(u, s, w, ROWS)
         agg_p, agg_q, agg_k, agg_u, agg_s, agg_w = _compose(
-            agg_p, agg_q, agg_k, agg_u, agg_s, agg_w,
-            tile_p, gamma * tile_k, tile_k, tile_u, 1.0 - tile_any, tile_w,
+            agg_p, agg_q, agg_k, agg_u, agg_s, agg_w, tile_p, tile_q, tile_k, tile_u, tile_s, tile_w,
         )
     plane = num_chunks * tl.num_programs(1)
     base = summary_ptr + row * num_chunks + chunk
@@ -236,9 +248,10 @@ def _gae_chunk_kernel(
     stride_rewards, stride_values, stride_mask, stride_old, stride_ref, num_steps,
     kl_coef, gamma, gamma_lam,
     FUSED: tl.constexpr, HAS_KL: tl.constexpr, KL_ESTIMATOR: tl.constexpr, STORE_REWARDS: tl.constexpr,
-    BLOCK: tl.constexpr, STEPS: tl.constexpr,
+    BLOCK: tl.constexpr, STEPS: tl.constexpr, ROW: tl.constexpr,
 ):
     """Advantages and returns of one chunk of one row; outputs are contiguous (B, T)."""
+    ROWS: tl.constexpr = BLOCK // ROW
     chunk = tl.program_id(0)
     row = tl.program_id(1)
     row64 = row.to(tl.int64)
@@ -263,28 +276,48 @@ def _gae_chunk_kernel(
     chunk_start = chunk * chunk_len
     chunk_end = tl.minimum(chunk_start + chunk_len, length)
     step_ends_row, step_scores_row = _row_steps(row, step_ends_ptr, step_scores_ptr, num_steps, length, FUSED, STEPS)
+    columns = tl.arange(0, ROW)[None, :]
     for tile in range(0, tiles_per_chunk):
         tile_end = chunk_end - tile * BLOCK
-        t, in_tile, masked_in, values, rewards, seen, later_value, p = _tile_inputs(
-            row, tile_end, chunk_start, length,
-            rewards_ptr, values_ptr, mask_ptr, old_logp_ptr, ref_logp_ptr, step_ends_row, step_scores_row,
-            stride_rewards, stride_values, stride_mask, stride_old, stride_ref,
-            kl_coef, gamma, gamma_lam, FUSED, HAS_KL, KL_ESTIMATOR, BLOCK,
+        # Each row's scan input is the map of the row before it in the walk (loaded again, one row later in time;
+        # nothing for row 0), so the inclusive scan gives every row the map of everything after it in the tile.
+        _later_t, later_in, later_values, later_rewards = _tile(
+            row, tile_end, chunk_start, ROW, rewards_ptr, values_ptr, mask_ptr, old_logp_ptr, ref_logp_ptr,
+            step_ends_row, step_scores_row, stride_rewards, stride_values, stride_mask, stride_old, stride_ref,
+            kl_coef, FUSED, HAS_KL, KL_ESTIMATOR, ROWS, ROW, STEPS,
         )
-        next_value = tl.where(seen > 0, later_value, carry_w)  # the value of the next generated token
-        # The pending outcome lands on the tile's latest masked-in token (the row's last generated one).
-        outcome_here = tl.where(masked_in & (seen == 0), carry_o, 0.0)
-        u = tl.where(masked_in, rewards - values + gamma * next_value + outcome_here, 0.0)
-        p, u = tl.associative_scan((p, u), 0, _combine_decay)
-        advantages = p * carry_a + u
+        p, q, k, u, s, w = _row_maps(later_in, later_values, later_rewards, gamma, gamma_lam, ROWS, ROW)
+        p, q, k, u, s, w = tl.associative_scan((p, q, k, u, s, w), 0, _compose)
+        state_a = p * carry_a + q * carry_w + k * carry_o + u  # (ROWS,) the state entering each row
+        state_w = s * carry_w + w
+        state_o = s * carry_o
+        t, masked_in, values, rewards = _tile(
+            row, tile_end, chunk_start, 0, rewards_ptr, values_ptr, mask_ptr, old_logp_ptr, ref_logp_ptr,
+            step_ends_row, step_scores_row, stride_rewards, stride_values, stride_mask, stride_old, stride_ref,
+            kl_coef, FUSED, HAS_KL, KL_ESTIMATOR, ROWS, ROW, STEPS,
+        )
+        advantages = tl.zeros([ROWS, ROW], dtype=tl.float32)
+        returns = tl.zeros([ROWS, ROW], dtype=tl.float32)
+        rewards_out = tl.zeros([ROWS, ROW], dtype=tl.float32)
+        for c in tl.static_range(ROW - 1, -1, -1):  # each row's own tokens, latest first
+            is_in, value, reward = _token(masked_in, values, rewards, c, ROW)
+            # The pending outcome lands on the row's last generated token.
+            outcome_here = tl.where(is_in, state_o, 0.0)
+            state_a = tl.where(is_in, gamma_lam * state_a + gamma * state_w + state_o + reward - value, state_a)
+            state_w = tl.where(is_in, value, state_w)
+            state_o = tl.where(is_in, 0.0, state_o)
+            here = columns == c
+            advantages = tl.where(here, tl.where(is_in, state_a, 0.0)[:, None], advantages)
+            returns = tl.where(here, tl.where(is_in, state_a + value, 0.0)[:, None], returns)
+            if STORE_REWARDS:
+                rewards_out = tl.where(here, (reward + outcome_here)[:, None], rewards_out)
         out = row64 * length + t
-        tl.store(advantages_ptr + out, tl.where(masked_in, advantages, 0.0), mask=in_tile)
-        tl.store(returns_ptr + out, tl.where(masked_in, advantages + values, 0.0), mask=in_tile)
+        in_tile = (t >= chunk_start) & (t < tile_end)
+        tl.store(advantages_ptr + out, advantages, mask=in_tile)
+        tl.store(returns_ptr + out, returns, mask=in_tile)
         if STORE_REWARDS:
-            tl.store(rewards_out_ptr + out, rewards + outcome_here, mask=in_tile)
-        latest_value = tl.where(masked_in, values, next_value)
-        carry_a, carry_w, tile_any = _last3(advantages, latest_value, tl.where(masked_in, 1.0, seen), BLOCK)
-        carry_o = carry_o * (1.0 - tile_any)
+            tl.store(rewards_out_ptr + out, rewards_out, mask=in_tile)
+        carry_a, carry_w, carry_o = _last3(state_a, state_w, state_o, ROWS)  # the earliest row ends the tile
 
 
 def _launch(
@@ -301,8 +334,9 @@ def _launch(
         return advantages, returns, rewards_out
     if block is None:
         block, chunk_len = launch_plan(batch, length, device, max_block=_GPU_BLOCK, programs_per_sm=_PROGRAMS_PER_SM)
-    if chunk_len % block:
-        raise ValueError(f"scatter_rewards_and_gae: chunk_len {chunk_len} must be a multiple of block {block}")
+    if chunk_len % block or block % _ROW:
+        raise ValueError(f"scatter_rewards_and_gae: chunk_len {chunk_len} must be a multiple of block {block}, "
+                         f"and block of {_ROW}")
     num_chunks = ceil_div(length, chunk_len)
     fused = token_rewards is None
     has_kl = fused and kl_coef != 0
@@ -329,17 +363,15 @@ def _launch(
     )
     scalars = (float(kl_coef), float(gamma), float(gamma * lam))
     num_steps = step_scores.shape[1] if fused else 0
-    flags = dict(FUSED=fused, HAS_KL=has_kl, KL_ESTIMATOR=_KL_CODES[kl_estimator], BLOCK=block,
+    flags = dict(FUSED=fused, HAS_KL=has_kl, KL_ESTIMATOR=_KL_CODES[kl_estimator], BLOCK=block, ROW=_ROW,
                  STEPS=next_power_of_two(num_steps))
     launch = launch_options()
-    summary_launch = dict(launch, maxnreg=_SUMMARY_MAX_REGISTERS) if launch else launch
     grid = (num_chunks, batch)
     summary = placeholder
     if num_chunks > 1:
         summary = torch.empty(6, batch, num_chunks, dtype=torch.float32, device=device)  # (6, B, chunks)
         _gae_summary_kernel[grid](summary, num_chunks, chunk_len, chunk_len // block, length, *pointers, *strides,
-                                  *scalars,
-                                  **flags, **summary_launch)
+                                  *scalars, **flags, **launch)
     _gae_chunk_kernel[grid](
         advantages, returns, rewards_out if return_rewards else placeholder, summary, num_chunks, chunk_len,
         chunk_len // block, length,

@@ -218,12 +218,9 @@ def _compile_for_hopper_main() -> None:
     for kernel, extra in ((kernels._gae_summary_kernel, {}), (kernels._gae_chunk_kernel, {"STORE_REWARDS": True})):
         for fused, has_kl, estimator in ((False, False, 1), (True, True, 1), (True, True, 3), (True, False, 2)):
             constants = dict(FUSED=fused, HAS_KL=has_kl, KL_ESTIMATOR=estimator, BLOCK=kernels._GPU_BLOCK, STEPS=8,
-                             **extra)
-            options = launch_options()
-            if kernel is kernels._gae_summary_kernel:
-                options["maxnreg"] = kernels._SUMMARY_MAX_REGISTERS
+                             ROW=kernels._ROW, **extra)
             compile_sm90(kernel, constants, label=f"{kernel.__name__} fused={fused} kl={has_kl}/{estimator}",
-                         options=options,
+                         options=launch_options(),
                          pointer_types={"mask_ptr": "*u8", "step_ends_ptr": "*i64", "values_ptr": "*bf16"},
                          float_args=frozenset({"kl_coef", "gamma", "gamma_lam"}), aligned_ints=aligned)
 

@@ -235,7 +235,8 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA dev
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("batch, length", [(512, 4096), (4, 32768), (3, 1000)])
+# The short rows take small tiles (64 and 256 tokens: 16 and 64 rows of a tile for 128 threads).
+@pytest.mark.parametrize("batch, length", [(512, 4096), (4, 32768), (3, 1000), (5, 37), (7, 200)])
 def test_gpu_full_shapes_match_float64_twin(batch, length):
     from stepsearch.kernels import gae as kernels
 

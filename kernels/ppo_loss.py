@@ -81,10 +81,13 @@ def _ppo_fwd_kernel(
         masked_in = tl.load(mask_ptr + row64 * stride_mask + t, mask=in_chunk, other=0) != 0
         token_acc += masked_in.to(tl.float32)
         out = row64 * length + t
+        # Loads are masked by the chunk only: with a mask constant over each thread's tokens they are 16-byte
+        # vectors and none waits for the loss mask. What masked-out tokens hold (pads, NaN) is only ever selected
+        # away below, so it reaches neither a sum nor a derivative.
         if HAS_POLICY:
-            logp = tl.load(logp_ptr + row64 * stride_logp + t, mask=masked_in, other=0.0).to(tl.float32)
-            old_logp = tl.load(old_logp_ptr + row64 * stride_old_logp + t, mask=masked_in, other=0.0).to(tl.float32)
-            advantages = tl.load(advantages_ptr + row64 * stride_adv + t, mask=masked_in, other=0.0).to(tl.float32)
+            logp = tl.load(logp_ptr + row64 * stride_logp + t, mask=in_chunk, other=0.0).to(tl.float32)
+            old_logp = tl.load(old_logp_ptr + row64 * stride_old_logp + t, mask=in_chunk, other=0.0).to(tl.float32)
+            advantages = tl.load(advantages_ptr + row64 * stride_adv + t, mask=in_chunk, other=0.0).to(tl.float32)
             raw_log_ratio = logp - old_logp
             log_ratio = tl.minimum(tl.maximum(raw_log_ratio, -LOG_RATIO_CLAMP), LOG_RATIO_CLAMP)
             ratio = tl.exp(log_ratio)
@@ -104,13 +107,13 @@ def _ppo_fwd_kernel(
             kl_acc += tl.where(masked_in, (ratio - 1.0) - log_ratio, 0.0)
             tl.store(dpolicy_ptr + out, tl.where(masked_in, dpolicy, 0.0), mask=in_chunk)
             if HAS_ENTROPY:
-                entropy_acc += tl.load(entropy_ptr + row64 * stride_entropy + t, mask=masked_in,
-                                       other=0.0).to(tl.float32)
+                entropy = tl.load(entropy_ptr + row64 * stride_entropy + t, mask=in_chunk, other=0.0)
+                entropy_acc += tl.where(masked_in, entropy.to(tl.float32), 0.0)
         if HAS_VALUE:
-            values = tl.load(values_ptr + row64 * stride_values + t, mask=masked_in, other=0.0).to(tl.float32)
-            old_values = tl.load(old_values_ptr + row64 * stride_old_values + t, mask=masked_in,
+            values = tl.load(values_ptr + row64 * stride_values + t, mask=in_chunk, other=0.0).to(tl.float32)
+            old_values = tl.load(old_values_ptr + row64 * stride_old_values + t, mask=in_chunk,
                                  other=0.0).to(tl.float32)
-            returns = tl.load(returns_ptr + row64 * stride_returns + t, mask=masked_in, other=0.0).to(tl.float32)
+            returns = tl.load(returns_ptr + row64 * stride_returns + t, mask=in_chunk, other=0.0).to(tl.float32)
             values_clipped = tl.minimum(tl.maximum(values, old_values - value_clip), old_values + value_clip)
             unclipped_error = (values - returns) * (values - returns)
             clipped_error = (values_clipped - returns) * (values_clipped - returns)

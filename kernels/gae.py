@@ -27,8 +27,8 @@ and written as one 16-byte vector per thread, and a row's tokens are walked in r
    is the carry into the next tile (one three-operand reduction).
 
 Against a scan over tokens (one element per token, BLOCK-long scans), this moves data between threads only in the
-row scan: in the offline sm_90 compile at 512-token tiles the loop body is 534 instructions per warp and tile fused
-with k1 KL and 4 step slots, 396 for plain GAE (Triton 3.9; 576 and 413 with 3.6), against 1,039 and 970 for a 6-wide
+row scan: in the offline sm_90 compile at 512-token tiles the loop body is 523 instructions per warp and tile fused
+with k1 KL and 4 step slots, 395 for plain GAE (Triton 3.9; 574 and 418 with 3.6), against 1,039 and 970 for a 6-wide
 scan over the tokens in reversed order, whose descending addresses also kept every load scalar.
 
 Parallel over T: a row is cut into chunks of whole tiles. When the rows alone fill the GPU (B >= 2 x SMs) there is
@@ -70,8 +70,8 @@ __all__ = ["compute_gae", "scatter_rewards_and_gae"]
 
 _KL_CODES = {"k1": 1, "k2": 2, "k3": 3}
 # 512-token tiles at 4 warps (offline sm_90 compile read with cuobjdump -res-usage, ints specialised as at 512 x 4096,
-# 8 step slots, Triton 3.9 / 3.6): the fused chunk kernel needs 108-113 / 106-109 registers (4 programs per SM), the
-# plain-GAE one 54 / 56, the summary kernel 53-128 / 56-94; no spills.
+# 8 step slots, rewards stored, Triton 3.9 / 3.6): the fused chunk kernel needs 91-93 / 105-109 registers (5 / 4
+# programs per SM), the plain-GAE one 52 / 56, the summary kernel 53-124 / 56-75; no spills.
 _GPU_BLOCK = 512
 # Tokens per tile row, one row per thread: 16-byte vector loads and stores of fp32, the row walked in registers.
 _ROW = 4
@@ -148,7 +148,7 @@ def _tile(
     in_tile = (t >= tile_start) & (t < tile_end)
     row64 = row.to(tl.int64)
     # Loads are masked by the tile only, so none waits for the mask; pads (even NaN) are selected away, never used.
-    masked_in = (tl.load(mask_ptr + row64 * stride_mask + t, mask=in_tile, other=0) != 0) & in_tile
+    masked_in = tl.load(mask_ptr + row64 * stride_mask + t, mask=in_tile, other=0) != 0
     values = tl.load(values_ptr + row64 * stride_values + t, mask=in_tile, other=0.0).to(tl.float32)
     if FUSED:
         rewards = tl.zeros([ROWS, ROW], dtype=tl.float32)

@@ -6,8 +6,9 @@ the host part decides the wall time, and with it the PPO-loss (<= 80 us fwd+bwd)
 script times the part that is this project's code: every `@triton.jit` kernel of `stepsearch.kernels.gae` and
 `stepsearch.kernels.ppo_loss` is replaced by a stand-in that only counts its launches, and each public call runs on
 CPU tensors at the GPU benchmark shape (B=512, T=4096 fp32; the stand-ins touch no data, so the shape only matters
-through the code paths it selects). Triton's own dispatch and the CUDA driver come on top; `gpu_check_profile.py`
-measures those on a GPU.
+through the code paths it selects). glibc is told to keep freed 8 MB buffers in its heap (`mallopt`), as the GPU's
+caching allocator keeps its blocks: otherwise each allocation maps fresh pages and the timings swing by 2x from
+run to run. Triton's own dispatch and the CUDA driver come on top; `gpu_check_profile.py` measures those on a GPU.
 
 Per call: median host microseconds over `--calls` calls after warm-up; the same in units of one eager torch op
 (`torch.add` of two 1-element tensors, timed in the same run) as a machine-independent size; Triton launches; aten
@@ -22,6 +23,8 @@ Results: a printed table and long-format CSV at benchmarks/results/host_path.csv
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import statistics
 import sys
 import time
@@ -61,6 +64,18 @@ class _OpCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops[str(func.overloadpacket)] += 1
         return func(*args, **(kwargs or {}))
+
+
+def _keep_freed_buffers() -> bool:
+    """glibc: serve large allocations from the heap and never trim it (M_MMAP_THRESHOLD, M_TRIM_THRESHOLD)."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    libc = ctypes.CDLL(name)
+    if not hasattr(libc, "mallopt"):  # not glibc
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(libc.mallopt(m_mmap_threshold, 1 << 30)) and bool(libc.mallopt(m_trim_threshold, 1 << 31))
 
 
 def _stub_kernels(launches: Counter) -> None:
@@ -137,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     batch, length = (int(x) for x in args.shape.split("x"))
     torch.set_num_threads(1)
+    if not _keep_freed_buffers():
+        print("note: no glibc mallopt here; large CPU allocations map fresh pages and the times vary more")
     launches = Counter()
     _stub_kernels(launches)
     one, other = torch.ones(1), torch.ones(1)

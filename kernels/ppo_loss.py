@@ -2,9 +2,9 @@
 
 Same signature and semantics as the pure-torch twin `stepsearch.algo.ppo_loss.ppo_loss` (read it for the maths,
 the aggregation modes and the micro-batch / data-parallel normalisers). Structure (Liger style): private
-`@triton.jit` kernels, a launcher, one `torch.autograd.Function`, the public `ppo_loss`.
+`@triton.jit` kernels, the forward launcher, one `torch.autograd.Function` for the backward, the public `ppo_loss`.
 
-Forward, three launches at most:
+Forward, two launches:
 1. `_ppo_fwd_kernel`, programs over (chunk of T, row): per token the clipped policy loss, the clipped value loss,
    the entropy, the diagnostics, and the local derivatives d pg_t / d logp_t and d vf_t / d v_t, written once to
    fp32 buffers (so the backward never re-reads the inputs). Each program writes 7 unweighted partial sums to a
@@ -15,9 +15,11 @@ Forward, three launches at most:
 Backward: `_ppo_bwd_kernel` scales the saved local derivatives by row weight x normaliser x upstream gradients
 (non-unit upstream gradients of loss, policy_loss, value_loss and entropy_loss are all honoured; the kernel reads
 them from autograd's 0-d tensors, so nothing is stacked or zero-filled on the host) and writes the gradients of
-logp, values and entropy in their own dtypes. Only the inputs whose outputs received a gradient get one, so
-`policy_loss - c * entropy_loss` and `value_loss` can be backpropagated by two separate calls (actor and critic
-engines) through the one node, each reaching only its own model's graph.
+logp, values and entropy in their own dtypes. The outputs hang on three autograd nodes over the one forward:
+`loss` over (logp, values, entropy), (`policy_loss`, `entropy_loss`) over (logp, entropy) and `value_loss` over
+values. So `loss.backward()` is one backward launch, and the trainer's two separate calls, `policy_loss - c *
+entropy_loss` into the actor and `value_loss` into the critic, each reach only their own model's graph: through a
+single node the second call would walk into the first model's graph, already freed.
 
 Memory traffic per token (fp32 inputs, all parts on): forward reads 7 x 4 + 1 bytes and writes 8, backward reads
 8 + 1 and writes 12: ~58 bytes, about 120 MB at 2M tokens. Float64 inputs are delegated to the twin. Under
@@ -25,6 +27,8 @@ TRITON_INTERPRET=1 the kernels run on CPU tensors.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
@@ -261,88 +265,119 @@ def _count_args(count, device):
     return 1, None, float(count)
 
 
-class _FusedPPOLoss(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logp, old_logp, advantages, values, old_values, returns, loss_mask, entropy, settings):
-        (clip_ratio, dual_clip, value_clip, vf_coef, entropy_coef, mode, global_tokens, global_seqs,
-         block, chunk_len) = settings
-        batch, length = loss_mask.shape
-        device = loss_mask.device
-        has_policy, has_value, has_entropy = logp is not None, values is not None, entropy is not None
-        if block is None:
-            block, chunk_len = launch_plan(batch, length, device, max_block=_GPU_BLOCK,
-                                           programs_per_sm=_PROGRAMS_PER_SM)
-        if chunk_len % block:
-            raise ValueError(f"ppo_loss: chunk_len {chunk_len} must be a multiple of block {block}")
-        num_chunks = max(1, ceil_div(length, chunk_len))
-        mask = mask_for_kernel(loss_mask)
-        outputs = torch.empty(_NUM_OUTPUTS, dtype=torch.float32, device=device)  # (8,)
-        # (7, B, chunks); every forward program writes its slot, an empty batch leaves zeros for the finalize.
-        allocate = torch.empty if batch and length else torch.zeros
-        partials = allocate(_NUM_PARTIALS, batch, num_chunks, dtype=torch.float32, device=device)
-        row_weights = torch.empty(batch, dtype=torch.float32, device=device)  # (B,)
-        dpolicy = torch.empty(batch, length, dtype=torch.float32, device=device) if has_policy else outputs
-        dvalue = torch.empty(batch, length, dtype=torch.float32, device=device) if has_value else outputs
-        tensors = [row_major(x) for x in (logp, old_logp, advantages, values, old_values, returns)]
-        entropy_in = row_major(entropy)
-        pointers = [x if x is not None else outputs for x in tensors] + [mask, entropy_in if has_entropy else outputs]
-        strides = [x.stride(0) if x is not None else 0 for x in tensors] + [
-            mask.stride(0), entropy_in.stride(0) if has_entropy else 0]
-        launch = launch_options()
-        if batch and length:
-            _ppo_fwd_kernel[(num_chunks, batch)](
-                partials, dpolicy, dvalue, num_chunks, chunk_len, chunk_len // block, length, *pointers, *strides,
-                1.0 - clip_ratio, 1.0 + clip_ratio, float(dual_clip or 0.0), float(value_clip),
-                HAS_POLICY=has_policy, HAS_VALUE=has_value, HAS_ENTROPY=has_entropy,
-                DUAL_CLIP=dual_clip is not None, BLOCK=block, **launch,
-            )
-        tokens_kind, tokens_ptr, tokens_scalar = _count_args(global_tokens, device)
-        seqs_kind, seqs_ptr, seqs_scalar = _count_args(global_seqs, device)
-        _ppo_finalize_kernel[(1,)](
-            outputs, row_weights if batch else outputs, partials, batch, num_chunks,
-            tokens_ptr if tokens_ptr is not None else outputs, tokens_scalar,
-            seqs_ptr if seqs_ptr is not None else outputs, seqs_scalar, float(vf_coef), float(entropy_coef),
-            MODE=mode, GLOBAL_TOKENS=tokens_kind, GLOBAL_SEQS=seqs_kind, BLOCK_ROWS=_FINALIZE_BLOCK_ROWS,
+class _Saved(NamedTuple):
+    """What the backward needs from the forward: local derivatives, mask, row weights, the outputs buffer."""
+
+    dpolicy: torch.Tensor  # (B, T) fp32 d pg_t / d logp_t, or a placeholder
+    dvalue: torch.Tensor  # (B, T) fp32 d vf_t / d v_t, or a placeholder
+    mask: torch.Tensor  # (B, T) as the kernels read it
+    row_weights: torch.Tensor  # (B,)
+    outputs: torch.Tensor  # (8,) the 7 fields of PPOLossOutput, then 1 / N
+    fields: tuple[torch.Tensor, ...]  # outputs unbound: 0-d views, each handed out once
+    block: int
+    vf_coef: float
+    entropy_coef: float
+
+
+@torch.no_grad()
+def _forward(logp, old_logp, advantages, values, old_values, returns, loss_mask, entropy, settings) -> _Saved:
+    """The forward kernels: per-token derivatives, fixed-order sums, outputs. Records no autograd history (and
+    views made without it, like `fields`, are several times cheaper)."""
+    (clip_ratio, dual_clip, value_clip, vf_coef, entropy_coef, mode, global_tokens, global_seqs,
+     block, chunk_len) = settings
+    batch, length = loss_mask.shape
+    device = loss_mask.device
+    has_policy, has_value, has_entropy = logp is not None, values is not None, entropy is not None
+    if block is None:
+        block, chunk_len = launch_plan(batch, length, device, max_block=_GPU_BLOCK, programs_per_sm=_PROGRAMS_PER_SM)
+    if chunk_len % block:
+        raise ValueError(f"ppo_loss: chunk_len {chunk_len} must be a multiple of block {block}")
+    num_chunks = max(1, ceil_div(length, chunk_len))
+    mask = mask_for_kernel(loss_mask)
+    outputs = torch.empty(_NUM_OUTPUTS, dtype=torch.float32, device=device)  # (8,)
+    # (7, B, chunks); every forward program writes its slot, an empty batch leaves zeros for the finalize.
+    allocate = torch.empty if batch and length else torch.zeros
+    partials = allocate(_NUM_PARTIALS, batch, num_chunks, dtype=torch.float32, device=device)
+    row_weights = torch.empty(batch, dtype=torch.float32, device=device)  # (B,)
+    dpolicy = torch.empty(batch, length, dtype=torch.float32, device=device) if has_policy else outputs
+    dvalue = torch.empty(batch, length, dtype=torch.float32, device=device) if has_value else outputs
+    tensors = [row_major(x) for x in (logp, old_logp, advantages, values, old_values, returns)]
+    entropy_in = row_major(entropy)
+    pointers = [x if x is not None else outputs for x in tensors] + [mask, entropy_in if has_entropy else outputs]
+    strides = [x.stride(0) if x is not None else 0 for x in tensors] + [
+        mask.stride(0), entropy_in.stride(0) if has_entropy else 0]
+    launch = launch_options()
+    if batch and length:
+        _ppo_fwd_kernel[(num_chunks, batch)](
+            partials, dpolicy, dvalue, num_chunks, chunk_len, chunk_len // block, length, *pointers, *strides,
+            1.0 - clip_ratio, 1.0 + clip_ratio, float(dual_clip or 0.0), float(value_clip),
+            HAS_POLICY=has_policy, HAS_VALUE=has_value, HAS_ENTROPY=has_entropy,
+            DUAL_CLIP=dual_clip is not None, BLOCK=block, **launch,
         )
-        # Intermediates live on ctx rather than in save_for_backward, and undefined upstream gradients stay None:
-        # the trainer backpropagates the actor part and the critic part in two separate calls through this one
-        # node, and each call must only touch its own model's graph (save_for_backward would be freed by the first).
-        ctx.set_materialize_grads(False)
-        ctx.intermediates = (dpolicy, dvalue, mask, row_weights, outputs)
-        ctx.settings = (has_policy, has_value, has_entropy, float(vf_coef), float(entropy_coef), block)
-        ctx.input_dtypes = (logp.dtype if has_policy else None, values.dtype if has_value else None,
-                            entropy.dtype if has_entropy else None)
-        results = outputs.unbind(0)[:7]
-        ctx.mark_non_differentiable(*results[4:])
-        return results
+    tokens_kind, tokens_ptr, tokens_scalar = _count_args(global_tokens, device)
+    seqs_kind, seqs_ptr, seqs_scalar = _count_args(global_seqs, device)
+    _ppo_finalize_kernel[(1,)](
+        outputs, row_weights if batch else outputs, partials, batch, num_chunks,
+        tokens_ptr if tokens_ptr is not None else outputs, tokens_scalar,
+        seqs_ptr if seqs_ptr is not None else outputs, seqs_scalar, float(vf_coef), float(entropy_coef),
+        MODE=mode, GLOBAL_TOKENS=tokens_kind, GLOBAL_SEQS=seqs_kind, BLOCK_ROWS=_FINALIZE_BLOCK_ROWS,
+    )
+    return _Saved(dpolicy, dvalue, mask, row_weights, outputs, outputs.unbind(0), block, float(vf_coef),
+                  float(entropy_coef))
+
+
+# The outputs each autograd node returns.
+_PART_OUTPUTS = {"loss": ("loss",), "actor": ("policy_loss", "entropy_loss"), "critic": ("value_loss",)}
+
+
+class _LossPart(torch.autograd.Function):
+    """Some differentiable outputs of one fused forward as one autograd node, whose gradient reaches only the
+    inputs it was given.
+
+    Three nodes share one forward: `loss` over (logp, values, entropy), `actor` (policy_loss, entropy_loss) over
+    (logp, entropy), `critic` (value_loss) over values. The trainer backpropagates the actor part and the critic part
+    in two separate calls, each into its own model's graph: a single node over all inputs would lead the second
+    call into the first model's graph, already freed, even with no gradient for it. Intermediates live on ctx (no
+    save_for_backward), and absent upstream gradients stay None."""
 
     @staticmethod
-    def backward(ctx, grad_loss, grad_policy, grad_value, grad_entropy, *_diagnostics):
-        dpolicy, dvalue, mask, row_weights, outputs = ctx.intermediates
-        has_policy, has_value, has_entropy, vf_coef, entropy_coef, block = ctx.settings
-        logp_dtype, values_dtype, entropy_dtype = ctx.input_dtypes
-        has_policy = has_policy and ctx.needs_input_grad[0] and (grad_loss is not None or grad_policy is not None)
-        has_value = has_value and ctx.needs_input_grad[3] and (grad_loss is not None or grad_value is not None)
-        has_entropy = has_entropy and ctx.needs_input_grad[7] and (grad_loss is not None or grad_entropy is not None)
+    def forward(ctx, part, saved, logp, values, entropy):
+        ctx.set_materialize_grads(False)
+        ctx.part, ctx.saved = part, saved
+        ctx.dtypes = tuple(x.dtype if x is not None else None for x in (logp, values, entropy))
+        return tuple(saved.fields[PPOLossOutput._fields.index(name)] for name in _PART_OUTPUTS[ctx.part])
+
+    @staticmethod
+    def backward(ctx, *grads):
+        upstream = dict(zip(_PART_OUTPUTS[ctx.part], grads))
+        grad_loss, grad_policy, grad_value, grad_entropy = (
+            upstream.get(name) for name in ("loss", "policy_loss", "value_loss", "entropy_loss"))
+        need_logp, need_values, need_entropy = ctx.needs_input_grad[2:5]
+        has_policy = need_logp and (grad_loss is not None or grad_policy is not None)
+        has_value = need_values and (grad_loss is not None or grad_value is not None)
+        has_entropy = need_entropy and (grad_loss is not None or grad_entropy is not None)
         if not (has_policy or has_value or has_entropy):
-            return None, None, None, None, None, None, None, None, None
-        batch, length = mask.shape
-        upstream = (grad_loss, grad_policy, grad_value, grad_entropy)  # 0-d each, or None
-        device = mask.device
+            return None, None, None, None, None
+        saved = ctx.saved
+        batch, length = saved.mask.shape
+        logp_dtype, values_dtype, entropy_dtype = ctx.dtypes
+        device = saved.mask.device
         grad_logp = torch.empty(batch, length, dtype=logp_dtype, device=device) if has_policy else None
         grad_values = torch.empty(batch, length, dtype=values_dtype, device=device) if has_value else None
         grad_entropy_in = torch.empty(batch, length, dtype=entropy_dtype, device=device) if has_entropy else None
         if batch and length:
-            launch = launch_options()
-            _ppo_bwd_kernel[(ceil_div(length, block), batch)](
-                grad_logp if has_policy else outputs, grad_values if has_value else outputs,
-                grad_entropy_in if has_entropy else outputs, dpolicy, dvalue, mask, mask.stride(0),
-                row_weights, outputs, *[g if g is not None else outputs for g in upstream], length, vf_coef,
-                entropy_coef, HAS_POLICY=has_policy, HAS_VALUE=has_value, HAS_ENTROPY=has_entropy,
-                GIVEN_LOSS=grad_loss is not None, GIVEN_POLICY=grad_policy is not None,
-                GIVEN_VALUE=grad_value is not None, GIVEN_ENTROPY=grad_entropy is not None, BLOCK=block, **launch,
+            placeholder = saved.outputs
+            _ppo_bwd_kernel[(ceil_div(length, saved.block), batch)](
+                grad_logp if has_policy else placeholder, grad_values if has_value else placeholder,
+                grad_entropy_in if has_entropy else placeholder, saved.dpolicy, saved.dvalue, saved.mask,
+                saved.mask.stride(0), saved.row_weights, saved.outputs,
+                *[g if g is not None else placeholder for g in (grad_loss, grad_policy, grad_value, grad_entropy)],
+                length, saved.vf_coef, saved.entropy_coef, HAS_POLICY=has_policy, HAS_VALUE=has_value,
+                HAS_ENTROPY=has_entropy, GIVEN_LOSS=grad_loss is not None, GIVEN_POLICY=grad_policy is not None,
+                GIVEN_VALUE=grad_value is not None, GIVEN_ENTROPY=grad_entropy is not None, BLOCK=saved.block,
+                **launch_options(),
             )
-        return grad_logp, None, None, grad_values, None, None, None, grad_entropy_in, None
+        return None, None, grad_logp, grad_values, grad_entropy_in
 
 
 def ppo_loss(
@@ -385,9 +420,12 @@ def ppo_loss(
         entropy_coef_used = entropy_coef if entropy is not None else 0.0
     settings = (float(clip_ratio), dual_clip, float(value_clip), vf_coef_used, entropy_coef_used,
                 LOSS_AGG_MODES.index(loss_agg_mode), global_token_count, global_seq_count, _block, _chunk_len)
-    # Data, not parameters: detached so the node keeps no graph behind them alive (a flag test is cheaper).
-    detach = [x.detach() if x is not None and x.requires_grad else x for x in (old_logp, advantages, old_values,
-                                                                               returns)]
-    results = _FusedPPOLoss.apply(logp, detach[0], detach[1], values, detach[2], detach[3], loss_mask, entropy,
-                                  settings)
-    return PPOLossOutput(*results)
+    # Only the nodes connect outputs to inputs.
+    saved = _forward(logp, old_logp, advantages, values, old_values, returns, loss_mask, entropy, settings)
+    fields = dict(zip(PPOLossOutput._fields, saved.fields))
+    (fields["loss"],) = _LossPart.apply("loss", saved, logp, values, entropy)
+    if logp is not None:
+        fields["policy_loss"], fields["entropy_loss"] = _LossPart.apply("actor", saved, logp, None, entropy)
+    if values is not None:
+        (fields["value_loss"],) = _LossPart.apply("critic", saved, None, values, None)
+    return PPOLossOutput(**fields)

@@ -108,13 +108,17 @@ def _settings(case):
 
 def _forward_backward(loss_fn, case, dtype=None, **extra):
     """Outputs (7,) and the gradients of the differentiable inputs after backprop of the weighted losses."""
-    inputs = {}
+    inputs, leaves = {}, {}
     for name in ("logp", "old_logp", "advantages", "values", "old_values", "returns", "entropy"):
         tensor = case[name]
         if tensor is not None and dtype is not None:
             tensor = tensor.to(dtype)
         if tensor is not None and name in _DIFFERENTIABLE:
-            tensor = tensor.detach().clone().requires_grad_()
+            tensor = leaves[name] = tensor.detach().clone().requires_grad_()
+            if case["split_backward"]:
+                # As from a model: behind the input sits a node with saved tensors, freed by the backward that
+                # passes it. The second call must not reach the first model's graph (it would raise).
+                tensor = tensor * torch.ones_like(tensor)
         inputs[name] = tensor
     settings = _settings(case)
     if dtype is not None and isinstance(settings["global_token_count"], torch.Tensor):
@@ -126,15 +130,14 @@ def _forward_backward(loss_fn, case, dtype=None, **extra):
     result = {"outputs": torch.stack([x.detach() for x in out])}
     if case["split_backward"]:  # the trainer: actor and critic parts backpropagated by two separate calls
         (upstream[1] * out.policy_loss + upstream[3] * out.entropy_loss).backward()
-        assert inputs["values"].grad is None, "the actor's backward must not reach the critic"
+        assert leaves["values"].grad is None, "the actor's backward must not reach the critic"
         (upstream[2] * out.value_loss).backward()
     else:
         weighted = sum(g * value for g, value in zip(upstream, out[:4]) if value.requires_grad)
         if isinstance(weighted, torch.Tensor):
             weighted.backward()
-    for name in _DIFFERENTIABLE:
-        if inputs[name] is not None:
-            result[f"grad_{name}"] = inputs[name].grad
+    for name, leaf in leaves.items():
+        result[f"grad_{name}"] = leaf.grad
     return result
 
 

@@ -18,13 +18,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import TOY_OVERRIDES, TOY_TRAINING
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO_ROOT / "tests"))
-from conftest import TOY_OVERRIDES  # noqa: E402
-
-TRAINING = ["ppo.actor_lr=1e-3", "ppo.critic_lr=1e-3", "ppo.entropy_coef=0.01", "trainer.warm_start_steps=0",
-            "trainer.eval_max_questions=0", "trainer.report=false", "deepspeed.enabled='off'"]
 COMPARED = ("loss/policy", "loss/value", "loss/entropy", "loss/approx_kl", "loss/clip_frac", "kl", "reward/outcome")
 
 _CHILD = """
@@ -62,8 +58,12 @@ def both_paths(tmp_path_factory):
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
     env.pop("STEPSEARCH_KERNELS", None)
     completed = subprocess.run(
-        [sys.executable, "-c", _CHILD, "configs/tiny_cpu.yaml", str(out_dir), *TOY_OVERRIDES, *TRAINING],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600,
+        [sys.executable, "-c", _CHILD, "configs/tiny_cpu.yaml", str(out_dir), *TOY_OVERRIDES, *TOY_TRAINING],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert completed.returncode == 0, completed.stdout[-4000:] + completed.stderr[-4000:]
     line = next(line for line in completed.stdout.splitlines() if line.startswith("RESULT "))

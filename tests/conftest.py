@@ -48,17 +48,6 @@ TOY_OVERRIDES = (
     "trainer.tensorboard=false",
     "trainer.device=cpu",
 )
-# One-process StePPO on the toy configuration: no warm start, no evaluation, no report, learning rates that move
-# every parameter within two steps.
-TOY_TRAINING = (
-    "ppo.actor_lr=1e-3",
-    "ppo.critic_lr=1e-3",
-    "ppo.entropy_coef=0.01",
-    "trainer.warm_start_steps=0",
-    "trainer.eval_max_questions=0",
-    "trainer.report=false",
-    "deepspeed.enabled='off'",
-)
 BUILD_HANG_GUARD_S = 900  # a cold C++ compile on a busy 2-core machine takes minutes
 
 _BUILD_SHM_OP = """

@@ -8,7 +8,6 @@ import math
 from dataclasses import replace
 
 import torch
-from conftest import TOY_TRAINING
 
 from stepsearch import experiment
 from stepsearch import train as trainer
@@ -16,6 +15,8 @@ from stepsearch.trainer.build import build_run
 from stepsearch.trainer.metrics import MetricsLogger
 from stepsearch.trainer.run_dir import read_eval, read_metrics, read_timings, read_trajectories
 
+TOY_TRAINING = ["ppo.actor_lr=1e-3", "ppo.critic_lr=1e-3", "ppo.entropy_coef=0.01", "trainer.warm_start_steps=0",
+                "trainer.eval_max_questions=0", "trainer.report=false", "deepspeed.enabled='off'"]
 VOLATILE = ("time/", "throughput/")
 
 

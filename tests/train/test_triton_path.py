@@ -18,9 +18,18 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import TOY_OVERRIDES, TOY_TRAINING
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+# One process, no warm start, evaluation or report; learning rates that move every parameter within two steps.
+TRAINING = (
+    "ppo.actor_lr=1e-3",
+    "ppo.critic_lr=1e-3",
+    "ppo.entropy_coef=0.01",
+    "trainer.warm_start_steps=0",
+    "trainer.eval_max_questions=0",
+    "trainer.report=false",
+    "deepspeed.enabled='off'",
+)
 COMPARED = ("loss/policy", "loss/value", "loss/entropy", "loss/approx_kl", "loss/clip_frac", "kl", "reward/outcome")
 
 _CHILD = """
@@ -50,15 +59,13 @@ print("RESULT " + json.dumps(result))
 """
 
 
-@pytest.fixture(scope="module")
-def both_paths(tmp_path_factory):
+def test_the_trainer_runs_on_the_kernels_like_on_the_twins(tmp_path, toy_overrides):
     if importlib.util.find_spec("triton") is None:
         pytest.skip("triton is not installed")
-    out_dir = tmp_path_factory.mktemp("triton_path")
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
     env.pop("STEPSEARCH_KERNELS", None)
     completed = subprocess.run(
-        [sys.executable, "-c", _CHILD, "configs/tiny_cpu.yaml", str(out_dir), *TOY_OVERRIDES, *TOY_TRAINING],
+        [sys.executable, "-c", _CHILD, "configs/tiny_cpu.yaml", str(tmp_path), *toy_overrides, *TRAINING],
         cwd=REPO_ROOT,
         env=env,
         capture_output=True,
@@ -67,18 +74,14 @@ def both_paths(tmp_path_factory):
     )
     assert completed.returncode == 0, completed.stdout[-4000:] + completed.stderr[-4000:]
     line = next(line for line in completed.stdout.splitlines() if line.startswith("RESULT "))
-    return json.loads(line.removeprefix("RESULT "))
-
-
-def test_kernels_and_twins_give_the_same_first_step(both_paths):
-    torch_step, triton_step = both_paths["torch"]["metrics"][0], both_paths["triton"]["metrics"][0]
+    result = json.loads(line.removeprefix("RESULT "))
+    # The first step: the same rollout, so the same losses and diagnostics to fp32 rounding.
+    torch_step, triton_step = result["torch"]["metrics"][0], result["triton"]["metrics"][0]
     for key in COMPARED:
         assert math.isfinite(triton_step[key]), key
         assert triton_step[key] == pytest.approx(torch_step[key], rel=1e-4, abs=1e-6), key
-
-
-def test_every_trainable_parameter_moves_with_the_kernels(both_paths):
-    triton = both_paths["triton"]
+    # Two steps with the kernels move every trainable parameter.
+    triton = result["triton"]
     assert triton["parameters"] > 0
     assert not triton["unchanged"], f"parameters that never changed: {triton['unchanged']}"
     assert all(math.isfinite(triton["metrics"][1][key]) for key in COMPARED)

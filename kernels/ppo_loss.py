@@ -281,8 +281,9 @@ class _Saved(NamedTuple):
 
 @torch.no_grad()
 def _forward(logp, old_logp, advantages, values, old_values, returns, loss_mask, entropy, settings) -> _Saved:
-    """The forward kernels: per-token derivatives, fixed-order sums, outputs. Records no autograd history (and
-    views made without it, like `fields`, are several times cheaper)."""
+    """The forward kernels: per-token derivatives, fixed-order sums, outputs. Records no autograd history (a copy
+    of a non-contiguous input that requires grad would otherwise add a node); the `_LossPart` nodes connect the
+    outputs to the inputs."""
     (clip_ratio, dual_clip, value_clip, vf_coef, entropy_coef, mode, global_tokens, global_seqs,
      block, chunk_len) = settings
     batch, length = loss_mask.shape

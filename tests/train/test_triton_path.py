@@ -75,11 +75,12 @@ def test_the_trainer_runs_on_the_kernels_like_on_the_twins(tmp_path, toy_overrid
     assert completed.returncode == 0, completed.stdout[-4000:] + completed.stderr[-4000:]
     line = next(line for line in completed.stdout.splitlines() if line.startswith("RESULT "))
     result = json.loads(line.removeprefix("RESULT "))
-    # The first step: the same rollout, so the same losses and diagnostics to fp32 rounding.
+    # The first step: the same rollout, so the same losses and diagnostics to fp32 rounding (the policy loss is a
+    # mean of O(1) terms that nearly cancel: 4e-7 apart here, hence the absolute floor).
     torch_step, triton_step = result["torch"]["metrics"][0], result["triton"]["metrics"][0]
     for key in COMPARED:
         assert math.isfinite(triton_step[key]), key
-        assert triton_step[key] == pytest.approx(torch_step[key], rel=1e-4, abs=1e-6), key
+        assert triton_step[key] == pytest.approx(torch_step[key], rel=1e-4, abs=2e-6), key
     # Two steps with the kernels move every trainable parameter.
     triton = result["triton"]
     assert triton["parameters"] > 0

@@ -93,6 +93,12 @@ def _compose(p1, q1, k1, u1, s1, w1, p2, q2, k2, u2, s2, w2):
 
 
 @triton.jit
+def _apply(p, q, k, u, s, w, a, w_state, o):
+    """The state (A, W, O) after the composite map (p, q, k, u, s, w)."""
+    return p * a + q * w_state + k * o + u, s * w_state + w, s * o
+
+
+@triton.jit
 def _add3(a1, b1, c1, a2, b2, c2):
     return a1 + a2, b1 + b2, c1 + c2
 
@@ -141,9 +147,9 @@ def _tile(
     STEPS: tl.constexpr,
 ):
     """A tile as (ROWS, ROW): row r holds times tile_end - ROW (r + 1) + shift + [0, ROW), so row 0 is the latest
-    and each thread loads one 16-byte vector per array. Returns t, masked-in (0/1), values and rewards (minus the KL
-    penalty plus the step scores placed at their ends, or the given rewards), all 0 outside [tile_start, tile_end)
-    and where masked out."""
+    and each thread loads one 16-byte vector per array. Returns t, in-tile (t in [tile_start, tile_end)), masked-in
+    (0/1), values and rewards (minus the KL penalty plus the step scores placed at their ends, or the given
+    rewards), all 0 outside the tile and where masked out."""
     t = tile_end - ROW * (tl.arange(0, ROWS)[:, None] + 1) + shift + tl.arange(0, ROW)[None, :]  # (ROWS, ROW)
     in_tile = (t >= tile_start) & (t < tile_end)
     row64 = row.to(tl.int64)
@@ -170,7 +176,7 @@ def _tile(
         rewards = tl.load(rewards_ptr + row64 * stride_rewards + t, mask=in_tile, other=0.0).to(tl.float32)
     values = tl.where(masked_in, values, 0.0)
     rewards = tl.where(masked_in, rewards, 0.0)
-    return t, masked_in.to(tl.float32), values, rewards
+    return t, in_tile, masked_in.to(tl.float32), values, rewards
 
 
 @triton.jit
@@ -219,7 +225,7 @@ def _gae_summary_kernel(
     agg_p, agg_q, agg_k, agg_u, agg_s, agg_w = 1.0, 0.0, 0.0, 0.0, 1.0, 0.0
     for tile in range(0, tiles_per_chunk):
         tile_end = chunk_end - tile * BLOCK
-        _t, masked_in, values, rewards = _tile(
+        _t, _in, masked_in, values, rewards = _tile(
             row, tile_end, chunk_start, 0, rewards_ptr, values_ptr, mask_ptr, old_logp_ptr, ref_logp_ptr,
             step_ends_row, step_scores_row, stride_rewards, stride_values, stride_mask, stride_old, stride_ref,
             kl_coef, FUSED, HAS_KL, KL_ESTIMATOR, ROWS, ROW, STEPS,
@@ -270,9 +276,7 @@ def _gae_chunk_kernel(
         u = tl.load(base + 3 * plane)
         s = tl.load(base + 4 * plane)
         w = tl.load(base + 5 * plane)
-        carry_a = p * carry_a + q * carry_w + k * carry_o + u
-        carry_w = s * carry_w + w
-        carry_o = s * carry_o
+        carry_a, carry_w, carry_o = _apply(p, q, k, u, s, w, carry_a, carry_w, carry_o)
     chunk_start = chunk * chunk_len
     chunk_end = tl.minimum(chunk_start + chunk_len, length)
     step_ends_row, step_scores_row = _row_steps(row, step_ends_ptr, step_scores_ptr, num_steps, length, FUSED, STEPS)
@@ -281,17 +285,15 @@ def _gae_chunk_kernel(
         tile_end = chunk_end - tile * BLOCK
         # Each row's scan input is the map of the row before it in the walk (loaded again, one row later in time;
         # nothing for row 0), so the inclusive scan gives every row the map of everything after it in the tile.
-        _later_t, later_in, later_values, later_rewards = _tile(
+        _later_t, _later_in_tile, later_in, later_values, later_rewards = _tile(
             row, tile_end, chunk_start, ROW, rewards_ptr, values_ptr, mask_ptr, old_logp_ptr, ref_logp_ptr,
             step_ends_row, step_scores_row, stride_rewards, stride_values, stride_mask, stride_old, stride_ref,
             kl_coef, FUSED, HAS_KL, KL_ESTIMATOR, ROWS, ROW, STEPS,
         )
         p, q, k, u, s, w = _row_maps(later_in, later_values, later_rewards, gamma, gamma_lam, ROWS, ROW)
         p, q, k, u, s, w = tl.associative_scan((p, q, k, u, s, w), 0, _compose)
-        state_a = p * carry_a + q * carry_w + k * carry_o + u  # (ROWS,) the state entering each row
-        state_w = s * carry_w + w
-        state_o = s * carry_o
-        t, masked_in, values, rewards = _tile(
+        state_a, state_w, state_o = _apply(p, q, k, u, s, w, carry_a, carry_w, carry_o)  # entering each row (ROWS,)
+        t, in_tile, masked_in, values, rewards = _tile(
             row, tile_end, chunk_start, 0, rewards_ptr, values_ptr, mask_ptr, old_logp_ptr, ref_logp_ptr,
             step_ends_row, step_scores_row, stride_rewards, stride_values, stride_mask, stride_old, stride_ref,
             kl_coef, FUSED, HAS_KL, KL_ESTIMATOR, ROWS, ROW, STEPS,
@@ -312,7 +314,6 @@ def _gae_chunk_kernel(
             if STORE_REWARDS:
                 rewards_out = tl.where(here, (reward + outcome_here)[:, None], rewards_out)
         out = row64 * length + t
-        in_tile = (t >= chunk_start) & (t < tile_end)
         tl.store(advantages_ptr + out, advantages, mask=in_tile)
         tl.store(returns_ptr + out, returns, mask=in_tile)
         if STORE_REWARDS:

@@ -103,7 +103,7 @@ class _SimulatedEngine:
 
     A row's simulated decode length is lognormal (median 80 tokens, sigma 0.8: a few rows think much longer), fixed
     per (question, turn) so every scheduling sees the same work. `concurrent_calls` models an engine that batches
-    concurrent requests (SGLang's server) rather than one that runs one call at a time (HF)."""
+    concurrent requests (SGLang, in-process or over HTTP) rather than one that runs one call at a time (HF)."""
 
     def __init__(self, tokenizer, turns_by_question, token_s, concurrent_calls):
         self.tokenizer, self.turns_by_question, self.token_s = tokenizer, turns_by_question, token_s

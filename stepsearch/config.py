@@ -213,9 +213,10 @@ class RolloutConfig:
     row_groups: int = 1
     """Trajectories advance in this many independent groups, each turn-synchronous on its own, so a turn waits only
     for the slowest row of its group and one group's searches overlap the others' generation (1: one group). Worth
-    it where generate calls are cheap to split: the HF engine on CPU (the slowest row of a `generate` call holds up
-    the whole call) and SGLang over HTTP (it serves the groups' calls at once); not the in-process SGLang engine,
-    whose calls run one at a time. A fixed value gives reproducible rollouts."""
+    it where generate calls are cheap to split: SGLang, in-process or over HTTP, serves the groups' calls at once
+    (its scheduler batches them; as many groups as a rank's trajectories lets every trajectory advance on its own),
+    and the HF engine on CPU runs them one at a time but no longer waits for the slowest row of the whole batch. A
+    fixed value gives reproducible rollouts."""
     max_turns: int = 5
     """Search rounds per trajectory (paper: 5); then one final turn where searching is refused."""
     samples_per_prompt: int = 1

@@ -211,8 +211,9 @@ def run_agent_loop(engine: "Engine", retriever: "Retriever", tokenizer: "PreTrai
     `row_groups`: the trajectories are dealt round-robin into this many groups, each advancing through its own turns
     in its own thread, so a turn waits only for the slowest row of its group, and one group's retrieval overlaps the
     generation of the others; one retrieval thread sends the searches queued meanwhile as one call. An engine with
-    `concurrent_calls = True` (SGLang over HTTP) serves the groups' calls at once (its scheduler batches them); any
-    other engine runs one call at a time. Each group's engine calls and their seeds depend only on the group, never
+    `concurrent_calls = True` (SGLang, in-process or over HTTP) serves the groups' calls at once (its scheduler
+    batches them); any other engine runs one call at a time. Each group's engine calls and their seeds depend only
+    on the group, never
     on thread timing, so a fixed `row_groups` gives reproducible rollouts; 1 is the turn-synchronous loop. Timings
     are summed over groups (they can exceed `total_s`).
     """

@@ -16,15 +16,17 @@ started to return processed ones); they are informational, the trainer recompute
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
 import shutil
 import socket
 import tempfile
+import threading
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, Union
 
@@ -381,12 +383,63 @@ def _collective_outcome(error: str | None) -> str | None:
     return box[0]
 
 
+class _LoopDriver:
+    """Runs an in-process SGLang engine's asyncio loop on a thread of its own while generate calls are in flight,
+    so that calls from several threads (the agent loop's row groups) become concurrent `async_generate` requests,
+    which SGLang's scheduler batches as they arrive, each returning as soon as its own rows are done.
+
+    SGLang serves every request on `Engine.loop`, where its first request starts the tokenizer manager's receive
+    loop; its synchronous methods (weight updates, memory, cache) run that loop with `run_until_complete`. So the
+    loop runs here only from the first call in flight to the last one, and is stopped in between, when those methods
+    run on the caller's thread as usual."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, timeout_s: float) -> None:
+        self._loop = loop
+        self._timeout_s = timeout_s
+        self._lock = threading.Lock()
+        self._in_flight = 0
+        self._thread: threading.Thread | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None
+
+    def run(self, make_request: Callable[[], Awaitable[Any]], *, before_start: Callable[[], None]) -> Any:
+        """The result of the coroutine `make_request()` run on the loop; `before_start` runs (on this thread, the
+        loop stopped) when no other call is in flight."""
+        with self._lock:
+            if self._in_flight == 0:
+                before_start()
+                self._thread = threading.Thread(target=self._loop.run_forever, name="sglang-loop", daemon=True)
+                self._thread.start()
+            self._in_flight += 1
+        try:
+            future = asyncio.run_coroutine_threadsafe(make_request(), self._loop)
+            try:
+                return future.result(timeout=self._timeout_s)
+            except TimeoutError as exc:
+                future.cancel()
+                raise EngineError(f"SGLang did not answer a generate request within {self._timeout_s:.0f} s") from exc
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+                if self._in_flight == 0:
+                    self._loop.call_soon_threadsafe(self._loop.stop)
+                    self._thread.join()
+                    self._thread = None
+
+
 class SGLangEngine:
     """SGLang behind the `Engine` interface: an in-process `sglang.Engine` (`model_path`) or an HTTP server (`url`).
 
     Requests use SGLang's native API: `input_ids`, `sampling_params` {temperature, top_p, max_new_tokens, stop,
     no_stop_trim, skip_special_tokens, sampling_seed}, `return_logprob`; the output ids and
     `meta_info.output_token_logprobs` are truncated with the same stop rule as `HFEngine`.
+
+    Concurrent calls (`concurrent_calls = True` in both modes): the agent loop's row groups call `generate` from
+    their own threads at once, and each call returns when its own rows are done. Over HTTP each call is a request
+    of its own; in-process each is an `async_generate` request on the engine's event loop, which runs on a thread of
+    its own while calls are in flight (`_LoopDriver`). Either way SGLang's scheduler batches whatever is running.
 
     Weights (`update_weights`) are streamed in buckets of `bucket_bytes`, so a gathered ZeRO-3 actor never exists
     as a full copy: in-process, each bucket goes through `update_weights_from_tensor` (CUDA IPC, no host copy) and
@@ -421,9 +474,8 @@ class SGLangEngine:
         self._synced_dir: Path | None = None  # the last weights directory the HTTP server loaded
         self._sync_count = 0
         self._engine = None
-        # Over HTTP each call is an independent request, so the agent loop's row groups call at once and the
-        # server's scheduler batches them as they arrive; the in-process engine takes one call at a time.
-        self.concurrent_calls = url is not None
+        self._driver: _LoopDriver | None = None
+        self.concurrent_calls = True
         if model_path is not None:
             try:
                 import sglang
@@ -435,6 +487,9 @@ class SGLangEngine:
                                   "enable_memory_saver=True")
             with _without_torchelastic_agent_store():
                 self._engine = sglang.Engine(model_path=model_path, mem_fraction_static=mem_fraction, **engine_kwargs)
+            # Releases without `Engine.loop` ran every request on this thread's event loop.
+            loop = getattr(self._engine, "loop", None) or asyncio.get_event_loop_policy().get_event_loop()
+            self._driver = _LoopDriver(loop, timeout_s)
 
     def _post(self, route: str, payload: dict) -> Any:
         request = urllib.request.Request(f"{self.url}{route}", data=json.dumps(payload).encode("utf-8"),
@@ -455,12 +510,19 @@ class SGLangEngine:
         except urllib.error.URLError as exc:
             raise EngineError(f"SGLang server {self.url}{route} failed: {exc}") from exc
 
+    def _check_no_generate_in_flight(self, what: str) -> None:
+        """SGLang's synchronous methods run the event loop that in-flight generate calls hold."""
+        if self._driver is not None and self._driver.running:
+            raise EngineError(f"SGLangEngine.{what} was called while generate calls are in flight; it can only run "
+                              "between rollouts")
+
     # -- memory ------------------------------------------------------------------------------------------------
 
     def release_memory(self) -> None:
         """Free the in-process engine's GPU memory (weights, KV cache, CUDA graphs) until it is needed again."""
         if self._engine is None or not self.release_memory_enabled or self._released:
             return
+        self._check_no_generate_in_flight("release_memory")
         self._engine.release_memory_occupation()
         self._released = set(WEIGHT_MEMORY_TAGS + CACHE_MEMORY_TAGS)
 
@@ -485,8 +547,10 @@ class SGLangEngine:
         if seed is not None:
             sampling_params["sampling_seed"] = seed
         if self._engine is not None:
-            self._resume(WEIGHT_MEMORY_TAGS + CACHE_MEMORY_TAGS)
-            outputs = self._engine.generate(input_ids=prompts, sampling_params=sampling_params, return_logprob=True)
+            outputs = self._driver.run(
+                lambda: self._engine.async_generate(input_ids=prompts, sampling_params=sampling_params,
+                                                    return_logprob=True),
+                before_start=lambda: self._resume(WEIGHT_MEMORY_TAGS + CACHE_MEMORY_TAGS))
         else:
             outputs = self._post("/generate", {"input_ids": prompts, "sampling_params": sampling_params,
                                                "return_logprob": True})
@@ -520,6 +584,7 @@ class SGLangEngine:
 
     def flush_cache(self) -> None:
         if self._engine is not None:
+            self._check_no_generate_in_flight("flush_cache")
             self._engine.flush_cache()
         else:
             self._post("/flush_cache", {})
@@ -527,6 +592,7 @@ class SGLangEngine:
     # -- weights -----------------------------------------------------------------------------------------------
 
     def update_weights(self, weights: WeightsSource) -> None:
+        self._check_no_generate_in_flight("update_weights")
         if isinstance(weights, (str, os.PathLike)):
             if self._engine is not None:
                 self._resume(WEIGHT_MEMORY_TAGS)

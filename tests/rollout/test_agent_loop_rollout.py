@@ -346,6 +346,25 @@ def test_row_groups_overlap_retrieval_with_generation_and_stay_reproducible(worl
     assert overlapping, "no generation ran while a retrieval was in flight"
 
 
+def test_a_concurrent_engine_serves_the_row_groups_calls_at_once(world):
+    tokenizer, retriever, _ = world
+    records = [_record(Q_TWO_HOP), _record(Q_EMPTY), _record(Q_LOOP)]
+    synchronous = run_agent_loop(ScriptedEngine(tokenizer, SCRIPTS), retriever, tokenizer, records,
+                                 _cfg(max_turns=2), topk=2, samples_per_prompt=2, greedy=True)
+    serial, concurrent = _SlowEngine(tokenizer, SCRIPTS, 0.05), _SlowEngine(tokenizer, SCRIPTS, 0.05)
+    concurrent.concurrent_calls = True  # as SGLang, in-process or over HTTP
+    for engine in (serial, concurrent):
+        grouped = run_agent_loop(engine, retriever, tokenizer, records, _cfg(max_turns=2), topk=2,
+                                 samples_per_prompt=2, greedy=True, row_groups=3)
+        assert _content(grouped) == _content(synchronous)
+
+    def overlaps(intervals):
+        return sum(a[0] < b[1] and b[0] < a[1] for i, a in enumerate(intervals) for b in intervals[i + 1:])
+
+    assert overlaps(serial.intervals) == 0
+    assert overlaps(concurrent.intervals) > 0
+
+
 def test_row_groups_propagate_a_retriever_error_and_reject_zero_groups(world):
     tokenizer, retriever, _ = world
     records = [_record(Q_TWO_HOP), _record(Q_LOOP)]

@@ -1,12 +1,17 @@
 """In-process SGLang (`make_engine`, `SGLangEngine`) against a fake `sglang` module that records what the trainer
 hands to `sglang.Engine` and calls on it: per-rank GPU placement, ports, seed and memory saver; the torchrun store
 variable hidden while SGLang spawns; weight sync in buckets whose `(success, message)` replies are checked; memory
-released for training and resumed in the order SGLang needs (weights before a sync, KV cache before generating)."""
+released for training and resumed in the order SGLang needs (weights before a sync, KV cache before generating);
+generate calls from several threads in flight at once as `async_generate` requests on the engine's event loop, and
+SGLang's synchronous methods, which run that loop themselves, only between them."""
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import sys
+import threading
+import time
 import types
 
 import pytest
@@ -25,33 +30,60 @@ class FakeTokenizer:
 
 
 class FakeSGLangEngine:
-    """Records constructor arguments, the environment at construction, and every call in order."""
+    """Records constructor arguments, the environment at construction, and every call in order. Like SGLang, it
+    serves requests on `self.loop`, and its synchronous methods run that loop with `run_until_complete` (which fails
+    while another thread runs it)."""
 
     def __init__(self, **kwargs):
         self.kwargs = kwargs
         self.agent_store_at_start = os.environ.get("TORCHELASTIC_USE_AGENT_STORE")
         self.calls: list[tuple] = []
         self.update_reply = (True, "Succeeded to update parameter online.")
+        self.loop = asyncio.new_event_loop()
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.hold_until_in_flight = 1  # async_generate waits until this many requests are in flight
+        self.release: asyncio.Event | None = None
+
+    def _sync(self, call, reply=None):
+        async def served():
+            self.calls.append(call)
+            return reply
+
+        return self.loop.run_until_complete(served())
 
     def update_weights_from_tensor(self, named_tensors, load_format=None, flush_cache=True):
-        self.calls.append(("update_weights_from_tensor", [name for name, _ in named_tensors], flush_cache))
-        return self.update_reply
+        return self._sync(("update_weights_from_tensor", [name for name, _ in named_tensors], flush_cache),
+                          self.update_reply)
 
     def update_weights_from_disk(self, model_path, load_format=None):
-        self.calls.append(("update_weights_from_disk", model_path))
-        return (model_path != "/bad", "no such directory" if model_path == "/bad" else "ok", 0)
+        return self._sync(("update_weights_from_disk", model_path),
+                          (model_path != "/bad", "no such directory" if model_path == "/bad" else "ok", 0))
 
     def flush_cache(self):
-        self.calls.append(("flush_cache",))
+        self._sync(("flush_cache",))
 
     def release_memory_occupation(self, tags=None):
-        self.calls.append(("release_memory_occupation", tags))
+        self._sync(("release_memory_occupation", tags))
 
     def resume_memory_occupation(self, tags=None):
-        self.calls.append(("resume_memory_occupation", tags))
+        self._sync(("resume_memory_occupation", tags))
 
-    def generate(self, input_ids, sampling_params, return_logprob):
-        self.calls.append(("generate", len(input_ids)))
+    async def async_generate(self, input_ids, sampling_params, return_logprob):
+        assert asyncio.get_running_loop() is self.loop
+        self.calls.append(("async_generate", len(input_ids)))
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        if self.release is None:
+            self.release = asyncio.Event()
+        if self.in_flight >= self.hold_until_in_flight:
+            self.release.set()
+        try:
+            await asyncio.wait_for(self.release.wait(), timeout=10)
+        finally:
+            self.in_flight -= 1
+            if self.in_flight == 0:
+                self.release = None
         return [{"output_ids": [7, 8], "meta_info": {"output_token_logprobs": [[-0.5, 7, None], [-0.25, 8, None]],
                                                      "finish_reason": {"type": "length"}}} for _ in input_ids]
 
@@ -152,7 +184,7 @@ def test_memory_is_released_for_training_and_resumed_weights_first(fake_sglang, 
     fake = engine._engine
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: fake.calls.append(("empty_cache",)))
     engine.generate([[3, 4]], max_new_tokens=2, stop_strings=[], temperature=1.0, top_p=1.0)
-    assert [call[0] for call in fake.calls] == ["generate"]  # nothing to resume before the first release
+    assert [call[0] for call in fake.calls] == ["async_generate"]  # nothing to resume before the first release
     engine.release_memory()
     engine.release_memory()  # already released: not twice
     engine.update_weights([("w", torch.zeros(2))])
@@ -165,7 +197,7 @@ def test_memory_is_released_for_training_and_resumed_weights_first(fake_sglang, 
         ("flush_cache",),
         ("empty_cache",),
         ("resume_memory_occupation", ["kv_cache", "cuda_graph"]),
-        ("generate", 1),
+        ("async_generate", 1),
     ]
     assert out[0].token_ids == [7, 8] and out[0].logprobs == [-0.5, -0.25]
 
@@ -185,3 +217,66 @@ def test_bucketing_and_reply_parsing():
     assert reply_status({"success": False, "message": "nope"}) == (False, "nope")
     assert reply_status(types.SimpleNamespace(success=True, message="")) == (True, "")
     assert reply_status("weird")[0] is False
+
+
+def test_generate_calls_from_several_threads_are_in_flight_at_once(fake_sglang):
+    cfg = RolloutConfig(engine="sglang", sglang_base_port=free_base_port())
+    engine = make_engine(cfg, None, FakeTokenizer(), torch.device("cuda", 0), model_path="/m")
+    fake = engine._engine
+    assert engine.concurrent_calls
+    fake.hold_until_in_flight = 4  # a call served alone would wait 10 s and fail
+    results = [None] * 4
+
+    def call(index):
+        results[index] = engine.generate([[3, 4]] * (index + 1), max_new_tokens=2, stop_strings=[],
+                                         temperature=1.0, top_p=1.0)
+
+    threads = [threading.Thread(target=call, args=(index,)) for index in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert fake.max_in_flight == 4
+    assert [len(result) for result in results] == [1, 2, 3, 4]
+    assert all(g.token_ids == [7, 8] for result in results for g in result)
+    assert not fake.loop.is_running() and not engine._driver.running
+    # between rollouts the synchronous methods run the loop on the caller's thread
+    engine.release_memory()
+    engine.update_weights([("w", torch.zeros(2))])
+    engine.flush_cache()
+    fake.hold_until_in_flight = 1
+    engine.generate([[3]], max_new_tokens=2, stop_strings=[], temperature=1.0, top_p=1.0)
+    assert [call[:2] if call[0] != "update_weights_from_tensor" else call[0] for call in fake.calls[4:]] == [
+        ("release_memory_occupation", None),
+        ("resume_memory_occupation", ["weights"]),
+        "update_weights_from_tensor",
+        ("flush_cache",),
+        ("flush_cache",),
+        ("resume_memory_occupation", ["kv_cache", "cuda_graph"]),  # before the loop thread starts
+        ("async_generate", 1),
+    ]
+
+
+def test_synchronous_calls_during_a_generate_and_failed_requests_are_clear_errors(fake_sglang):
+    cfg = RolloutConfig(engine="sglang", sglang_base_port=free_base_port(), sglang_release_memory=False)
+    engine = make_engine(cfg, None, FakeTokenizer(), torch.device("cuda", 0), model_path="/m")
+    fake = engine._engine
+    fake.hold_until_in_flight = 2
+    worker = threading.Thread(target=engine.generate, args=([[3]],),
+                              kwargs=dict(max_new_tokens=2, stop_strings=[], temperature=1.0, top_p=1.0))
+    worker.start()
+    while not fake.in_flight:
+        time.sleep(0.001)
+    with pytest.raises(EngineError, match="update_weights was called while generate calls are in flight"):
+        engine.update_weights([("w", torch.zeros(2))])
+    engine.generate([[5]], max_new_tokens=2, stop_strings=[], temperature=1.0, top_p=1.0)  # the second one frees both
+    worker.join()
+
+    async def broken(**kwargs):
+        raise RuntimeError("scheduler died")
+
+    fake.async_generate = broken
+    with pytest.raises(RuntimeError, match="scheduler died"):
+        engine.generate([[3]], max_new_tokens=2, stop_strings=[], temperature=1.0, top_p=1.0)
+    assert not engine._driver.running
+    engine.flush_cache()  # the loop is free again after a failed request

@@ -244,7 +244,8 @@ def run_agent_loop(engine: "Engine", retriever: "Retriever", tokenizer: "PreTrai
     else:
         state.retrieval = _RetrievalBatcher(retriever, topk)
         try:
-            with ThreadPoolExecutor(max_workers=len(groups), thread_name_prefix="rollout-group") as pool:
+            with ThreadPoolExecutor(max_workers=len(groups), thread_name_prefix="rollout-group",
+                                    initializer=_use_cuda_device, initargs=(_current_cuda_device(),)) as pool:
                 futures = [pool.submit(_advance_group, state, index, group) for index, group in enumerate(groups)]
                 turns = [future.result() for future in futures]
         finally:
@@ -260,6 +261,17 @@ def run_agent_loop(engine: "Engine", retriever: "Retriever", tokenizer: "PreTrai
     batch.timings["collate_s"] = time.perf_counter() - tick
     batch.timings["turns"] = float(max(turns, default=0))
     return batch
+
+
+def _current_cuda_device() -> int | None:
+    return torch.cuda.current_device() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+
+
+def _use_cuda_device(device: int | None) -> None:
+    """A new thread's CUDA device is device 0 whatever its rank's is: the group threads take the caller's, so the
+    CUDA calls they make (the SGLang engine's `empty_cache` before it resumes its memory) stay on the rank's GPU."""
+    if device is not None:
+        torch.cuda.set_device(device)
 
 
 def _advance_group(state: _LoopState, group_index: int, trajectories: list[_Trajectory]) -> int:

@@ -3,6 +3,7 @@ fixed texts (to pin each outcome exactly) and the real HFEngine on the tiny mode
 from __future__ import annotations
 
 import re
+import threading
 import time
 
 import pytest
@@ -363,6 +364,19 @@ def test_a_concurrent_engine_serves_the_row_groups_calls_at_once(world):
 
     assert overlaps(serial.intervals) == 0
     assert overlaps(concurrent.intervals) > 0
+
+
+def test_row_group_threads_use_the_callers_cuda_device(world, monkeypatch):
+    tokenizer, retriever, _ = world
+    set_in = []  # (thread name, device) of each set_device call
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: set_in.append((threading.current_thread().name,
+                                                                                  device)))
+    run_agent_loop(ScriptedEngine(tokenizer, SCRIPTS), retriever, tokenizer, [_record(Q_TWO_HOP), _record(Q_LOOP)],
+                   _cfg(max_turns=2), topk=2, samples_per_prompt=2, greedy=True, row_groups=2)
+    assert len(set_in) == 2 and all(name.startswith("rollout-group") and device == 3 for name, device in set_in)
 
 
 def test_row_groups_propagate_a_retriever_error_and_reject_zero_groups(world):

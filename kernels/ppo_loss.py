@@ -266,24 +266,27 @@ def _count_args(count, device):
 
 
 class _Saved(NamedTuple):
-    """What the backward needs from the forward: local derivatives, mask, row weights, the outputs buffer."""
+    """What the backward needs from the forward: local derivatives, mask, row weights, the outputs buffer. Never the
+    outputs handed out: a node whose context held its own outputs would form a reference cycle through their
+    `grad_fn` that Python's collector cannot see into, and every call's buffers would stay allocated for good."""
 
     dpolicy: torch.Tensor  # (B, T) fp32 d pg_t / d logp_t, or a placeholder
     dvalue: torch.Tensor  # (B, T) fp32 d vf_t / d v_t, or a placeholder
     mask: torch.Tensor  # (B, T) as the kernels read it
     row_weights: torch.Tensor  # (B,)
     outputs: torch.Tensor  # (8,) the 7 fields of PPOLossOutput, then 1 / N
-    fields: tuple[torch.Tensor, ...]  # outputs unbound: 0-d views, each handed out once
     block: int
     vf_coef: float
     entropy_coef: float
 
 
 @torch.no_grad()
-def _forward(logp, old_logp, advantages, values, old_values, returns, loss_mask, entropy, settings) -> _Saved:
-    """The forward kernels: per-token derivatives, fixed-order sums, outputs. Records no autograd history (a copy
-    of a non-contiguous input that requires grad would otherwise add a node); the `_LossPart` nodes connect the
-    outputs to the inputs."""
+def _forward(logp, old_logp, advantages, values, old_values, returns, loss_mask, entropy,
+             settings) -> tuple[_Saved, tuple[torch.Tensor, ...]]:
+    """The forward kernels: per-token derivatives, fixed-order sums, outputs. Returns what the backward needs and
+    the outputs buffer unbound (0-d views: the 7 fields of PPOLossOutput, each handed out once, then 1 / N). Records no autograd history (a copy of a
+    non-contiguous input that requires grad would otherwise add a node); the `_LossPart` nodes connect the outputs
+    to the inputs."""
     (clip_ratio, dual_clip, value_clip, vf_coef, entropy_coef, mode, global_tokens, global_seqs,
      block, chunk_len) = settings
     batch, length = loss_mask.shape
@@ -323,8 +326,8 @@ def _forward(logp, old_logp, advantages, values, old_values, returns, loss_mask,
         seqs_ptr if seqs_ptr is not None else outputs, seqs_scalar, float(vf_coef), float(entropy_coef),
         MODE=mode, GLOBAL_TOKENS=tokens_kind, GLOBAL_SEQS=seqs_kind, BLOCK_ROWS=_FINALIZE_BLOCK_ROWS,
     )
-    return _Saved(dpolicy, dvalue, mask, row_weights, outputs, outputs.unbind(0), block, float(vf_coef),
-                  float(entropy_coef))
+    saved = _Saved(dpolicy, dvalue, mask, row_weights, outputs, block, float(vf_coef), float(entropy_coef))
+    return saved, outputs.unbind(0)
 
 
 # The outputs each autograd node returns.
@@ -342,23 +345,23 @@ class _LossPart(torch.autograd.Function):
     save_for_backward), and absent upstream gradients stay None."""
 
     @staticmethod
-    def forward(ctx, part, saved, logp, values, entropy):
+    def forward(ctx, part, saved, fields, logp, values, entropy):
         ctx.set_materialize_grads(False)
         ctx.part, ctx.saved = part, saved
         ctx.dtypes = tuple(x.dtype if x is not None else None for x in (logp, values, entropy))
-        return tuple(saved.fields[PPOLossOutput._fields.index(name)] for name in _PART_OUTPUTS[ctx.part])
+        return tuple(fields[PPOLossOutput._fields.index(name)] for name in _PART_OUTPUTS[ctx.part])
 
     @staticmethod
     def backward(ctx, *grads):
         upstream = dict(zip(_PART_OUTPUTS[ctx.part], grads))
         grad_loss, grad_policy, grad_value, grad_entropy = (
             upstream.get(name) for name in ("loss", "policy_loss", "value_loss", "entropy_loss"))
-        need_logp, need_values, need_entropy = ctx.needs_input_grad[2:5]
+        need_logp, need_values, need_entropy = ctx.needs_input_grad[3:6]
         has_policy = need_logp and (grad_loss is not None or grad_policy is not None)
         has_value = need_values and (grad_loss is not None or grad_value is not None)
         has_entropy = need_entropy and (grad_loss is not None or grad_entropy is not None)
         if not (has_policy or has_value or has_entropy):
-            return None, None, None, None, None
+            return None, None, None, None, None, None
         saved = ctx.saved
         batch, length = saved.mask.shape
         logp_dtype, values_dtype, entropy_dtype = ctx.dtypes
@@ -378,7 +381,7 @@ class _LossPart(torch.autograd.Function):
                 GIVEN_VALUE=grad_value is not None, GIVEN_ENTROPY=grad_entropy is not None, BLOCK=saved.block,
                 **launch_options(),
             )
-        return None, None, grad_logp, grad_values, grad_entropy_in
+        return None, None, None, grad_logp, grad_values, grad_entropy_in
 
 
 def ppo_loss(
@@ -422,11 +425,11 @@ def ppo_loss(
     settings = (float(clip_ratio), dual_clip, float(value_clip), vf_coef_used, entropy_coef_used,
                 LOSS_AGG_MODES.index(loss_agg_mode), global_token_count, global_seq_count, _block, _chunk_len)
     # Only the nodes connect outputs to inputs.
-    saved = _forward(logp, old_logp, advantages, values, old_values, returns, loss_mask, entropy, settings)
-    fields = dict(zip(PPOLossOutput._fields, saved.fields))
-    (fields["loss"],) = _LossPart.apply("loss", saved, logp, values, entropy)
+    saved, views = _forward(logp, old_logp, advantages, values, old_values, returns, loss_mask, entropy, settings)
+    fields = dict(zip(PPOLossOutput._fields, views))
+    (fields["loss"],) = _LossPart.apply("loss", saved, views, logp, values, entropy)
     if logp is not None:
-        fields["policy_loss"], fields["entropy_loss"] = _LossPart.apply("actor", saved, logp, None, entropy)
+        fields["policy_loss"], fields["entropy_loss"] = _LossPart.apply("actor", saved, views, logp, None, entropy)
     if values is not None:
-        (fields["value_loss"],) = _LossPart.apply("critic", saved, None, values, None)
+        (fields["value_loss"],) = _LossPart.apply("critic", saved, views, None, values, None)
     return PPOLossOutput(**fields)

@@ -39,6 +39,14 @@ def run_interpreter_cases(test_file: str, cases: list, work_dir: Path, timeout: 
     return torch.load(outputs_path, weights_only=True)
 
 
+def run_interpreter_check(test_file: str, flag: str, timeout: int) -> list[str]:
+    """Run `test_file flag` with TRITON_INTERPRET=1 and return its output lines (a check the child makes itself)."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    return _run(test_file, [flag], env, timeout, f"interpreter check {flag}").splitlines()
+
+
 def compile_for_hopper(test_file: str, timeout: int) -> list[str]:
     """Run `test_file --compile-for-hopper` (no GPU needed: triton's bundled ptxas) and return its output lines."""
     spec = importlib.util.find_spec("triton")

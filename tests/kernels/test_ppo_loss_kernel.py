@@ -17,7 +17,13 @@ import sys
 
 import pytest
 import torch
-from kernel_child import assert_no_spills, compile_for_hopper, compile_sm90, run_interpreter_cases
+from kernel_child import (
+    assert_no_spills,
+    compile_for_hopper,
+    compile_sm90,
+    run_interpreter_cases,
+    run_interpreter_check,
+)
 
 from stepsearch.algo.ppo_loss import PPOLossOutput
 from stepsearch.algo.ppo_loss import ppo_loss as twin_ppo_loss
@@ -262,6 +268,45 @@ def test_kernels_compile_for_hopper_without_spills():
     assert_no_spills(compile_for_hopper(__file__, timeout=600), expected_count=4)
 
 
+def _buffers_freed_main() -> None:
+    """Child-process entry point: whether each call's buffers (the saved local derivatives) are freed as soon as its
+    outputs are dropped, with the cyclic collector off: after a forward only, after `loss.backward()`, and after the
+    trainer's two backward calls through non-leaf inputs. Prints one `<pattern> freed=<bool>` line per pattern."""
+    import gc
+    import weakref
+
+    from stepsearch.kernels.ppo_loss import ppo_loss
+
+    gc.disable()
+    case = _make_case("buffers", 3, 40, seed=4)
+    settings = dict(clip_ratio=0.2, value_clip=0.2, vf_coef=0.5, entropy_coef=0.01)
+
+    def run(pattern):
+        logp = case["logp"].clone().requires_grad_()
+        values = case["values"].clone().requires_grad_()
+        entropy = case["entropy"].clone().requires_grad_()
+        out = ppo_loss(logp * 1.0, case["old_logp"], case["advantages"], values * 1.0, case["old_values"],
+                       case["returns"], case["loss_mask"], entropy * 1.0, **settings)
+        buffer = weakref.ref(out.loss.grad_fn.saved.dpolicy)
+        if pattern == "loss_backward":
+            out.loss.backward()
+        elif pattern == "split_backward":
+            (out.policy_loss - 0.01 * out.entropy_loss).backward()
+            out.value_loss.backward()
+        del out
+        return buffer() is None
+
+    for pattern in ("forward", "loss_backward", "split_backward"):
+        print(f"{pattern} freed={run(pattern)}")
+
+
+def test_buffers_are_freed_with_the_outputs():
+    """No reference cycle through the autograd nodes: one would keep two (B, T) fp32 buffers of every call alive
+    for good (the cyclic collector cannot see into the nodes), a leak of GPU memory on every micro-batch."""
+    lines = run_interpreter_check(__file__, "--buffers-freed", timeout=300)
+    assert lines[-3:] == ["forward freed=True", "loss_backward freed=True", "split_backward freed=True"]
+
+
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
@@ -287,5 +332,7 @@ def test_gpu_two_million_tokens_match_float64_twin(mode):
 if __name__ == "__main__":
     if sys.argv[1:] == ["--compile-for-hopper"]:
         _compile_for_hopper_main()
+    elif sys.argv[1:] == ["--buffers-freed"]:
+        _buffers_freed_main()
     else:
         _interpreter_main(*sys.argv[1:])

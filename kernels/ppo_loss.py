@@ -284,9 +284,9 @@ class _Saved(NamedTuple):
 def _forward(logp, old_logp, advantages, values, old_values, returns, loss_mask, entropy,
              settings) -> tuple[_Saved, tuple[torch.Tensor, ...]]:
     """The forward kernels: per-token derivatives, fixed-order sums, outputs. Returns what the backward needs and
-    the outputs buffer unbound (0-d views: the 7 fields of PPOLossOutput, each handed out once, then 1 / N). Records no autograd history (a copy of a
-    non-contiguous input that requires grad would otherwise add a node); the `_LossPart` nodes connect the outputs
-    to the inputs."""
+    the outputs buffer unbound (0-d views: the 7 fields of PPOLossOutput, each handed out once, then 1 / N).
+    Records no autograd history (a copy of a non-contiguous input that requires grad would otherwise add a node);
+    the `_LossPart` nodes connect the outputs to the inputs."""
     (clip_ratio, dual_clip, value_clip, vf_coef, entropy_coef, mode, global_tokens, global_seqs,
      block, chunk_len) = settings
     batch, length = loss_mask.shape

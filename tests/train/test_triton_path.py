@@ -4,7 +4,8 @@ A child process (TRITON_INTERPRET=1 must be set before triton is imported, and m
 the toy run twice from the same seed, once with the torch twins and once with the kernels: the fused log-prob and
 entropy of the actor and reference, the fused reward scatter + KL + GAE, and the fused PPO loss with the actor and
 critic parts backpropagated by separate calls, as on a GPU. The first step's rollout is the same in both, so its
-losses and diagnostics agree to fp32 rounding; a second step with the kernels must move every trainable parameter.
+losses and diagnostics agree to fp32 rounding; a second step with the kernels must move every trainable parameter
+and leave no more live tensors behind than the first (a call that keeps its buffers would add some every step).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ TRAINING = (
 COMPARED = ("loss/policy", "loss/value", "loss/entropy", "loss/approx_kl", "loss/clip_frac", "kl", "reward/outcome")
 
 _CHILD = """
-import json, sys, torch
+import gc, json, sys, torch
 from stepsearch import train as trainer
 from stepsearch.config import load_config
 from stepsearch.trainer.build import build_run
@@ -45,16 +46,19 @@ for impl in ("torch", "triton"):
     engines = (("actor", run.models.actor), ("critic", run.models.critic))
     before = {f"{role}.{name}": p.detach().clone() for role, engine in engines
               for name, p in engine.module.named_parameters() if p.requires_grad}
-    metrics = []
+    metrics, live_tensors = [], []
     for _ in range(2 if impl == "triton" else 1):
         values, _details = trainer.train_step(run)
         run.state.step += 1
         run.state.data_position += run.ctx.cfg.ppo.rollout_batch_size
         metrics.append({key: float(value) for key, value in values.items()})
+        del values, _details
+        gc.collect()
+        live_tensors.append(sum(isinstance(obj, torch.Tensor) for obj in gc.get_objects()))
     after = {f"{role}.{name}": p.detach() for role, engine in engines
              for name, p in engine.module.named_parameters() if p.requires_grad}
     result[impl] = {"metrics": metrics, "unchanged": [n for n in before if torch.equal(before[n], after[n])],
-                    "parameters": len(before)}
+                    "parameters": len(before), "live_tensors": live_tensors}
 print("RESULT " + json.dumps(result))
 """
 
@@ -86,3 +90,4 @@ def test_the_trainer_runs_on_the_kernels_like_on_the_twins(tmp_path, toy_overrid
     assert triton["parameters"] > 0
     assert not triton["unchanged"], f"parameters that never changed: {triton['unchanged']}"
     assert all(math.isfinite(triton["metrics"][1][key]) for key in COMPARED)
+    assert triton["live_tensors"][1] == triton["live_tensors"][0], triton["live_tensors"]

@@ -213,9 +213,8 @@ def run_agent_loop(engine: "Engine", retriever: "Retriever", tokenizer: "PreTrai
     generation of the others; one retrieval thread sends the searches queued meanwhile as one call. An engine with
     `concurrent_calls = True` (SGLang, in-process or over HTTP) serves the groups' calls at once (its scheduler
     batches them); any other engine runs one call at a time. Each group's engine calls and their seeds depend only
-    on the group, never
-    on thread timing, so a fixed `row_groups` gives reproducible rollouts; 1 is the turn-synchronous loop. Timings
-    are summed over groups (they can exceed `total_s`).
+    on the group, never on thread timing, so a fixed `row_groups` gives reproducible rollouts; 1 is the
+    turn-synchronous loop. Timings are summed over groups (they can exceed `total_s`).
     """
     if row_groups < 1:
         raise ValueError(f"row_groups must be >= 1, got {row_groups}")

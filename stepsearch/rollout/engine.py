@@ -383,6 +383,16 @@ def _collective_outcome(error: str | None) -> str | None:
     return box[0]
 
 
+def _this_threads_event_loop() -> asyncio.AbstractEventLoop:
+    """The event loop SGLang releases without `Engine.loop` serve requests on: the building thread's own."""
+    try:
+        return asyncio.get_event_loop_policy().get_event_loop()
+    except RuntimeError:  # Python versions that no longer create one on demand
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        return loop
+
+
 class _LoopDriver:
     """Runs an in-process SGLang engine's asyncio loop on a thread of its own while generate calls are in flight,
     so that calls from several threads (the agent loop's row groups) become concurrent `async_generate` requests,
@@ -409,6 +419,9 @@ class _LoopDriver:
         loop stopped) when no other call is in flight."""
         with self._lock:
             if self._in_flight == 0:
+                # SGLang releases before `Engine.loop` look the loop up per call (`asyncio.get_event_loop()`), which
+                # finds none on a thread other than the one that built the engine.
+                asyncio.set_event_loop(self._loop)
                 before_start()
                 self._thread = threading.Thread(target=self._loop.run_forever, name="sglang-loop", daemon=True)
                 self._thread.start()
@@ -487,9 +500,7 @@ class SGLangEngine:
                                   "enable_memory_saver=True")
             with _without_torchelastic_agent_store():
                 self._engine = sglang.Engine(model_path=model_path, mem_fraction_static=mem_fraction, **engine_kwargs)
-            # Releases without `Engine.loop` ran every request on this thread's event loop.
-            loop = getattr(self._engine, "loop", None) or asyncio.get_event_loop_policy().get_event_loop()
-            self._driver = _LoopDriver(loop, timeout_s)
+            self._driver = _LoopDriver(getattr(self._engine, "loop", None) or _this_threads_event_loop(), timeout_s)
 
     def _post(self, route: str, payload: dict) -> Any:
         request = urllib.request.Request(f"{self.url}{route}", data=json.dumps(payload).encode("utf-8"),

@@ -3,7 +3,8 @@ hands to `sglang.Engine` and calls on it: per-rank GPU placement, ports, seed an
 variable hidden while SGLang spawns; weight sync in buckets whose `(success, message)` replies are checked; memory
 released for training and resumed in the order SGLang needs (weights before a sync, KV cache before generating);
 generate calls from several threads in flight at once as `async_generate` requests on the engine's event loop, and
-SGLang's synchronous methods, which run that loop themselves, only between them."""
+SGLang's synchronous methods, which run that loop themselves, only between them; both with `Engine.loop` and with
+the releases before it, whose calls look their loop up on the calling thread."""
 from __future__ import annotations
 
 import asyncio
@@ -32,7 +33,8 @@ class FakeTokenizer:
 class FakeSGLangEngine:
     """Records constructor arguments, the environment at construction, and every call in order. Like SGLang, it
     serves requests on `self.loop`, and its synchronous methods run that loop with `run_until_complete` (which fails
-    while another thread runs it)."""
+    while another thread runs it). Like SGLang's tokenizer manager, it binds to the loop of its first request and
+    fails on any other."""
 
     def __init__(self, **kwargs):
         self.kwargs = kwargs
@@ -40,17 +42,27 @@ class FakeSGLangEngine:
         self.calls: list[tuple] = []
         self.update_reply = (True, "Succeeded to update parameter online.")
         self.loop = asyncio.new_event_loop()
+        self.bound_loop: asyncio.AbstractEventLoop | None = None
         self.in_flight = 0
         self.max_in_flight = 0
         self.hold_until_in_flight = 1  # async_generate waits until this many requests are in flight
         self.release: asyncio.Event | None = None
 
+    def _loop_of_this_call(self):
+        return self.loop
+
+    def _bind(self):
+        running = asyncio.get_running_loop()
+        self.bound_loop = self.bound_loop or running
+        assert running is self.bound_loop, "a request on another event loop than the first one"
+
     def _sync(self, call, reply=None):
         async def served():
+            self._bind()
             self.calls.append(call)
             return reply
 
-        return self.loop.run_until_complete(served())
+        return self._loop_of_this_call().run_until_complete(served())
 
     def update_weights_from_tensor(self, named_tensors, load_format=None, flush_cache=True):
         return self._sync(("update_weights_from_tensor", [name for name, _ in named_tensors], flush_cache),
@@ -70,7 +82,7 @@ class FakeSGLangEngine:
         self._sync(("resume_memory_occupation", tags))
 
     async def async_generate(self, input_ids, sampling_params, return_logprob):
-        assert asyncio.get_running_loop() is self.loop
+        self._bind()
         self.calls.append(("async_generate", len(input_ids)))
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
@@ -88,10 +100,22 @@ class FakeSGLangEngine:
                                                      "finish_reason": {"type": "length"}}} for _ in input_ids]
 
 
-@pytest.fixture
-def fake_sglang(monkeypatch):
+class FakeLegacySGLangEngine(FakeSGLangEngine):
+    """SGLang releases before `Engine.loop`: every call looks its loop up with `asyncio.get_event_loop()`, which
+    finds none on a thread other than the one that built the engine, unless one was set there."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        del self.loop
+
+    def _loop_of_this_call(self):
+        return asyncio.get_event_loop()
+
+
+@pytest.fixture(params=["engine_loop", "legacy"])
+def fake_sglang(monkeypatch, request):
     module = types.ModuleType("sglang")
-    module.Engine = FakeSGLangEngine
+    module.Engine = FakeSGLangEngine if request.param == "engine_loop" else FakeLegacySGLangEngine
     monkeypatch.setitem(sys.modules, "sglang", module)
     return module
 
@@ -225,35 +249,40 @@ def test_generate_calls_from_several_threads_are_in_flight_at_once(fake_sglang):
     fake = engine._engine
     assert engine.concurrent_calls
     fake.hold_until_in_flight = 4  # a call served alone would wait 10 s and fail
-    results = [None] * 4
 
-    def call(index):
-        results[index] = engine.generate([[3, 4]] * (index + 1), max_new_tokens=2, stop_strings=[],
-                                         temperature=1.0, top_p=1.0)
+    def rollout_in_threads():  # as the agent loop's row groups call
+        results = [None] * 4
 
-    threads = [threading.Thread(target=call, args=(index,)) for index in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert fake.max_in_flight == 4
-    assert [len(result) for result in results] == [1, 2, 3, 4]
-    assert all(g.token_ids == [7, 8] for result in results for g in result)
-    assert not fake.loop.is_running() and not engine._driver.running
-    # between rollouts the synchronous methods run the loop on the caller's thread
+        def call(index):
+            results[index] = engine.generate([[3, 4]] * (index + 1), max_new_tokens=2, stop_strings=[],
+                                             temperature=1.0, top_p=1.0)
+
+        threads = [threading.Thread(target=call, args=(index,)) for index in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert fake.max_in_flight == 4
+        assert [len(result) for result in results] == [1, 2, 3, 4]
+        assert all(g.token_ids == [7, 8] for result in results for g in result)
+        assert not fake.bound_loop.is_running() and not engine._driver.running
+
+    rollout_in_threads()
+    # between rollouts the trainer's synchronous calls run the loop on its own thread
     engine.release_memory()
     engine.update_weights([("w", torch.zeros(2))])
     engine.flush_cache()
-    fake.hold_until_in_flight = 1
-    engine.generate([[3]], max_new_tokens=2, stop_strings=[], temperature=1.0, top_p=1.0)
-    assert [call[:2] if call[0] != "update_weights_from_tensor" else call[0] for call in fake.calls[4:]] == [
+    rollout_in_threads()  # the first call to come resumes the KV cache, on its own thread
+    names_only = ("update_weights_from_tensor", "async_generate")
+    assert [call[0] if call[0] in names_only else call[:2] for call in fake.calls] == [
+        *["async_generate"] * 4,
         ("release_memory_occupation", None),
         ("resume_memory_occupation", ["weights"]),
         "update_weights_from_tensor",
         ("flush_cache",),
         ("flush_cache",),
         ("resume_memory_occupation", ["kv_cache", "cuda_graph"]),  # before the loop thread starts
-        ("async_generate", 1),
+        *["async_generate"] * 4,
     ]
 
 

@@ -405,6 +405,7 @@ class _LoopDriver:
 
     def __init__(self, loop: asyncio.AbstractEventLoop, timeout_s: float) -> None:
         self._loop = loop
+        self._home_thread = threading.get_ident()  # the thread that built the engine
         self._timeout_s = timeout_s
         self._lock = threading.Lock()
         self._in_flight = 0
@@ -419,9 +420,12 @@ class _LoopDriver:
         loop stopped) when no other call is in flight."""
         with self._lock:
             if self._in_flight == 0:
-                # SGLang releases before `Engine.loop` look the loop up per call (`asyncio.get_event_loop()`), which
-                # finds none on a thread other than the one that built the engine.
-                asyncio.set_event_loop(self._loop)
+                if self._loop.is_closed():
+                    raise EngineError("the SGLang engine's event loop is closed: the engine was shut down")
+                if threading.get_ident() != self._home_thread:
+                    # SGLang releases before `Engine.loop` look the loop up per call (`asyncio.get_event_loop()`),
+                    # which finds none on a thread other than the one that built the engine.
+                    asyncio.set_event_loop(self._loop)
                 before_start()
                 self._thread = threading.Thread(target=self._loop.run_forever, name="sglang-loop", daemon=True)
                 self._thread.start()

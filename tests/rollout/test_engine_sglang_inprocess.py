@@ -117,7 +117,11 @@ def fake_sglang(monkeypatch, request):
     module = types.ModuleType("sglang")
     module.Engine = FakeSGLangEngine if request.param == "engine_loop" else FakeLegacySGLangEngine
     monkeypatch.setitem(sys.modules, "sglang", module)
-    return module
+    home_loop = asyncio.new_event_loop()  # this thread's loop while the test runs (legacy engines serve on it)
+    asyncio.set_event_loop(home_loop)
+    yield module
+    asyncio.set_event_loop(None)
+    home_loop.close()
 
 
 def free_base_port(count: int = 4) -> int:
@@ -294,7 +298,9 @@ def test_synchronous_calls_during_a_generate_and_failed_requests_are_clear_error
     worker = threading.Thread(target=engine.generate, args=([[3]],),
                               kwargs=dict(max_new_tokens=2, stop_strings=[], temperature=1.0, top_p=1.0))
     worker.start()
+    deadline = time.monotonic() + 10
     while not fake.in_flight:
+        assert time.monotonic() < deadline, "the first generate never reached SGLang"
         time.sleep(0.001)
     with pytest.raises(EngineError, match="update_weights was called while generate calls are in flight"):
         engine.update_weights([("w", torch.zeros(2))])
@@ -309,3 +315,6 @@ def test_synchronous_calls_during_a_generate_and_failed_requests_are_clear_error
         engine.generate([[3]], max_new_tokens=2, stop_strings=[], temperature=1.0, top_p=1.0)
     assert not engine._driver.running
     engine.flush_cache()  # the loop is free again after a failed request
+    fake.bound_loop.close()  # as SGLang's shutdown leaves it
+    with pytest.raises(EngineError, match="event loop is closed"):
+        engine.generate([[3]], max_new_tokens=2, stop_strings=[], temperature=1.0, top_p=1.0)

@@ -11,6 +11,9 @@ each a CSV row in OUT_DIR/sglang.csv (check, ok, value, unit, detail):
 - update_weights: the tiny model's weights scaled and pushed in buckets (`update_weights_from_tensor`); greedy
   output must change, and pushing the original weights back must restore it.
 - release / resume: GPU memory free before and after `release_memory_occupation`, and generation after resume.
+- concurrent: after another release, 8 threads call `generate` at once (as the agent loop's row groups do: the
+  first resumes the memory from its own thread, each call is an `async_generate` request on the engine's loop);
+  every call returns, greedy tokens agree with one call over all the prompts, and the wall time of both.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import argparse
 import csv
 import math
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -99,6 +103,34 @@ def main(argv: list[str] | None = None) -> int:
         outs = engine.generate(prompts[:4], **greedy)
         record("release_resume", after > before and all(o.token_ids for o in outs), round(after - before, 2),
                "GiB freed", f"free {before:.2f} -> {after:.2f} GiB, generation after resume: {bool(outs[0].token_ids)}")
+
+        engine.release_memory()
+        tick = time.perf_counter()
+        reference = [g.token_ids for g in engine.generate(prompts, **greedy)]
+        one_call_s = time.perf_counter() - tick
+        engine.release_memory()
+        results: list = [None] * 8
+
+        def row_group(index: int) -> None:
+            results[index] = engine.generate(prompts[index::8], **greedy)
+
+        threads = [threading.Thread(target=row_group, args=(index,)) for index in range(8)]
+        tick = time.perf_counter()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        concurrent_s = time.perf_counter() - tick
+        returned = all(result is not None for result in results)
+        grouped = [None] * len(prompts)
+        for index, result in enumerate(results if returned else []):
+            grouped[index::8] = [g.token_ids for g in result]
+        agree = sum(a == b for r, g in zip(reference, grouped) if g for a, b in zip(r, g))
+        total = sum(min(len(r), len(g)) for r, g in zip(reference, grouped) if g)
+        record("concurrent", returned and total > 0 and agree / total >= 0.9, round(concurrent_s, 3), "s",
+               f"8 threads x 8 prompts; every call returned: {returned}; greedy agreement with one call "
+               f"{agree / max(total, 1):.3f}; one call over all {len(prompts)} prompts (with its resume) "
+               f"{one_call_s:.3f} s")
         engine._engine.shutdown()
     except Exception as exc:  # the summary reports the failure; the traceback goes to the log
         traceback.print_exc()

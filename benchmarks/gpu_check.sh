@@ -16,7 +16,8 @@
 #                  generate, each SDPA backend, one cached forward) and the profiler's top operators
 #   steppo         a one-GPU `deepspeed` StePPO run of 2 steps on the tiny preset with the Triton kernels
 #   sglang         when sglang imports: benchmarks/gpu_check_sglang.py on the tiny model saved with
-#                  save_pretrained (generation with log-probs, weight update, memory release and resume)
+#                  save_pretrained (generation with log-probs, weight update, memory release and resume, eight
+#                  threads generating at once)
 # Results in OUT_DIR, eight files: summary.md, steps.csv, gae.csv, ppo_loss.csv, logprob.csv, steppo_metrics.csv,
 # sglang.csv, log.txt (the tail of every step's output). Scratch files go to a temporary directory.
 #

@@ -373,12 +373,18 @@ class Critic(nn.Module):
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:
-    """Non-reentrant activation checkpointing on every HF sub-model of `model`."""
+    """Non-reentrant activation checkpointing on the outermost HF model inside `model` (it covers the layers of the
+    models it holds)."""
     from transformers import PreTrainedModel
 
     for module in model.modules():
         if isinstance(module, PreTrainedModel) and module.supports_gradient_checkpointing:
-            module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            kwargs = {"use_reentrant": False}
+            # transformers 5 renamed the method; the old name warns and goes in v6
+            if hasattr(module, "activation_checkpointing_enable"):
+                module.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                module.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
             return
 
 

@@ -3,7 +3,8 @@
 On batches whose lengths differ by an order of magnitude, the actor's log-probs and entropies, the critic's values
 and the gradients of a loss over all three are the same packed (in every layout: rows as long as the longest
 sequence, one row, each sequence alone) as padded, with SDPA and eager attention, to fp32 rounding.
-FlashAttention-2's varlen path is checked the same way on a GPU (`gpu` marker).
+FlashAttention-2's varlen path is checked the same way on a GPU (`gpu` marker). Activation checkpointing (on in the
+GPU presets) recomputes the layers in the backward and changes none of these, padded or packed.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from stepsearch.models.actor_critic import (
     Critic,
     PolicyModel,
     build_sequences,
+    enable_gradient_checkpointing,
     pack_sequences,
     packed_to_rows,
     packed_token_index,
@@ -138,6 +140,29 @@ def test_packed_equals_padded_logprobs_values_and_gradients(attn_implementation,
     assert padded[3].keys() == packed[3].keys()
     for name in padded[3]:
         torch.testing.assert_close(packed[3][name], padded[3][name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("packed, layout", [(False, None), (True, "rows"), (True, "per_sequence")])
+def test_activation_checkpointing_recomputes_the_layers_and_keeps_the_gradients(packed, layout):
+    """`model.gradient_checkpointing` (on in the GPU presets): every decoder layer runs again in the backward, and
+    log-probs, entropies, values and gradients are those of the run without it."""
+    sequences, loss_mask = ragged_batch()
+    runs, layer_calls = {}, {}
+    for checkpointing in (False, True):
+        lm = tiny_lm("sdpa")
+        if checkpointing:
+            enable_gradient_checkpointing(PolicyModel(lm))
+        calls = layer_calls[checkpointing] = []
+        # a pre-hook inside the layer: transformers checkpoints `forward` (not the layer's own hooks), and the
+        # recompute stops as soon as it has what the backward needs, before later submodules return
+        lm.model.layers[0].self_attn.register_forward_pre_hook(lambda *_, calls=calls: calls.append(1))
+        runs[checkpointing] = forward_and_backward(lm, sequences, loss_mask, packed=packed, layout=layout)
+    assert len(layer_calls[True]) == 2 * len(layer_calls[False]) > 0  # the layer ran again in the backward
+    plain, checkpointed = runs[False], runs[True]
+    for name, want, got in zip(("logp", "entropy", "values"), plain[:3], checkpointed[:3]):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6, msg=name)
+    for name in plain[3]:
+        torch.testing.assert_close(checkpointed[3][name], plain[3][name], rtol=1e-5, atol=1e-6, msg=name)
 
 
 @pytest.mark.gpu

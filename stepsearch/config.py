@@ -62,7 +62,8 @@ class ModelConfig:
     attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
     """`auto` uses flash-attention 2 when it is installed and a GPU is present, SDPA otherwise."""
     dtype: Literal["auto", "bfloat16", "float32"] = "auto"
-    """Training dtype: `auto` = bf16 on GPU, fp32 on CPU."""
+    """Training dtype: `auto` = bf16 on GPU, fp32 on CPU; `bfloat16` and `float32` hold on either (DeepSpeed's bf16
+    mode follows)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (less memory, ~30% more compute)."""
     packing: bool = True

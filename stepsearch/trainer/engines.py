@@ -134,7 +134,8 @@ def deepspeed_config(cfg: "Config", *, lr: float, train: bool, on_gpu: bool, dp_
     }
     if train:
         zero["offload_optimizer"] = {"device": offload_device if ds.offload_optimizer else "none"}
-    bf16 = on_gpu and cfg.model.dtype in ("auto", "bfloat16")
+    # An explicit bfloat16 holds on CPU too (ZeRO-3 would otherwise build the models in fp32 there)
+    bf16 = cfg.model.dtype == "bfloat16" or (on_gpu and cfg.model.dtype == "auto")
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": cfg.ppo.micro_batch_size,
         "gradient_accumulation_steps": 1,

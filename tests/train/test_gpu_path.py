@@ -62,6 +62,16 @@ def test_the_process_group_gets_the_configured_timeout(monkeypatch):
     assert seen["timeout"] == datetime.timedelta(minutes=7)
 
 
+def test_deepspeed_trains_in_bf16_where_the_model_dtype_says_so(tmp_path, toy_config):
+    def bf16(dtype, on_gpu):
+        cfg = toy_config(tmp_path, f"model.dtype={dtype}")
+        return deepspeed_config(cfg, lr=1e-6, train=True, on_gpu=on_gpu, dp_size=2)["bf16"]["enabled"]
+
+    assert bf16("auto", on_gpu=True) and not bf16("auto", on_gpu=False)
+    assert bf16("bfloat16", on_gpu=True) and bf16("bfloat16", on_gpu=False)  # an explicit choice holds on CPU
+    assert not bf16("float32", on_gpu=True) and not bf16("float32", on_gpu=False)
+
+
 def test_no_jit_built_optimizer_unless_asked_and_then_checked_early(tmp_path, toy_config, monkeypatch):
     cfg = toy_config(tmp_path)
     params = deepspeed_config(cfg, lr=1e-6, train=True, on_gpu=True, dp_size=8)["optimizer"]["params"]

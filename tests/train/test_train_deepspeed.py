@@ -69,11 +69,12 @@ def test_zero3_two_ranks_train_checkpoint_and_resume(tmp_path, toy_overrides, de
 @pytest.mark.timeout(LAUNCH_HANG_GUARD_S + 1200)
 def test_zero3_two_ranks_on_the_triton_kernels(tmp_path, toy_overrides, deepspeed_cpu_comm_op):
     """The GPU path's code on CPU: ZeRO-3 (packed rows, the LM head gathered for the fused log-prob kernel) with every
-    Triton kernel under the interpreter, the actor and critic backpropagated by their own engines, and activation
-    checkpointing on as in the GPU presets (the partitioned layers are gathered again for the recompute)."""
+    Triton kernel under the interpreter, the actor and critic backpropagated by their own engines, and as in the GPU
+    presets DeepSpeed's bf16 mode and activation checkpointing (the partitioned layers gathered again for the
+    recompute)."""
     if importlib.util.find_spec("triton") is None:
         pytest.skip("triton is not installed")
-    launch(tmp_path, toy_overrides, 2, "kernels.impl=triton", "trainer.report=false",
+    launch(tmp_path, toy_overrides, 2, "kernels.impl=triton", "trainer.report=false", "model.dtype=bfloat16",
            "model.gradient_checkpointing=true", env_extra={"TRITON_INTERPRET": "1"})
     rows = read_metrics(tmp_path / "tiny_cpu")
     assert [row["step"] for row in rows] == [1, 2]

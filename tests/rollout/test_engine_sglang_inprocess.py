@@ -117,10 +117,11 @@ def fake_sglang(monkeypatch, request):
     module = types.ModuleType("sglang")
     module.Engine = FakeSGLangEngine if request.param == "engine_loop" else FakeLegacySGLangEngine
     monkeypatch.setitem(sys.modules, "sglang", module)
+    previous_loop = asyncio.get_event_loop_policy().get_event_loop()
     home_loop = asyncio.new_event_loop()  # this thread's loop while the test runs (legacy engines serve on it)
     asyncio.set_event_loop(home_loop)
     yield module
-    asyncio.set_event_loop(None)
+    asyncio.set_event_loop(previous_loop)
     home_loop.close()
 
 

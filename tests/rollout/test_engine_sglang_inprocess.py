@@ -117,7 +117,10 @@ def fake_sglang(monkeypatch, request):
     module = types.ModuleType("sglang")
     module.Engine = FakeSGLangEngine if request.param == "engine_loop" else FakeLegacySGLangEngine
     monkeypatch.setitem(sys.modules, "sglang", module)
-    previous_loop = asyncio.get_event_loop_policy().get_event_loop()
+    try:
+        previous_loop = asyncio.get_event_loop_policy().get_event_loop()
+    except RuntimeError:  # none set: an earlier `asyncio.run` in this thread unset it
+        previous_loop = None
     home_loop = asyncio.new_event_loop()  # this thread's loop while the test runs (legacy engines serve on it)
     asyncio.set_event_loop(home_loop)
     yield module

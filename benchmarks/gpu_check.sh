@@ -14,7 +14,8 @@
 #                  and the floor of one Triton launch and one torch op
 #   decode         benchmarks/gpu_check_decode.py: ms per decode step of the tiny model (rollout engine, plain
 #                  generate, each SDPA backend, one cached forward) and the profiler's top operators
-#   steppo         a one-GPU `deepspeed` StePPO run of 2 steps on the tiny preset with the Triton kernels
+#   steppo         a one-GPU `deepspeed` StePPO run of 2 steps on the tiny preset with the Triton kernels, bf16
+#                  and activation checkpointing (as the cluster presets)
 #   sglang         when sglang imports: benchmarks/gpu_check_sglang.py on the tiny model saved with
 #                  save_pretrained (generation with log-probs, weight update, memory release and resume, eight
 #                  threads generating at once)
@@ -207,7 +208,7 @@ step steppo 200 "$PY" -m deepspeed.launcher.runner --num_gpus 1 --master_port $(
     stepsearch/train.py --config configs/tiny_cpu.yaml trainer.device=cuda kernels.impl=triton \
     trainer.total_steps=2 trainer.output_dir="$WORK/runs" trainer.run_name=steppo trainer.save_every=0 \
     trainer.warm_start_steps=40 trainer.eval_max_questions=4 trainer.report=false trainer.tensorboard=false \
-    data.synth_num_train=64 data.synth_num_test=8 rollout.max_response_tokens=256
+    data.synth_num_train=64 data.synth_num_test=8 rollout.max_response_tokens=256 model.gradient_checkpointing=true
 STEPPO_DETAIL=$("$PY" - "$RUN/metrics.jsonl" "$OUT/steppo_metrics.csv" <<'EOF' 2>&1
 import csv, json, math, sys
 rows = [json.loads(line) for line in open(sys.argv[1], encoding="utf-8") if line.strip()]

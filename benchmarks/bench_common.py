@@ -23,6 +23,22 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def median_host_microseconds(call, device: torch.device, repeats: int, warmup: int = 1) -> float:
+    """Median CPU microseconds per `call()`, the calls queued back to back: the device is synchronised only before
+    the first timed call and after the last, so the time is what the host spends to issue one call (a
+    synchronisation inside the timed window would add its own Python to every call)."""
+    for _ in range(warmup):
+        call()
+    synchronize(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    synchronize(device)
+    return 1e6 * statistics.median(times)
+
+
 def median_seconds(call, device: torch.device, repeats: int, warmup: int = 1) -> float:
     """Median wall seconds of `call()` over `repeats` runs after `warmup` untimed ones, the device synchronised
     before and after each timed run (so a GPU call's queued kernels count)."""

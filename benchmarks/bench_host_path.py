@@ -25,9 +25,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import ctypes.util
-import statistics
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -127,19 +125,6 @@ def _calls(batch: int, length: int) -> dict:
     }
 
 
-def _median_us(call, calls: int) -> float:
-    """Median microseconds of `call()`. Not `bench_common.median_seconds`: its device synchronisation inside the timed
-    window would add ~0.3 us of Python to every call, a third of one eager op."""
-    for _ in range(20):
-        call()
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e6
-
-
 def _count_ops(call) -> int:
     with _OpCounter() as counter:
         call()
@@ -159,15 +144,16 @@ def main(argv: list[str] | None = None) -> int:
     launches = Counter()
     _stub_kernels(launches)
     one, other = torch.ones(1), torch.ones(1)
-    eager_op_us = _median_us(lambda: torch.add(one, other), args.calls)
-    device = bench_common.device_name(torch.device("cpu"))
+    cpu = torch.device("cpu")
+    eager_op_us = bench_common.median_host_microseconds(lambda: torch.add(one, other), cpu, args.calls, warmup=20)
+    device = bench_common.device_name(cpu)
     rows = []
     print(f"host path per call, {device}, B={batch} T={length}; one eager torch op: {eager_op_us:.2f} us")
     header = f"{'call':<18} {'host us':>9} {'eager ops':>10} {'launches':>9} {'aten ops':>9} {'twin aten ops':>14}"
     print(header)
     print("-" * len(header))
     for name, (call, twin) in _calls(batch, length).items():
-        host_us = _median_us(call, args.calls)
+        host_us = bench_common.median_host_microseconds(call, cpu, args.calls, warmup=20)
         launches.clear()
         call()
         metrics = {

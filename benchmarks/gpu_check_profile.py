@@ -18,9 +18,7 @@ eager torch op, host and wall: the least a call with that many launches can cost
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import bench_common
@@ -132,19 +130,6 @@ def floor_calls(device: torch.device) -> list[tuple[str, object]]:
     ]
 
 
-def host_microseconds(call, device: torch.device) -> float:
-    """Median CPU microseconds per call with the calls queued back to back (one synchronisation at the end)."""
-    call()
-    bench_common.synchronize(device)
-    times = []
-    for _ in range(CALLS):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    bench_common.synchronize(device)
-    return 1e6 * statistics.median(times)
-
-
 def kernel_table(call, device: torch.device) -> tuple[float, list[tuple[str, float]]]:
     """(GPU microseconds per call, [(kernel, microseconds per call)]) from torch.profiler over CALLS calls."""
     from torch.profiler import ProfilerActivity, profile
@@ -180,13 +165,14 @@ def main(argv=None) -> int:
     for label, make in (("ppo_loss fwd+bwd", ppo_call), ("scatter_kl_gae", gae_call)):
         call = make(batch, length, device)
         wall = 1e6 * bench_common.median_seconds(call, device, CALLS, warmup=3)
-        host = host_microseconds(call, device)
+        host = bench_common.median_host_microseconds(call, device, CALLS)
         gpu, rows = kernel_table(call, device)
         print(f"{label:<30} {wall:>9.1f} {host:>9.1f} {gpu:>9.1f} {gpu / wall:>8.0%}")
         tables.append((label, rows))
     for label, call in floor_calls(device):
         wall = 1e6 * bench_common.median_seconds(call, device, CALLS, warmup=3)
-        print(f"{'floor: ' + label:<30} {wall:>9.1f} {host_microseconds(call, device):>9.1f}")
+        host = bench_common.median_host_microseconds(call, device, CALLS)
+        print(f"{'floor: ' + label:<30} {wall:>9.1f} {host:>9.1f}")
     for label, rows in tables:
         print(f"\n{label}: GPU time per call by kernel")
         for kernel, us in rows[:8]:

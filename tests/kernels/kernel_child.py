@@ -21,6 +21,11 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
+def non_finite(count: int, dtype: torch.dtype) -> torch.Tensor:
+    """`count` values cycling through NaN, +inf and -inf: what a model may compute at pads and retrieved tokens."""
+    return torch.tensor([float("nan"), float("inf"), -float("inf")]).repeat(count // 3 + 1)[:count].to(dtype)
+
+
 def _run(test_file: str, args: list[str], env: dict[str, str], timeout: int, what: str) -> str:
     completed = subprocess.run([sys.executable, test_file, *args], cwd=REPO_ROOT, env=env, capture_output=True,
                                text=True, timeout=timeout)

@@ -16,7 +16,7 @@ import sys
 
 import pytest
 import torch
-from kernel_child import assert_no_spills, compile_for_hopper, compile_sm90, run_interpreter_cases
+from kernel_child import assert_no_spills, compile_for_hopper, compile_sm90, non_finite, run_interpreter_cases
 
 from stepsearch.algo.gae import compute_gae as twin_compute_gae
 from stepsearch.algo.gae import scatter_rewards_and_gae as twin_scatter_rewards_and_gae
@@ -53,8 +53,7 @@ def _make_case(name, batch, length, *, fused, seed, density=0.6, gamma=0.99, lam
     }
     if non_finite_padding:  # a critic's values at pads and retrieved tokens may be anything: NaN, +inf, -inf
         padding = ~mask
-        case["values"][padding] = torch.tensor([float("nan"), float("inf"), -float("inf")]).repeat(
-            padding.sum().item() // 3 + 1)[: padding.sum().item()].to(values_dtype)
+        case["values"][padding] = non_finite(int(padding.sum()), values_dtype)
     if extreme_log_ratios:  # log-ratios of +40 and -40 (beyond the log-ratio clamp) and +15 (beyond k3's clamp)
         case["ref_logp"][:, 0::4] -= 40.0
         case["old_logp"][:, 1::4] -= 40.0

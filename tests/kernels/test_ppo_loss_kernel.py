@@ -21,6 +21,7 @@ from kernel_child import (
     assert_no_spills,
     compile_for_hopper,
     compile_sm90,
+    non_finite,
     run_interpreter_cases,
     run_interpreter_check,
 )
@@ -62,10 +63,9 @@ def _make_case(name, batch, length, *, seed, mode="token-mean", parts=("policy",
     }
     if non_finite_padding:  # what a model computes at pads and retrieved tokens may be anything: NaN, +inf, -inf
         padding = ~mask
-        junk = torch.tensor([float("nan"), float("inf"), -float("inf")]).repeat(padding.sum().item() // 3 + 1)
         for name in ("logp", "old_logp", "advantages", "values", "old_values", "returns", "entropy"):
             if case[name] is not None:
-                case[name][padding] = junk[: padding.sum().item()].to(case[name].dtype)
+                case[name][padding] = non_finite(int(padding.sum()), case[name].dtype)
     if global_counts == "tensor":
         case["global_token_count"] = torch.tensor(float(mask.sum() * 3 + 1))
         case["global_seq_count"] = torch.tensor(float(mask.any(1).sum() * 2 + 1))

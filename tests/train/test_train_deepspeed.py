@@ -65,7 +65,6 @@ def test_zero3_two_ranks_train_checkpoint_and_resume(tmp_path, toy_overrides, de
     assert any(not torch.equal(final[k], initial[k]) for k in final)
 
 
-
 @pytest.mark.timeout(LAUNCH_HANG_GUARD_S + 1200)
 def test_zero3_two_ranks_on_the_triton_kernels(tmp_path, toy_overrides, deepspeed_cpu_comm_op):
     """The GPU path's code on CPU: ZeRO-3 (packed rows, the LM head gathered for the fused log-prob kernel) with every
